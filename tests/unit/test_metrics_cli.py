@@ -1,0 +1,100 @@
+"""``study metrics``: table on a folder, --json fields, bad files -> exit 2 naming the file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from study.cli import main
+from trainables.metrics import CaseRecords, load_records, save_records, summarize, volume_records
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["metrics", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_table_on_a_folder_one_row_per_file_sorted(capsys, paper_records_dir):
+    rc, out, err = run(capsys, paper_records_dir / "lits", "--protocol", "paper2020")
+    assert rc == 0 and err == ""
+    rows = [ln.split()[0] for ln in out.splitlines() if ln.endswith(".json") or ".json " in ln]
+    names = sorted(p.name for p in (paper_records_dir / "lits").glob("*.json"))
+    assert rows == names
+    dl = next(ln for ln in out.splitlines() if ln.startswith("dl.json"))
+    expected = summarize(load_records(paper_records_dir / "lits" / "dl.json"), "paper2020")
+    assert f"{expected['avg_recall']:.3f}" in dl and f"{expected['obj_dice']:.3f}" in dl
+
+
+def test_json_lines_with_ci_under_luna16(capsys, paper_records_dir):
+    rc, out, _ = run(capsys, paper_records_dir / "lits", "--json", "--n-boot", "50", "--seed", "3")
+    assert rc == 0
+    lines = [json.loads(ln) for ln in out.splitlines()]
+    assert len(lines) == 10 and [d["file"] for d in lines] == sorted(d["file"] for d in lines)
+    for d in lines:
+        for key in (
+            "avg_recall",
+            "avg_recall_std",
+            "obj_dice",
+            "obj_dice_std",
+            "avg_recall_ci_low",
+            "avg_recall_ci_high",
+            "fp_per_image",
+            "n_images",
+            "recall_at",
+        ):
+            assert d[key] is not None, key
+        assert d["protocol"] == "luna16"
+        assert d["avg_recall_ci_low"] <= d["avg_recall"] <= d["avg_recall_ci_high"]
+    rc, again, _ = run(capsys, paper_records_dir / "lits", "--json", "--n-boot", "50", "--seed", "3")
+    assert again == out  # seeded
+
+
+def test_our_format_with_diagnostics(capsys, tmp_path):
+    gt = np.zeros((8, 16, 16), bool)
+    gt[2:5, 2:5, 2:5] = True
+    pred = np.full(gt.shape, -3.0, np.float32)
+    pred[2:5, 2:6, 2:5] = 2.0
+    pred[6:8, 10:12, 10:12] = 1.0
+    rs = {"a": volume_records(pred, gt, (1, 1, 1)), "b": CaseRecords([], n_voxels=gt.size, n_pred_positive=0)}
+    path = tmp_path / "ours.json"
+    save_records(path, rs, meta={"rule": "any"})
+    rc, out, _ = run(capsys, path, "--json", "--n-boot", "20")
+    d = json.loads(out)
+    assert rc == 0 and d["file"] == "ours.json"
+    assert d["pred_positive_fraction"] == pytest.approx((36 + 8) / (2 * gt.size))
+    assert d["fp_per_image"] == 0.5 and d["n_images"] == 2
+    assert all(v is None or math.isfinite(v) for v in d["recall_at"].values())
+
+
+BAD = {
+    "not_json.json": "{oops",
+    "missing_field.json": '{"c": [{"is_tum": true, "diameter": 1.0, "hit_dice": 0.0, "self_logit": 1.0}]}',
+    "nan_confidence.json": '{"c": [{"is_tum": false, "diameter": 1.0, "hit_dice": 0.0, "hit_logit": -Infinity,'
+    ' "self_logit": NaN}]}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_exit_2_naming_the_file(capsys, tmp_path, name):
+    path = tmp_path / name
+    path.write_text(BAD[name])
+    rc, out, err = run(capsys, path)
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and str(path) in err
+
+
+def test_bad_file_in_a_folder_and_missing_paths(capsys, tmp_path, paper_records_dir):
+    (tmp_path / "a_good.json").write_text((paper_records_dir / "lits" / "dl.json").read_text())
+    (tmp_path / "b_bad.json").write_text(BAD["nan_confidence.json"])
+    rc, _, err = run(capsys, tmp_path, "--n-boot", "10")
+    assert rc == 2 and str(tmp_path / "b_bad.json") in err
+    rc, _, err = run(capsys, tmp_path / "nothing.json")
+    assert rc == 2 and "nothing.json" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = run(capsys, empty)
+    assert rc == 2 and "no *.json" in err

@@ -1,0 +1,41 @@
+"""Figures: FROC with bands (Fig. 4), size groups (Fig. 3), diameters (Fig. 2) as non-blank PNGs."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.image import imread
+
+from trainables.metrics import CLINICAL_CUTOFFS_MM, load_records, size_groups, summarize
+from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups
+
+
+def _check_png(path):
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.01  # something is drawn
+
+
+def test_plots_from_fixture_summaries(tmp_path, paper_records_dir):
+    lits = paper_records_dir / "lits"
+    rs = {name: load_records(lits / f"{name}.json") for name in ("dl", "iwdl")}
+    curves = {
+        "dl": summarize(rs["dl"], n_boot=50),
+        "iw-dl": summarize(rs["iwdl"], n_boot=50),
+        "paper": summarize(rs["dl"], "paper2020"),
+    }
+    _check_png(plot_froc(curves, tmp_path / "froc.png", title="LiTS"))
+    groups = {
+        "dl": size_groups(rs["dl"], terciles=True, n_boot=0),
+        "iw-dl": size_groups(rs["iwdl"], terciles=True, n_boot=0),
+    }
+    _check_png(plot_size_groups(groups, tmp_path / "figs" / "groups.png"))
+    diam = [r["diameter"] for c in rs["dl"].values() for r in c.records if r["is_tum"]]
+    _check_png(
+        plot_diameters(
+            {"LiTS": diam, "other": np.array(diam) / 2},
+            tmp_path / "d1.png",
+            cutoff_mm=CLINICAL_CUTOFFS_MM["lits"],
+        )
+    )
+    _check_png(plot_diameters(diam, tmp_path / "d2.png"))

@@ -1,0 +1,177 @@
+"""Whole-volume sliding-window prediction (SPEC §6).
+
+The authors predict 160³ windows with stride 144 and average the overlaps uniformly; Gaussian blending (MONAI /
+nnU-Net importance map, sigma = ``sigma_scale`` x window) is an option. Windows lie on a regular grid whose last
+window along each axis is aligned to the far edge; a volume smaller than the window is padded (symmetrically, as
+MONAI) and cropped back. The output is accumulated in place into one float32 sum volume and one float32 weight
+volume, so memory stays at about two volumes whatever the number of windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["BLENDINGS", "window_starts", "importance_map", "sliding_window_inference"]
+
+BLENDINGS = ("uniform", "gaussian")
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets along one axis: ``0, stride, 2 stride, ...`` while the window fits, the last one moved back
+    to ``size - window`` (the far edge). ``size >= window`` is required (pad first)."""
+    if size < window:
+        raise ValueError(f"axis of size {size} is smaller than the window {window}; pad it first")
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def importance_map(
+    window: Sequence[int], blending: str = "uniform", sigma_scale: float = 0.125
+) -> torch.Tensor:
+    """Weight of every voxel of a window: ones (``uniform``), or a separable Gaussian centred on the window with
+    sigma = ``sigma_scale`` x side, non-normalised, floored at max(its minimum, 1e-3) (MONAI's
+    ``compute_importance_map``). Returns a float32 tensor of shape ``window``."""
+    if blending not in BLENDINGS:
+        raise ValueError(f"blending must be one of {', '.join(BLENDINGS)}, got {blending!r}")
+    if blending == "uniform":
+        return torch.ones(tuple(window), dtype=torch.float32)
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+    weight = torch.ones((), dtype=torch.float32)
+    for side in window:
+        x = torch.arange(side, dtype=torch.float32) - (side - 1) / 2.0
+        g = torch.exp(x**2 / (-2.0 * (side * sigma_scale) ** 2))
+        weight = weight.unsqueeze(-1) * g
+    return weight.clamp_(min=max(float(weight.min()), 1e-3))
+
+
+def _as_volume(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(image)
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"image must be (D, H, W) or (1, D, H, W), got shape {tuple(x.shape)}")
+    return x.to(torch.float32)
+
+
+def sliding_window_inference(
+    model: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    window: Sequence[int] = (160, 160, 160),
+    stride: Sequence[int] = (144, 144, 144),
+    blending: str = "uniform",
+    sigma_scale: float = 0.125,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    amp: bool = False,
+    pad_value: float | None = None,
+    divisible: int = 8,
+    progress: bool = False,
+) -> np.ndarray:
+    """Logits of a whole volume from a model applied to overlapping windows.
+
+    Args:
+        model: maps (B, 1, *window) float32 to (B, 1, *window) logits; put in eval mode here.
+        image: (D, H, W) or (1, D, H, W), any real dtype (cast to float32).
+        window: window side per axis; each a positive multiple of ``divisible``.
+        stride: step per axis, in [1, window].
+        blending: ``"uniform"`` (average of the overlapping windows, the authors') or ``"gaussian"``.
+        sigma_scale: Gaussian sigma as a fraction of the window side.
+        device: where the model runs; stitching stays on the CPU.
+        batch_size: windows per forward pass.
+        amp: autocast the forward pass (float16 on CUDA, bfloat16 on CPU); the output stays float32.
+        pad_value: value of the padding for volumes smaller than the window (default: the image minimum).
+        divisible: required divisor of the window sides (the U-Net pools three times: 8).
+        progress: print a window counter to stderr.
+
+    Returns:
+        float32 logits, (D, H, W).
+    """
+    x = _as_volume(image)
+    window = tuple(int(w) for w in window)
+    stride = tuple(int(s) for s in stride)
+    if len(window) != 3 or len(stride) != 3:
+        raise ValueError(f"window and stride need 3 values each, got {window} and {stride}")
+    if any(w <= 0 or w % divisible for w in window):
+        raise ValueError(f"window sides must be positive multiples of {divisible}, got {window}")
+    if any(not 1 <= s <= w for s, w in zip(stride, window)):
+        raise ValueError(f"stride must be in [1, window] per axis, got stride {stride} for window {window}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+
+    shape = tuple(x.shape)
+    pads = [max(w - s, 0) for w, s in zip(window, shape)]
+    if any(pads):
+        fill = float(x.min()) if pad_value is None else float(pad_value)
+        before = [p // 2 for p in pads]
+        padded = torch.full(tuple(s + p for s, p in zip(shape, pads)), fill, dtype=torch.float32)
+        padded[tuple(slice(b, b + s) for b, s in zip(before, shape))] = x
+        x = padded
+    else:
+        before = [0, 0, 0]
+    full = tuple(x.shape)
+
+    weight_win = importance_map(window, blending, sigma_scale)
+    uniform = blending == "uniform"
+    starts = [window_starts(n, w, s) for n, w, s in zip(full, window, stride)]
+    corners = list(itertools.product(*starts))
+    total = torch.zeros(full, dtype=torch.float32)
+    if uniform:  # the count of windows per voxel is separable: a product of per-axis counts, no volume
+        counts = []
+        for n, w, axis_starts in zip(full, window, starts):
+            c = torch.zeros(n, dtype=torch.float32)
+            for a in axis_starts:
+                c[a : a + w] += 1.0
+            counts.append(c)
+        norm = None
+    else:
+        norm = torch.zeros(full, dtype=torch.float32)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(corners), batch_size):
+                batch = corners[b : b + batch_size]
+                slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in batch]
+                if len(slices) == 1:  # a view, no copy
+                    inp = x[slices[0]][None, None].to(device, non_blocking=True)
+                else:
+                    inp = torch.stack([x[sl] for sl in slices])[:, None].to(device, non_blocking=True)
+                with torch.autocast(device.type) if amp else contextlib.nullcontext():
+                    out = model(inp)
+                if tuple(out.shape) not in ((len(batch), 1, *window), (len(batch), *window)):
+                    raise ValueError(
+                        f"model output must be (B, 1, *window) = {(len(batch), 1, *window)}, got {tuple(out.shape)}"
+                    )
+                out = out.reshape(len(batch), *window).float().cpu()
+                for k, sl in enumerate(slices):
+                    if uniform:
+                        total[sl] += out[k]
+                    else:
+                        total[sl].addcmul_(out[k], weight_win)
+                        norm[sl] += weight_win
+                if progress:
+                    print(f"\rwindow {b + len(batch)}/{len(corners)}", end="", file=sys.stderr, flush=True)
+    finally:
+        model.train(was_training)
+    if progress:
+        print(file=sys.stderr)
+    if uniform:
+        plane = counts[1][:, None] * counts[2][None, :]
+        for i, c in enumerate(counts[0].tolist()):  # slice by slice: no count volume
+            total[i] /= plane * c
+    else:
+        total /= norm
+    crop = tuple(slice(b, b + s) for b, s in zip(before, shape))
+    return np.ascontiguousarray(total[crop].numpy()) if any(pads) else total.numpy()
