@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from scipy.special import expit
 
+from trainables import weights as weights_mod
 from trainables.errors import RecordsError
 from trainables.metrics import (
     CaseRecords,
@@ -285,7 +286,7 @@ def test_sparse_histogram_and_scipy_labelling_give_the_same_records(monkeypatch,
     pred, gt = merged
     ref = volume_records(pred, gt, SP, hit_rule="one-to-one")
     monkeypatch.setattr(rec_mod, "_DENSE_HIST_LIMIT", 0)
-    monkeypatch.setattr(rec_mod, "_cc3d", None)
+    monkeypatch.setattr(weights_mod, "_cc3d", None)
     assert volume_records(pred, gt, SP, hit_rule="one-to-one") == ref
 
 

@@ -128,6 +128,7 @@ def synthetic_recordset(n_cases: int = 200, seed: int = 0) -> RecordSet:
 def bench_records(shape: tuple[int, int, int], repeats: int) -> None:
     from scipy import ndimage
 
+    from trainables import weights as weights_mod
     from trainables.metrics import records as rec_mod
 
     logits, gt = synthetic_volume(shape, 20)
@@ -145,9 +146,9 @@ def bench_records(shape: tuple[int, int, int], repeats: int) -> None:
     )
     print(f"          two hit rules from one labelling: {t2:.2f} s")
     mask = logits > 0
-    t_cc, _ = _best(lambda: rec_mod.label_components(mask), repeats)
+    t_cc, _ = _best(lambda: weights_mod.label_components(mask), repeats)
     t_nd, _ = _best(lambda: ndimage.label(mask, structure=np.ones((3, 3, 3), bool)), repeats)
-    backend = "cc3d" if rec_mod._cc3d is not None else "scipy (cc3d not installed)"
+    backend = "cc3d" if weights_mod._cc3d is not None else "scipy (cc3d not installed)"
     print(
         f"          labelling one mask: {backend} {t_cc:.3f} s vs scipy.ndimage.label {t_nd:.3f} s "
         f"(ratio {t_cc / t_nd:.2f})"

@@ -1,0 +1,377 @@
+"""The six losses of the paper, logits in, an optional per-voxel weight map (inverse weights) for four of them.
+
+SPEC §2 and reference/authors-code.md §2. Every loss has the same call::
+
+    loss(logits, target, weight=None, **params) -> scalar tensor
+
+- ``logits``: float tensor ``(B, 1, *spatial)``, raw network outputs (one output channel, sigmoid activation).
+- ``target``: same shape, binary ``{0, 1}`` (soft values in ``[0, 1]`` are accepted and used as given); any
+  dtype, cast to the dtype of ``logits``.
+- ``weight``: ``None`` or a non-negative tensor of the same shape (the iw map of :mod:`trainables.weights`); only
+  for the losses with ``supports_iw(name)`` (bce, focal, dice, asl); passing one to wce or gdl raises ValueError.
+
+With ``p = sigmoid(logits)``, ``y = target``, ``w = weight`` (1 when ``None``); "per sample" = summed over the
+channel and spatial axes, then averaged over the batch:
+
+- bce: ``w * BCE(p, y)``; mean over all voxels.
+- focal: ``-w [a (1-p)^g y log p + (1-a) p^g (1-y) log(1-p)]``, g = 2, a = 0.75; mean over all voxels.
+- wce: ``-[r y log p + (1-y) log(1-p)]``, ``r = (n - Σp) / Σp`` over the whole batch tensor (not detached);
+  mean over all voxels.
+- dice: ``1 - 2 Σ wpy / Σ w(p² + y²)``; per sample.
+- asl: ``1 - (1+β²) Σ wpy / Σ w(β² y² + p²)`` (authors, default) or ``/ Σ w(β² y + p)`` (paper); per sample.
+- gdl: channels ``[p, 1-p]`` vs ``[y, 1-y]``, ``c_k = 1 / (1 + (Σ y_k)²)``,
+  ``1 - 2 Σ_k c_k Σ p_k y_k / Σ_k c_k Σ (p_k² + y_k²)``; per sample.
+
+Numerics: ``log p`` and ``log(1 - p)`` are ``logsigmoid(±x)`` and ``(1 - p)^g = exp(g * logsigmoid(-x))``, never
+``log(sigmoid(x))``; ``1 - p`` is ``sigmoid(-x)``. Two guards keep every loss and gradient finite at logits of
+±100 and on patches without lesion, in float32 and float64:
+
+- Ratio losses (dice, asl, gdl): the denominator is clamped from below at the smallest normal number of the dtype
+  (``torch.finfo(dtype).tiny``). Binary targets make a denominator that small only when ``Σ w y = 0`` and the
+  predictions underflow (``p² = 0`` in float32 below logits of about -52), where the numerator is exactly 0 too:
+  the loss is then 1 with zero gradient, as the authors' unsmoothed Dice gives on an empty patch, instead of
+  0/0 = NaN. Everywhere else the value is the unsmoothed formula, bit for bit.
+- wce: the ratio ``(n - s) / s`` uses ``max(s, n * eps)`` with ``eps = torch.finfo(dtype).eps``: the mean
+  predicted (or target) foreground is floored at machine epsilon, which bounds the positive weight by ``1/eps``
+  (8.4e6 in float32, 4.5e15 in float64). Without it logits of -100 give ``s = 3.7e-44 n`` and an infinite
+  weight (NaN loss on an empty patch, inf otherwise). It changes the authors' value only when the network
+  predicts, on average, less than ``eps`` foreground per voxel (then ``r`` is capped and no gradient flows
+  through it). For binary targets with ``pos_weight="target"`` it only changes empty batches, whose positive
+  term is 0 anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LOSS_NAMES",
+    "PAPER_CONFIGS",
+    "asl_loss",
+    "bce_loss",
+    "dice_loss",
+    "focal_loss",
+    "gdl_loss",
+    "get_loss",
+    "loss_params",
+    "supports_iw",
+    "wce_loss",
+]
+
+LossFn = Callable[..., Tensor]
+
+_WCE_POS_WEIGHTS = ("prediction", "target")
+_ASL_FORMS = ("squared", "fbeta")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the losses
+
+
+def bce_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Binary cross-entropy from logits, optionally weighted per voxel; mean over all ``B*1*spatial`` voxels.
+
+    ``-w [y log p + (1-y) log(1-p)]`` (dpipe ``weighted_cross_entropy_with_logits``, alpha=1, adaptive=False).
+    Shapes: see the module docstring. Returns a scalar ``>= 0``.
+    """
+    target, weight = _check_inputs("bce", logits, target, weight)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return _weighted_mean(loss, weight)
+
+
+def focal_loss(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, gamma: float = 2.0, alpha: float = 0.75
+) -> Tensor:
+    """Focal loss (Lin et al.) with the RetinaNet alpha, optionally weighted per voxel; mean over all voxels.
+
+    ``-w [alpha (1-p)^gamma y log p + (1-alpha) p^gamma (1-y) log(1-p)]`` (paper Tab. 1; dpipe
+    ``focal_loss_with_logits`` and MONAI ``FocalLoss(gamma, alpha)`` for binary targets).
+
+    Args:
+        gamma: focusing exponent, ``>= 0`` (0 gives alpha-balanced BCE). Paper: 2.
+        alpha: weight of the positive class, in ``(0, 1)``; negatives get ``1 - alpha``. Paper: 0.75.
+    """
+    _check_focal_params(gamma, alpha)
+    target, weight = _check_inputs("focal", logits, target, weight)
+    log_p = F.logsigmoid(logits)  # log p
+    log_not_p = F.logsigmoid(-logits)  # log(1 - p)
+    positive = alpha * torch.exp(gamma * log_not_p) * target * log_p  # alpha (1-p)^g y log p
+    negative = (1.0 - alpha) * torch.exp(gamma * log_p) * (1.0 - target) * log_not_p
+    return _weighted_mean(-(positive + negative), weight)
+
+
+def wce_loss(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, pos_weight: str = "prediction"
+) -> Tensor:
+    """Weighted cross-entropy with an adaptive positive-class weight; mean over all voxels. No iw.
+
+    ``-[r y log p + (1-y) log(1-p)]`` with ``r = (n - s) / s``, ``n`` = number of elements of the whole batch
+    tensor and
+
+    - ``pos_weight="prediction"`` (authors, default): ``s = Σ p`` over the batch, **not detached**: the gradient
+      flows through ``r`` (dpipe ``weighted_cross_entropy_with_logits(adaptive=True)``; the paper's ``Σ p_i``).
+    - ``pos_weight="target"``: ``s = Σ y`` (the textbook class-frequency weight).
+
+    ``s`` is floored at ``n * eps`` (module docstring), so ``r <= 1/eps``.
+    """
+    _check_wce_params(pos_weight)
+    target, weight = _check_inputs("wce", logits, target, weight)
+    n = float(logits.numel())
+    if pos_weight == "prediction":
+        total = torch.sigmoid(logits).sum()
+    else:
+        total = target.sum()
+    total = total.clamp_min(n * torch.finfo(logits.dtype).eps)
+    ratio = (n - total) / total
+    loss = -(ratio * target * F.logsigmoid(logits) + (1.0 - target) * F.logsigmoid(-logits))
+    return loss.mean()
+
+
+def dice_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Soft Dice loss with squared (V-Net) denominators, optionally weighted per voxel; per sample, batch mean.
+
+    ``1 - 2 Σ w p y / Σ w (p² + y²)`` per sample (authors' ``iw.torch.dice_loss``; MONAI ``DiceLoss(sigmoid=True,
+    squared_pred=True)`` without smoothing). No smoothing; the denominator guard of the module docstring only
+    acts on a patch with no lesion and underflowing predictions (loss 1, zero gradient). Returns ``[0, 1]``.
+    """
+    target, weight = _check_inputs("dice", logits, target, weight)
+    p = torch.sigmoid(logits)
+    w = 1.0 if weight is None else weight
+    numerator = 2.0 * _per_sample_sum(w * p * target)
+    denominator = _per_sample_sum(w * (p * p + target * target))
+    return (1.0 - _safe_ratio(numerator, denominator)).mean()
+
+
+def asl_loss(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    beta: float = 1.5,
+    form: str = "squared",
+) -> Tensor:
+    """Asymmetric similarity loss, optionally weighted per voxel; per sample, batch mean.
+
+    - ``form="squared"`` (authors' trained ``asymmetric_similarity_loss``, default):
+      ``1 - (1+β²) Σ w p y / Σ w (β² y² + p²)``.
+    - ``form="fbeta"`` (the paper's Tab. 1, Hashemi's F-β): ``1 - (1+β²) Σ w p y / Σ w (β² y + p)``; at ``w = 1``
+      it is MONAI ``TverskyLoss(alpha=1/(1+β²), beta=β²/(1+β²))`` without smoothing.
+
+    Args:
+        beta: ``> 0``; weight of recall over precision. Paper: 1.5.
+        form: ``"squared"`` or ``"fbeta"``.
+    """
+    _check_asl_params(beta, form)
+    target, weight = _check_inputs("asl", logits, target, weight)
+    p = torch.sigmoid(logits)
+    w = 1.0 if weight is None else weight
+    beta2 = float(beta) ** 2
+    numerator = (1.0 + beta2) * _per_sample_sum(w * p * target)
+    if form == "squared":
+        denominator = _per_sample_sum(w * (beta2 * target * target + p * p))
+    else:
+        denominator = _per_sample_sum(w * (beta2 * target + p))
+    return (1.0 - _safe_ratio(numerator, denominator)).mean()
+
+
+def gdl_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Generalised Dice loss over the two classes [lesion, background]; per sample, batch mean. No iw.
+
+    Channels ``[p, 1-p]`` and ``[y, 1-y]``; per sample and class ``c_k = 1 / (1 + (Σ y_k)²)``;
+    ``1 - 2 Σ_k c_k Σ p_k y_k / Σ_k c_k Σ (p_k² + y_k²)`` (authors' ``generalized_dice_loss``: squared
+    denominators, ``1 +`` in the class weight so an absent class gets weight 1 rather than inf).
+    """
+    target, weight = _check_inputs("gdl", logits, target, weight)
+    probs = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], dim=1)  # [p, 1 - p], 1-p stable
+    targets = torch.cat([target, 1.0 - target], dim=1)
+    spatial = tuple(range(2, logits.ndim))
+    class_weight = 1.0 / (1.0 + targets.sum(dim=spatial) ** 2)  # (B, 2)
+    intersection = (probs * targets).sum(dim=spatial)  # (B, 2)
+    squares = (probs * probs + targets * targets).sum(dim=spatial)  # (B, 2)
+    numerator = 2.0 * (class_weight * intersection).sum(dim=1)
+    denominator = (class_weight * squares).sum(dim=1)
+    return (1.0 - _safe_ratio(numerator, denominator)).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registry
+
+
+_LOSSES: dict[str, LossFn] = {
+    "bce": bce_loss,
+    "focal": focal_loss,
+    "wce": wce_loss,
+    "dice": dice_loss,
+    "asl": asl_loss,
+    "gdl": gdl_loss,
+}
+_SUPPORTS_IW: dict[str, bool] = {
+    "bce": True,
+    "focal": True,
+    "wce": False,
+    "dice": True,
+    "asl": True,
+    "gdl": False,
+}
+_PARAMS: dict[str, dict[str, Any]] = {  # accepted parameters and their defaults
+    "bce": {},
+    "focal": {"gamma": 2.0, "alpha": 0.75},
+    "wce": {"pos_weight": "prediction"},
+    "dice": {},
+    "asl": {"beta": 1.5, "form": "squared"},
+    "gdl": {},
+}
+
+#: The registered loss names, in the paper's order.
+LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
+
+#: The ten configurations of the paper's grid (Tab. 2), the one place they are named. ``iw`` = train with the
+#: inverse-weight map (only where ``supports_iw``); ``params`` = the paper's values, written out.
+PAPER_CONFIGS: dict[str, dict[str, Any]] = {
+    "bce": {"loss": "bce", "iw": False, "params": {}},
+    "iw-bce": {"loss": "bce", "iw": True, "params": {}},
+    "focal": {"loss": "focal", "iw": False, "params": {"gamma": 2.0, "alpha": 0.75}},
+    "iw-focal": {"loss": "focal", "iw": True, "params": {"gamma": 2.0, "alpha": 0.75}},
+    "wce": {"loss": "wce", "iw": False, "params": {"pos_weight": "prediction"}},
+    "dice": {"loss": "dice", "iw": False, "params": {}},
+    "iw-dice": {"loss": "dice", "iw": True, "params": {}},
+    "asl": {"loss": "asl", "iw": False, "params": {"beta": 1.5, "form": "squared"}},
+    "iw-asl": {"loss": "asl", "iw": True, "params": {"beta": 1.5, "form": "squared"}},
+    "gdl": {"loss": "gdl", "iw": False, "params": {}},
+}
+
+
+def supports_iw(name: str) -> bool:
+    """Whether loss ``name`` accepts a per-voxel weight map (bce, focal, dice, asl: yes; wce, gdl: no)."""
+    _check_name(name)
+    return _SUPPORTS_IW[name]
+
+
+def loss_params(name: str) -> dict[str, Any]:
+    """The parameters loss ``name`` accepts, with their defaults (a fresh dict)."""
+    _check_name(name)
+    return dict(_PARAMS[name])
+
+
+def get_loss(name: str, **params: Any) -> Callable[..., Tensor]:
+    """The loss ``name`` with ``params`` bound: ``loss(logits, target, weight=None) -> scalar tensor``.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists :data:`LOSS_NAMES`), a parameter the loss does not take
+            (the message lists the accepted ones), or a value out of range (alpha in (0, 1), gamma >= 0,
+            beta > 0, pos_weight in {"prediction", "target"}, form in {"squared", "fbeta"}).
+    """
+    _check_name(name)
+    accepted = _PARAMS[name]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        listed = ", ".join(f"{key}={value!r}" for key, value in accepted.items()) or "none"
+        raise ValueError(
+            f"loss {name!r} got unknown parameter(s) {unknown}; accepted (with defaults): {listed}"
+        )
+    _VALIDATORS[name](**{**accepted, **params})
+    return partial(_LOSSES[name], **params)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation and helpers
+
+
+def _check_name(name: str) -> None:
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_focal_params(gamma: float, alpha: float) -> None:
+    if not _is_real(gamma) or gamma < 0:
+        raise ValueError(f"focal: gamma must be a finite number >= 0, got {gamma!r}")
+    if not _is_real(alpha) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"focal: alpha must be a number in (0, 1), got {alpha!r}")
+
+
+def _check_wce_params(pos_weight: str) -> None:
+    if pos_weight not in _WCE_POS_WEIGHTS:
+        raise ValueError(f"wce: pos_weight must be one of {_WCE_POS_WEIGHTS}, got {pos_weight!r}")
+
+
+def _check_asl_params(beta: float, form: str) -> None:
+    if not _is_real(beta) or beta <= 0:
+        raise ValueError(f"asl: beta must be a finite number > 0, got {beta!r}")
+    if form not in _ASL_FORMS:
+        raise ValueError(f"asl: form must be one of {_ASL_FORMS}, got {form!r}")
+
+
+def _no_params() -> None:
+    return None
+
+
+_VALIDATORS: Mapping[str, Callable[..., None]] = {
+    "bce": _no_params,
+    "focal": _check_focal_params,
+    "wce": _check_wce_params,
+    "dice": _no_params,
+    "asl": _check_asl_params,
+    "gdl": _no_params,
+}
+
+
+def _check_inputs(
+    name: str, logits: Tensor, target: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Validate shapes/dtypes; return ``target`` and ``weight`` cast to the dtype/device of ``logits``."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise ValueError(f"{name}: logits must be a floating-point tensor, got {_describe(logits)}")
+    if logits.ndim < 3 or logits.shape[1] != 1:
+        raise ValueError(f"{name}: logits must have shape (B, 1, *spatial), got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"{name}: logits must not be empty, got shape {tuple(logits.shape)}")
+    if not isinstance(target, Tensor) or target.shape != logits.shape:
+        raise ValueError(
+            f"{name}: target must be a tensor of the logits' shape {tuple(logits.shape)}, got {_describe(target)}"
+        )
+    target = target.to(dtype=logits.dtype, device=logits.device)
+    if weight is not None:
+        if not _SUPPORTS_IW[name]:
+            iw_names = [key for key, value in _SUPPORTS_IW.items() if value]
+            raise ValueError(
+                f"{name}: this loss takes no weight map (it reweights by class itself); "
+                f"inverse weighting is supported by {', '.join(iw_names)}"
+            )
+        if not isinstance(weight, Tensor) or weight.shape != logits.shape:
+            raise ValueError(
+                f"{name}: weight must be a tensor of the logits' shape {tuple(logits.shape)}, "
+                f"got {_describe(weight)}"
+            )
+        weight = weight.to(dtype=logits.dtype, device=logits.device)
+    return target, weight
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _weighted_mean(loss: Tensor, weight: Tensor | None) -> Tensor:
+    return loss.mean() if weight is None else (loss * weight).mean()
+
+
+def _per_sample_sum(values: Tensor) -> Tensor:
+    """Sum over all axes but the batch axis: ``(B, ...) -> (B,)``."""
+    return values.flatten(start_dim=1).sum(dim=1)
+
+
+def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` with the denominator clamped at the smallest normal number (module doc)."""
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
