@@ -1,0 +1,502 @@
+"""The preprocessed-data cache: writing it (``prepare``) and reading it at train time (:class:`Cache`).
+
+Layout (one folder per case; arrays are ``[z, y, x]``)::
+
+    CACHE/cache.json                  {"version": 1, "preset": ..., "source": ..., "cases": [{"case_id", "split"}]}
+    CACHE/cases/<case_id>/image.npy   float32 in [0, 1], memory-mapped at train time
+    CACHE/cases/<case_id>/mask.npy    uint8 0/1 lesion mask
+    CACHE/cases/<case_id>/labels.npy  int32 26-connected components of the whole (cropped) mask, 0 = background
+    CACHE/cases/<case_id>/meta.json   case_id, split, spacing (z, y, x) mm, shape, n_lesions, diameters_mm,
+                                      lesion_sizes_vox, crop_box, preset, sources {image, mask, roi}, origin,
+                                      direction, raw_range, image_min, mask_voxels_outside_roi, extra
+
+A case is written into ``cases/.tmp-<case_id>-<pid>`` and renamed when complete, so a crash never leaves a half
+case; a rerun skips the finished cases and removes leftover ``.tmp-*`` folders. ``cache.json`` is rewritten
+atomically at the end of a successful run. Bad input (a :class:`DataError`) removes the cases this run wrote, so
+the cache is left as it was (unless ``keep_partial``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from trainables.data.io import (
+    Geometry,
+    as_binary,
+    check_same_grid,
+    read_geometry,
+    read_image,
+    write_json_atomic,
+)
+from trainables.data.manifest import SPLITS, check_splits, read_manifest
+from trainables.data.preprocess import apply_preset, get_preset, lesion_stats
+from trainables.errors import DataError
+
+CACHE_VERSION = 1
+CASE_FILES = ("image.npy", "mask.npy", "labels.npy", "meta.json")
+_TMP_PREFIX = ".tmp-"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Case:
+    """One cached case. image: float32 [z, y, x] in [0, 1] (memory-mapped by default); mask: uint8 0/1;
+    labels: int32 26-connected lesion labels 1..n_lesions (0 = background); meta: the case's meta.json."""
+
+    case_id: str
+    image: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+    meta: dict = field(repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing (z, y, x) in mm."""
+        return tuple(float(s) for s in self.meta["spacing"])
+
+    @property
+    def split(self) -> str:
+        return self.meta["split"]
+
+    @property
+    def n_lesions(self) -> int:
+        return int(self.meta["n_lesions"])
+
+
+class Cache:
+    """Read access to a prepared cache folder (see the module docstring for the layout).
+
+    Opening checks that ``cache.json`` exists and that every listed case folder is complete; errors name the path.
+    Picklable (it pickles as its root), so process workers can reopen it.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        index_path = self.root / "cache.json"
+        if not index_path.is_file():
+            raise DataError(
+                f"no data cache at {self.root}: {index_path} is missing (prepare one with "
+                "`study data prepare`, `study data phantom` + prepare, `study data luna16` or "
+                "`study data lits`)"
+            )
+        try:
+            index = json.loads(index_path.read_text())
+            version = index["version"]
+            cases = index["cases"]
+            self._splits: dict[str, str] = {c["case_id"]: c["split"] for c in cases}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"data cache index {index_path} is malformed ({exc!r})") from None
+        if version != CACHE_VERSION:
+            raise DataError(
+                f"data cache {index_path} has version {version}; this code reads version "
+                f"{CACHE_VERSION} (prepare it again)"
+            )
+        self.preset: str = index.get("preset", "none")
+        self.source: str | None = index.get("source")
+        for case_id in self._splits:
+            folder = self.case_dir(case_id)
+            missing = [f for f in CASE_FILES if not (folder / f).is_file()]
+            if missing:
+                raise DataError(
+                    f"data cache {self.root} is incomplete: case {case_id} lacks "
+                    f"{', '.join(missing)} in {folder} (run the prepare command again)"
+                )
+        self._meta: dict[str, dict] = {}
+
+    def __reduce__(self):
+        return (Cache, (str(self.root),))
+
+    def __repr__(self) -> str:
+        counts = {s: sum(1 for v in self._splits.values() if v == s) for s in SPLITS}
+        return f"Cache({str(self.root)!r}, preset={self.preset!r}, cases={counts})"
+
+    def __len__(self) -> int:
+        return len(self._splits)
+
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self._splits
+
+    def case_dir(self, case_id: str) -> Path:
+        return self.root / "cases" / case_id
+
+    def split_of(self, case_id: str) -> str:
+        self._check_id(case_id)
+        return self._splits[case_id]
+
+    def case_ids(self, splits: str | Sequence[str] | None = None) -> list[str]:
+        """Sorted case ids of the given split(s) (all cases when None); raise if a split is unknown or empty."""
+        if splits is None:
+            return sorted(self._splits)
+        wanted = (splits,) if isinstance(splits, str) else tuple(splits)
+        for s in wanted:
+            if s not in SPLITS:
+                raise DataError(f"unknown split {s!r}; expected one of {', '.join(SPLITS)}")
+        ids = sorted(c for c, s in self._splits.items() if s in wanted)
+        if not ids:
+            raise DataError(f"data cache {self.root} has no case in split {' + '.join(wanted)}")
+        return ids
+
+    def meta(self, case_id: str) -> dict:
+        """The case's meta.json (read once, then kept)."""
+        self._check_id(case_id)
+        m = self._meta.get(case_id)
+        if m is None:
+            path = self.case_dir(case_id) / "meta.json"
+            try:
+                m = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise DataError(
+                    f"data cache {self.root}: case {case_id}: cannot read {path} ({exc})"
+                ) from None
+            m["split"] = self._splits[case_id]  # cache.json is authoritative
+            self._meta[case_id] = m
+        return m
+
+    def load(self, case_id: str, mmap: bool = True) -> Case:
+        """Load a case; with ``mmap`` the arrays are read-only memory maps (nothing read until used)."""
+        meta = self.meta(case_id)
+        arrays = {name: self.array(case_id, name, mmap=mmap) for name in ("image", "mask", "labels")}
+        return Case(case_id=case_id, meta=meta, **arrays)
+
+    def array(self, case_id: str, name: str, mmap: bool = True) -> np.ndarray:
+        """One array of a case: ``name`` in image, mask, labels (read-only memory map by default)."""
+        self._check_id(case_id)
+        if name not in ("image", "mask", "labels"):
+            raise ValueError(f"unknown cached array {name!r}; expected image, mask or labels")
+        path = self.case_dir(case_id) / f"{name}.npy"
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"data cache {self.root}: case {case_id}: cannot read {path} ({exc})") from None
+
+    def _check_id(self, case_id: str) -> None:
+        if case_id not in self._splits:
+            raise DataError(f"case {case_id} is not in the data cache {self.root}")
+
+
+def open_cache(root: str | Path) -> Cache:
+    """Open a prepared cache (see :class:`Cache`)."""
+    return Cache(root)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources: where a case's raw arrays come from
+
+
+@dataclass
+class LoadedCase:
+    """Raw arrays of one case on one voxel grid. image: any numeric dtype [z, y, x]; mask, roi: uint8 0/1."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    roi: np.ndarray | None
+    geometry: Geometry
+    extra: dict = field(default_factory=dict)
+
+
+class CaseSource(Protocol):
+    """A case to prepare: ``preflight`` reads headers only (cheap), ``load`` reads and checks the voxels."""
+
+    case_id: str
+    split: str
+
+    @property
+    def sources(self) -> dict[str, str | None]: ...
+
+    def preflight(self) -> None: ...
+
+    def load(self) -> LoadedCase: ...
+
+
+@dataclass
+class FileCaseSource:
+    """A case given by image / mask / optional ROI files (a manifest row)."""
+
+    case_id: str
+    split: str
+    image: Path
+    mask: Path
+    roi: Path | None = None
+    roi_required: bool = False
+
+    @property
+    def sources(self) -> dict[str, str | None]:
+        return {"image": str(self.image), "mask": str(self.mask), "roi": str(self.roi) if self.roi else None}
+
+    def preflight(self) -> None:
+        if self.roi_required and self.roi is None:
+            raise DataError(f"case {self.case_id}: no ROI mask given, but the preset needs one")
+        ref = read_geometry(self.image, case_id=self.case_id, role="image")
+        for role, path in (("mask", self.mask), ("roi", self.roi)):
+            if path is not None:
+                geom = read_geometry(path, case_id=self.case_id, role=role)
+                check_same_grid(
+                    ref, geom, case_id=self.case_id, ref_path=self.image, other_path=path, other_role=role
+                )
+
+    def load(self) -> LoadedCase:
+        image, geom = read_image(self.image, case_id=self.case_id, role="image")
+        if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+            raise DataError(
+                f"case {self.case_id}: image file {self.image} has voxel type {image.dtype}; "
+                "expected a real scalar image"
+            )
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            raise DataError(f"case {self.case_id}: image file {self.image} contains NaN or infinite values")
+        mask = self._binary(self.mask, "mask", geom)
+        roi = self._binary(self.roi, "roi", geom) if self.roi is not None else None
+        return LoadedCase(image=image, mask=mask, roi=roi, geometry=geom)
+
+    def _binary(self, path: Path, role: str, ref: Geometry) -> np.ndarray:
+        arr, geom = read_image(path, case_id=self.case_id, role=role)
+        check_same_grid(
+            ref, geom, case_id=self.case_id, ref_path=self.image, other_path=path, other_role=role
+        )
+        return as_binary(arr, case_id=self.case_id, role=role, path=path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def prepare_cache(
+    manifest: str | Path,
+    out: str | Path,
+    *,
+    preset: str = "none",
+    progress: bool = True,
+    required_splits: Sequence[str] = SPLITS,
+    keep_partial: bool = False,
+) -> Cache:
+    """Preprocess every case of a manifest CSV into the cache folder ``out`` and return the opened cache.
+
+    ``preset``: ``none`` | ``luna16`` | ``lits`` (see :mod:`trainables.data.preprocess`); ``luna16`` and
+    ``lits`` need the manifest's ``roi`` column. Idempotent and resumable (finished cases are skipped).
+    """
+    p = get_preset(preset)
+    rows = read_manifest(manifest, require_roi=p.roi_required, required_splits=required_splits)
+    sources = [
+        FileCaseSource(
+            case_id=r.case_id,
+            split=r.split,
+            image=r.image,
+            mask=r.mask,
+            roi=r.roi,
+            roi_required=p.roi_required,
+        )
+        for r in rows
+    ]
+    return build_cache(
+        sources,
+        out,
+        preset=preset,
+        source=str(Path(manifest).expanduser().resolve()),
+        progress=progress,
+        required_splits=required_splits,
+        keep_partial=keep_partial,
+    )
+
+
+def build_cache(
+    sources: Sequence[CaseSource],
+    out: str | Path,
+    *,
+    preset: str,
+    source: str,
+    progress: bool = True,
+    required_splits: Sequence[str] = SPLITS,
+    keep_partial: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Cache:
+    """Write ``sources`` into the cache ``out`` (the engine behind every preparer).
+
+    Order: validate ids and splits → find finished cases → read the headers of the others (cheap) → process them
+    one at a time, each into a temporary folder renamed when complete → rewrite cache.json. Nothing is written
+    before every header passed; a DataError while processing removes this run's cases again (unless
+    ``keep_partial``).
+    """
+    p = get_preset(preset)
+    out = Path(out).expanduser().resolve()
+    log = log or (_stderr if progress else _quiet)
+    seen: set[str] = set()
+    for s in sources:
+        if s.case_id in seen:
+            raise DataError(f"{source}: duplicate case id {s.case_id}")
+        seen.add(s.case_id)
+    if not sources:
+        raise DataError(f"{source}: no case to prepare")
+    check_splits(((s.case_id, s.split) for s in sources), where=source, required=required_splits)
+    _check_out(out, preset=p.name)
+
+    t0 = time.perf_counter()
+    done = {s.case_id for s in sources if _finished(out, s, preset=p.name)}
+    for s in sources:
+        if s.case_id not in done:  # finished cases need not keep their raw files
+            s.preflight()
+
+    created_dirs = [d for d in (out, out / "cases") if not d.exists()]
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    for leftover in (out / "cases").glob(_TMP_PREFIX + "*"):
+        log(f"removing an unfinished case folder left by an interrupted run: {leftover}")
+        shutil.rmtree(leftover, ignore_errors=True)
+
+    written: list[Path] = []
+    n = len(sources)
+    n_lesions = 0
+    width = len(str(n))
+    for i, s in enumerate(sources, start=1):
+        head = f"[{i:>{width}}/{n}] {s.case_id} ({s.split})"
+        final = out / "cases" / s.case_id
+        if s.case_id in done:
+            meta_path = final / "meta.json"
+            meta = json.loads(meta_path.read_text())
+            if meta.get("split") != s.split:
+                meta["split"] = s.split
+                write_json_atomic(meta_path, meta)
+            n_lesions += int(meta["n_lesions"])
+            log(f"{head}: already prepared, skipped")
+            continue
+        tmp = out / "cases" / f"{_TMP_PREFIX}{s.case_id}-{os.getpid()}"
+        t_case = time.perf_counter()
+        try:
+            meta = _prepare_one(s, tmp, preset=p.name)
+            if final.exists():  # an incomplete folder (not written by us): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except DataError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if keep_partial:
+                raise DataError(
+                    f"{exc} [the {len(written)} case(s) finished in this run were kept; fix the "
+                    "input and rerun to resume]"
+                ) from None
+            for d in written:
+                shutil.rmtree(d, ignore_errors=True)
+            for d in reversed(created_dirs):
+                shutil.rmtree(d, ignore_errors=True)
+            raise DataError(
+                f"{exc} [nothing of this run was kept: the cache at {out} is as it was]"
+            ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        written.append(final)
+        n_lesions += meta["n_lesions"]
+        shape = "x".join(str(v) for v in meta["shape"])
+        log(f"{head}: {shape} voxels, {meta['n_lesions']} lesion(s), {time.perf_counter() - t_case:.1f} s")
+
+    index = {
+        "version": CACHE_VERSION,
+        "preset": p.name,
+        "source": source,
+        "cases": [{"case_id": s.case_id, "split": s.split} for s in sources],
+    }
+    write_json_atomic(out / "cache.json", index)
+    counts = ", ".join(f"{sp} {sum(1 for s in sources if s.split == sp)}" for sp in SPLITS)
+    log(
+        f"prepared {len(written)} case(s), skipped {len(done)} already prepared; {n} cases ({counts}), "
+        f"{n_lesions} lesions, preset {p.name}, {time.perf_counter() - t0:.1f} s -> {out}"
+    )
+    return Cache(out)
+
+
+def _prepare_one(s: CaseSource, tmp: Path, *, preset: str) -> dict:
+    from trainables.weights import label_components
+
+    raw = s.load()
+    pre = apply_preset(raw.image, raw.mask, raw.roi, preset, case_id=s.case_id)
+    labels, k = label_components(pre.mask)
+    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    geom = raw.geometry
+    start_xyz = np.array([pre.crop_box[2][0], pre.crop_box[1][0], pre.crop_box[0][0]], dtype=np.float64)
+    d = np.asarray(geom.direction, dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(geom.origin) + d @ (start_xyz * np.asarray(geom.spacing[::-1]))
+    meta: dict[str, Any] = {
+        "case_id": s.case_id,
+        "split": s.split,
+        "spacing": list(geom.spacing),
+        "shape": list(pre.image.shape),
+        **lesion_stats(labels, int(k), geom.spacing),
+        "crop_box": pre.crop_box,
+        "preset": preset,
+        "sources": s.sources,
+        "source_shape": list(geom.shape),
+        "origin": [float(v) for v in origin],
+        "direction": list(geom.direction),
+        "raw_range": list(pre.raw_range),
+        "image_min": float(pre.image.min()),
+        "mask_voxels_outside_roi": pre.mask_voxels_outside_roi,
+        "extra": raw.extra,
+    }
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "image.npy", pre.image)
+    np.save(tmp / "mask.npy", pre.mask)
+    np.save(tmp / "labels.npy", labels)
+    write_json_atomic(tmp / "meta.json", meta)
+    return meta
+
+
+def _finished(out: Path, s: CaseSource, *, preset: str) -> bool:
+    """True when ``out`` already holds this case, complete and made from the same files with the same preset."""
+    folder = out / "cases" / s.case_id
+    if not all((folder / f).is_file() for f in CASE_FILES):
+        return False
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = {k: Path(v).name if v else None for k, v in s.sources.items()}
+    old = {k: Path(v).name if v else None for k, v in (meta.get("sources") or {}).items()}
+    if meta.get("preset") != preset or old != names:
+        raise DataError(
+            f"case {s.case_id} is already in the cache {out} but was prepared from other files or "
+            f"another preset (preset {meta.get('preset')}, files {old}); use a new output folder or "
+            f"delete {folder}"
+        )
+    return True
+
+
+def _check_out(out: Path, *, preset: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"cache output {out} exists and is not a folder")
+    index = out / "cache.json"
+    if index.is_file():
+        try:
+            old = json.loads(index.read_text())
+        except ValueError:
+            raise DataError(
+                f"cache index {index} is malformed; delete the folder or choose another output"
+            ) from None
+        if old.get("preset") != preset:
+            raise DataError(
+                f"the cache {out} was prepared with preset {old.get('preset')}, not {preset}; use a new "
+                "output folder"
+            )
+    elif out.is_dir() and any(p for p in out.iterdir() if p.name != "cases"):
+        raise DataError(
+            f"cache output {out} is a non-empty folder that is not a data cache (no cache.json); "
+            "choose a new or empty folder"
+        )
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet(msg: str) -> None:
+    pass
