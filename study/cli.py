@@ -14,6 +14,7 @@ from trainables.errors import UserError
 
 # modules that expose ``register(subparsers)``; each adds its sub-commands with ``set_defaults(func=...)``
 _COMMAND_MODULES = (
+    "study.commands",
     "study.data_cli",
     "study.metrics_cli",
 )

@@ -54,6 +54,8 @@ def importance_map(
 
 
 def _as_volume(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(image, np.ndarray) and not image.flags.writeable:
+        image = np.array(image, dtype=np.float32)  # read-only memory map (the cache): torch needs writable memory
     x = torch.as_tensor(image)
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]

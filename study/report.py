@@ -1,0 +1,183 @@
+"""The study report: the Table 2 analogue, paired iw comparisons, size groups and the three figures.
+
+Everything comes from ``holdout/summary.json`` (itself computed from the saved records), so the report can
+be rewritten at any time with ``study report NAME``. The same content is rendered as Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from study.config import StudyConfig
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "–" if v is None else f"{float(v):.{digits}f}"
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    return "" if lo is None or hi is None else f" [{_f(lo)}, {_f(hi)}]"
+
+
+def _diff(d: dict[str, Any]) -> str:
+    """A paired difference with its CI; '–' when undefined (e.g. object Dice with no detected lesion)."""
+    return "–" if d.get("diff") is None else f"{d['diff']:+.3f}{_ci(d.get('ci_low'), d.get('ci_high'))}"
+
+
+def _strict_name(rule: Sequence[Any]) -> str:
+    name, thr = rule[0], rule[1]
+    return {"iou": f"IoU ≥ {thr:g}", "fraction": f"component share ≥ {thr:g}",
+            "one-to-one": "one-to-one"}.get(name, str(name))
+
+
+def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name: str,
+                 cfg: StudyConfig | None) -> list[tuple]:
+    configs = summary["configs"]
+    strict = _strict_name(summary.get("strict_rule") or ("iou", 0.3))
+    blocks: list[tuple] = [("h1", f"Study {study_name}: inverse weighting on the hold-out set")]
+    if cfg is not None:
+        t = cfg.training
+        blocks.append(("p", (
+            f"Data: {cfg.data.source}{'' if cfg.data.path is None else ' ' + str(cfg.data.path)}. "
+            f"Protocol: {t.epochs} epochs × {t.iterations} iterations (retrain: {cfg.epochs_retrain} epochs), "
+            f"batch {t.batch_size}, patches {'×'.join(map(str, t.patch_size))}, SGD lr {t.optimizer.lr:g}, "
+            f"U-Net width {cfg.model.width:g}. Winners chosen by {cfg.selection.metric} "
+            f"({cfg.selection.mode}) on validation, retrained on train+validation, last-epoch model evaluated.")))
+    blocks.append(("h2", "Hold-out results (Table 2 analogue)"))
+    blocks.append(("p", (
+        "avg recall: mean object recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP per image (luna16 protocol, all "
+        "hold-out images in the denominator, 95 % case-level bootstrap CI). A lesion counts as found when any "
+        "predicted component overlaps it (the paper's rule). FP/image and the predicted-positive voxel "
+        f"fraction (p > 0.5) are shown beside it, with the avg recall under a strict hit rule ({strict}): "
+        "recall bought by over-segmentation shows up as many FPs, a large positive fraction and a strict "
+        "recall far below the `any` recall. paper2020: the authors' protocol (80 % subsamples).")))
+    header = ["configuration", "avg recall [95% CI]", "obj Dice ± std", "FP/image", "pred+ fraction",
+              f"avg recall ({strict})", "avg recall (paper2020)"]
+    rows = []
+    for label, c in configs.items():
+        lu, st, pp = c["luna16"], c["strict"], c["paper2020"]
+        rows.append([
+            label,
+            _f(lu["avg_recall"]) + _ci(lu.get("avg_recall_ci_low"), lu.get("avg_recall_ci_high")),
+            f"{_f(lu['obj_dice'])} ± {_f(lu['obj_dice_std'])}",
+            _f(lu["fp_per_image"], 2),
+            _f(lu.get("pred_positive_fraction"), 4),
+            _f(st["avg_recall"]),
+            f"{_f(pp['avg_recall'])} ± {_f(pp['avg_recall_std'])}",
+        ])
+    blocks.append(("table", header, rows))
+    blocks.append(("h2", "Does iw help? Paired comparisons on the same hold-out cases"))
+    if summary.get("paired"):
+        blocks.append(("p", "Difference iw − plain of the same loss (and seed), case-level paired bootstrap; "
+                            "a CI that excludes 0 means the difference is unlikely to be resampling noise."))
+        header = ["loss", "plain", "iw", "Δ avg recall [95% CI]", "p", "Δ obj Dice [95% CI]", "p"]
+        rows = []
+        for e in summary["paired"]:
+            ar, od = e["avg_recall"], e["obj_dice"]
+            rows.append([e["loss"], e["plain"], e["iw"], _diff(ar), _f(ar.get("p_value")), _diff(od),
+                         _f(od.get("p_value"))])
+        blocks.append(("table", header, rows))
+    else:
+        blocks.append(("p", "No loss was retrained both with and without iw."))
+    cut = summary.get("size_cutoffs_mm") or []
+    if cut:
+        blocks.append(("h2", "By lesion size"))
+        blocks.append(("p", "Lesions grouped by equivalent diameter at " + ", ".join(f"{c:.1f} mm" for c in cut)
+                       + " (the same cut-offs for every configuration); avg recall / object Dice per group."))
+        groups = list(next(iter(configs.values()))["size_groups"].keys())
+        header = ["configuration"] + [f"{g} recall / objDice" for g in groups]
+        rows = []
+        for label, c in configs.items():
+            sg = c.get("size_groups") or {}
+            rows.append([label] + [f"{_f(sg[g]['avg_recall'])} / {_f(sg[g]['obj_dice'])}" if g in sg else "–"
+                                   for g in groups])
+        blocks.append(("table", header, rows))
+    blocks.append(("h2", "Figures"))
+    captions = {"froc": "FROC curves with 95 % bootstrap bands (paper Fig. 4)",
+                "size_groups": "Recall and object Dice by lesion size (paper Fig. 3)",
+                "diameters": "Lesion diameters by split (paper Fig. 2)"}
+    for key, path in figures.items():
+        blocks.append(("img", Path(path).name, captions.get(key, key)))
+    blocks.append(("h2", "Reproducibility"))
+    blocks.append(("p", (
+        "Every number above is recomputed from the saved per-object records in holdout/ "
+        "(`study metrics holdout/<config>/records_any.json`). A study resumed after an interruption continues "
+        "from the trials' checkpoints and the patch stream of each trial depends only on its seed and batch "
+        "index, so it reproduces the uninterrupted run up to floating-point nondeterminism of the kernels "
+        "(different thread counts or GPU algorithms change the last bits of the weights).")))
+    return blocks
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for b in blocks:
+        if b[0] == "h1":
+            out.append(f"# {b[1]}\n")
+        elif b[0] == "h2":
+            out.append(f"## {b[1]}\n")
+        elif b[0] == "p":
+            out.append(b[1] + "\n")
+        elif b[0] == "table":
+            header, rows = b[1], b[2]
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "|".join("---" for _ in header) + "|")
+            out.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+            out.append("")
+        elif b[0] == "img":
+            out.append(f"![{b[2]}]({b[1]})\n")
+    return "\n".join(out) + "\n"
+
+
+def render_html(blocks: list[tuple], title: str) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        if b[0] in ("h1", "h2"):
+            body.append(f"<{b[0]}>{e(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{e(b[1])}</p>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b[0] == "img":
+            body.append(f"<figure><img src='{e(b[1])}' alt='{e(b[2])}'><figcaption>{e(b[2])}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
+             "th{background:#f3f3f3}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def write_figures(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups
+
+    configs = summary["configs"]
+    figures = {"froc": str(plot_froc({k: c["luna16"] for k, c in configs.items()}, out_dir / "froc.png",
+                                     title="Hold-out FROC"))}
+    groups = {k: c["size_groups"] for k, c in configs.items() if c.get("size_groups")}
+    if groups:
+        figures["size_groups"] = str(plot_size_groups(groups, out_dir / "size_groups.png"))
+    diam = {k: v for k, v in (summary.get("diameters_mm") or {}).items() if v}
+    if diam:
+        cut = summary.get("size_cutoffs_mm") or []
+        figures["diameters"] = str(plot_diameters(diam, out_dir / "diameters.png",
+                                                  cutoff_mm=cut[0] if len(cut) == 1 else None))
+    return figures
+
+
+def write_report(summary: dict[str, Any], out_dir: Path, *, study_name: str,
+                 cfg: StudyConfig | None = None) -> list[Path]:
+    """Write report.md, report.html and the PNG figures into ``out_dir``; return the files."""
+    from study.layout import write_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(summary, out_dir)
+    blocks = build_blocks(summary, figures, study_name=study_name, cfg=cfg)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    write_atomic(md, render_markdown(blocks))
+    write_atomic(page, render_html(blocks, f"Study {study_name}"))
+    return [md, page] + [Path(p) for p in figures.values()]

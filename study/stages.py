@@ -1,0 +1,432 @@
+"""The study's stages: data -> sweep -> select -> retrain -> holdout -> report.
+
+Each stage records its completion in ``state.json``; ``study resume`` skips finished stages and continues an
+interrupted one (Tune restores its trials from their checkpoints, the hold-out stage skips configurations
+whose records exist, the data stage skips prepared cases). Nothing already computed is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from study import tracking as study_tracking
+from study.config import StudyConfig, TrialSpec
+from study.layout import STAGES, StudyDir, StudyState, write_atomic
+from trainables.errors import UserError
+
+SWEEP, RETRAIN = "sweep", "retrain"
+
+
+class StudyInterrupted(Exception):
+    """A stage stopped before all its work was done (Ctrl+C, a killed driver): ``study resume`` continues."""
+
+
+def log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_").replace("=", "-")
+
+
+@dataclass
+class StudyContext:
+    dir: StudyDir
+    cfg: StudyConfig
+    state: StudyState
+    address: str | None = None
+    wait_for_resources: bool = False
+    num_cpus: int | None = None
+    _ray_started: bool = False
+
+    def cache_dir(self) -> str:
+        if self.cfg.data.source == "cache":
+            return str(self.cfg.data.path)
+        return str(self.dir.data_dir / "cache")
+
+    def ensure_ray(self) -> None:
+        if not self._ray_started:
+            from study.tuner import check_resources, init_ray
+
+            init_ray(self.address, tracking_uri=self.state.tracking_uri, num_cpus=self.num_cpus)
+            self._ray_started = True
+            check_resources(self.cfg.resources.as_ray(), wait_for_resources=self.wait_for_resources)
+
+    def close(self) -> None:
+        if self._ray_started:
+            from study.tuner import shutdown_ray
+
+            shutdown_ray()
+            self._ray_started = False
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def stage_data(ctx: StudyContext) -> None:
+    from trainables.data import make_phantom, open_cache, prepare_cache
+
+    d = ctx.cfg.data
+    if d.source == "phantom":
+        phantom_dir = ctx.dir.data_dir / "phantom"
+        manifest = phantom_dir / "manifest.csv"
+        if not manifest.is_file():
+            log(f"data: generating the phantom dataset ({d.phantom.cases} cases, seed {d.phantom.seed})")
+            manifest = make_phantom(phantom_dir, n_cases=d.phantom.cases, seed=d.phantom.seed,
+                                    shape=tuple(d.phantom.shape))
+        cache = prepare_cache(manifest, ctx.cache_dir(), preset="none")
+    elif d.source == "manifest":
+        log(f"data: preparing {d.path} with preset {d.preset}")
+        cache = prepare_cache(d.path, ctx.cache_dir(), preset=d.preset)
+    else:
+        cache = open_cache(d.path)
+    counts = {}
+    for key in ("train", "val", "holdout"):
+        counts[key] = len(cache.case_ids(list(getattr(d, key))))
+    log(f"data: cache {ctx.cache_dir()}: {counts['train']} train, {counts['val']} val, "
+        f"{counts['holdout']} hold-out cases")
+    ctx.state.mark_done("data", cache_dir=ctx.cache_dir(), cases=counts)
+
+
+# ---------------------------------------------------------------------------------------------- tune stages
+
+
+def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: list[TrialSpec]) -> list:
+    from study.space import param_space
+    from study.tuner import outcomes, run_experiment, unfinished
+    from trainables.trainable import train_trial
+
+    ctx.ensure_ray()
+    parent = study_tracking.stage_parent(ctx.state, stage_tag)
+    ids = ctx.state.mlflow_ids()
+    space = param_space(ctx.cfg, trials=trials, cache_dir=ctx.cache_dir(), stage=stage_tag,
+                        experiment_id=ids["experiment_id"], parent_run_id=parent, study_id=ctx.state.study_id)
+    log(f"{name}: {len(trials)} trial(s), resources per trial {ctx.cfg.resources.as_ray()}")
+    run_experiment(
+        storage=ctx.dir.ray_dir, name=name, trainable=train_trial, resources=ctx.cfg.resources.as_ray(),
+        param_space=space, metric=None, max_concurrent=ctx.cfg.max_concurrent_trials,
+        max_failures=ctx.cfg.failure.max_failures,
+    )
+    results = outcomes(ctx.dir.ray_dir, name)
+    left = unfinished(results, len(trials))
+    if left:
+        raise StudyInterrupted(f"{name}: {left} of {len(trials)} trial(s) did not finish")
+    study_tracking.finish_stage_runs(ctx.state, stage_tag, {r.trial_id: r.status for r in results})
+    print(trial_table(results), flush=True)
+    return results
+
+
+def trial_table(results) -> str:
+    """A concise table of trials: label, state, epochs done, last validation metrics."""
+    rows = [("trial", "state", "epochs", "val recall", "val objDice", "train loss")]
+    for r in results:
+        spec = TrialSpec.from_dict(r.spec) if r.spec else None
+        last = r.last
+        epochs = f"{last.get('epoch', -1) + 1}/{last.get('epochs', '?')}" if last else "0"
+        rows.append((
+            spec.label if spec else r.trial_id, r.status, epochs,
+            _f(last.get("val_avg_recall")), _f(last.get("val_obj_dice")), _f(last.get("train_loss"), 4),
+        ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "-" if v is None else f"{float(v):.{digits}f}"
+
+
+def stage_sweep(ctx: StudyContext) -> None:
+    results = _run_tune_stage(ctx, name=SWEEP, stage_tag="sweep", trials=list(ctx.cfg.trials))
+    errors = [r for r in results if r.status == "ERROR"]
+    for r in errors:
+        log(f"sweep: trial {TrialSpec.from_dict(r.spec).label} ended in error: {_first_line(r.error)}")
+    ctx.state.mark_done("sweep", trials=len(results), errors=len(errors))
+
+
+def _first_line(text: str | None) -> str:
+    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+    for ln in lines:
+        if "TrialDivergedError" in ln or "Error:" in ln:
+            return ln.strip()[:300]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+# ---------------------------------------------------------------------------------------------- select
+
+
+def _score(outcome, metric: str, scope: str) -> float | None:
+    if scope == "best":
+        values = [h.get(metric) for h in outcome.history if h.get(metric) is not None]
+        return max(values) if values else None
+    return outcome.last.get(metric)
+
+
+def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
+    """Best hyperparameters per (loss, iw) configuration (mean over seeds), or the top-k overall."""
+    sel = cfg.selection
+    finished = [r for r in results if r.status == "TERMINATED"]
+    excluded = [{"trial": r.spec, "status": r.status, "reason": _first_line(r.error)} for r in results
+                if r.status != "TERMINATED"]
+    points: dict[str, dict[str, Any]] = {}
+    for r in finished:
+        spec = TrialSpec.from_dict(r.spec)
+        key = json.dumps({"loss": spec.loss, "iw": spec.iw, "params": spec.params}, sort_keys=True)
+        p = points.setdefault(key, {"loss": spec.loss, "iw": spec.iw, "params": spec.params, "scores": [],
+                                    "obj_dice": [], "trial_ids": []})
+        p["scores"].append(_score(r, sel.metric, sel.scope))
+        p["obj_dice"].append(r.last.get("val_obj_dice"))
+        p["trial_ids"].append(r.trial_id)
+    ranked = []
+    for order, p in enumerate(points.values()):
+        scores = [s for s in p["scores"] if s is not None]
+        dice = [d for d in p["obj_dice"] if d is not None]
+        p["score"] = float(np.mean(scores)) if scores else float("-inf")
+        p["val_obj_dice"] = float(np.mean(dice)) if dice else None
+        p["order"] = order
+        ranked.append(p)
+    key_fn = lambda p: (-p["score"], -(p["val_obj_dice"] or 0.0), p["order"])  # noqa: E731
+    ranked.sort(key=key_fn)
+    if sel.mode == "top-k":
+        winners = ranked[: sel.k]
+    else:
+        by_cfg: dict[tuple[str, bool], list] = defaultdict(list)
+        for p in ranked:
+            by_cfg[(p["loss"], p["iw"])].append(p)
+        winners = [ps[0] for ps in by_cfg.values()]
+        winners.sort(key=lambda p: p["order"])
+    for p in winners:
+        p.pop("order", None)
+    return {"metric": sel.metric, "scope": sel.scope, "mode": sel.mode, "winners": winners,
+            "excluded": excluded, "candidates": len(ranked)}
+
+
+def stage_select(ctx: StudyContext) -> None:
+    from study.tuner import outcomes
+
+    selection = select_winners(outcomes(ctx.dir.ray_dir, SWEEP), ctx.cfg)
+    if not selection["winners"]:
+        raise UserError("select: no sweep trial finished successfully; nothing to retrain "
+                        f"(see `study status {ctx.dir.name}`)")
+    write_atomic(ctx.dir.selection_file, json.dumps(selection, indent=2))
+    for w in selection["winners"]:
+        spec = TrialSpec(w["loss"], w["iw"], w["params"], 0)
+        log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}")
+    try:
+        from trainables import tracking
+
+        mlc = tracking.client(ctx.state.tracking_uri)
+        mlc.log_artifact(ctx.state.mlflow_ids()["study_run_id"], str(ctx.dir.selection_file))
+    except Exception as exc:  # tracking is secondary to the result file
+        log(f"select: could not log selection.json to MLflow ({exc})")
+    ctx.state.mark_done("select", winners=len(selection["winners"]))
+
+
+def winner_trials(ctx: StudyContext) -> list[TrialSpec]:
+    selection = json.loads(ctx.dir.selection_file.read_text())
+    return [TrialSpec(w["loss"], w["iw"], w["params"], seed)
+            for w in selection["winners"] for seed in ctx.cfg.search.seeds]
+
+
+# ---------------------------------------------------------------------------------------------- retrain
+
+
+def stage_retrain(ctx: StudyContext) -> None:
+    results = _run_tune_stage(ctx, name=RETRAIN, stage_tag="holdout", trials=winner_trials(ctx))
+    errors = sum(r.status == "ERROR" for r in results)
+    ctx.state.mark_done("retrain", trials=len(results), errors=errors)
+
+
+# ---------------------------------------------------------------------------------------------- holdout
+
+
+def stage_holdout(ctx: StudyContext) -> None:
+    import ray
+
+    from study.space import study_payload
+    from study.tuner import outcomes
+    from trainables.evaluate import holdout_records
+
+    ctx.ensure_ray()
+    results = [r for r in outcomes(ctx.dir.ray_dir, RETRAIN) if r.status == "TERMINATED"]
+    if not results:
+        raise UserError("holdout: no retrained configuration finished; nothing to evaluate")
+    ev = ctx.cfg.evaluation
+    rules = {"any": ("any", None), "strict": (ev.strict.rule, ev.strict.threshold)}
+    payload = study_payload(ctx.cfg, ctx.cache_dir())
+    res = ctx.cfg.resources
+    task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, resources=res.custom or None,
+                      max_retries=max(1, ctx.cfg.failure.max_failures))(holdout_records)
+    pending = {}
+    for r in results:
+        label = TrialSpec.from_dict(r.spec).label
+        out_dir = ctx.dir.holdout_dir / slug(label)
+        pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules, use_gpu=res.gpu > 0)
+    log(f"holdout: whole-volume inference of {len(pending)} configuration(s) on the hold-out cases")
+    paths = {}
+    for label, ref in pending.items():
+        paths[label] = ray.get(ref)
+        log(f"holdout: records of {label} ready")
+    summary = summarize_holdout(ctx, results, paths)
+    write_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    _log_holdout_metrics(ctx, summary)
+    ctx.state.mark_done("holdout", configurations=len(results))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Every number of the report, computed from the saved records (cheap; no inference here)."""
+    from trainables.data import open_cache
+    from trainables.metrics import load_records, paired_bootstrap, size_groups, summarize
+
+    ev = ctx.cfg.evaluation
+    configs: dict[str, Any] = {}
+    records_any: dict[str, Any] = {}
+    for r in results:
+        spec = TrialSpec.from_dict(r.spec)
+        label = spec.label
+        rec_any = load_records(paths[label]["any"])
+        rec_strict = load_records(paths[label]["strict"])
+        records_any[label] = rec_any
+        configs[label] = {
+            "trial_id": r.trial_id, "loss": spec.loss, "iw": spec.iw, "params": spec.params, "seed": spec.seed,
+            "config": spec.config_name,
+            "luna16": summarize(rec_any, protocol="luna16", n_boot=ev.n_boot, seed=ev.seed),
+            "paper2020": summarize(rec_any, protocol="paper2020"),
+            "strict": summarize(rec_strict, protocol="luna16", n_boot=0, seed=ev.seed),
+            "records": paths[label],
+        }
+    # size groups: the same cut-offs for every configuration (clinical cut-off or terciles of hold-out lesions)
+    any_set = next(iter(records_any.values()))
+    diam = np.array([rec["diameter"] for cr in any_set.values() for rec in cr.records if rec["is_tum"]])
+    if ev.size_cutoff_mm is not None:
+        cutoffs = [float(ev.size_cutoff_mm)]
+    elif len(diam) >= 3:  # terciles, rounded to 0.1 mm for readable group names
+        cutoffs = sorted({round(float(q), 1) for q in np.quantile(diam, [1 / 3, 2 / 3])})
+    else:
+        cutoffs = []
+    for label, rs in records_any.items():
+        configs[label]["size_groups"] = (
+            size_groups(rs, cutoffs_mm=cutoffs, protocol="luna16", n_boot=0) if cutoffs else {}
+        )
+    # paired iw comparisons: the same loss, parameters and seed, with and without iw
+    paired = []
+    by_key = {(c["loss"], json.dumps(c["params"], sort_keys=True), c["seed"], c["iw"]): label
+              for label, c in configs.items()}
+    for (loss, params, seed, iw), label_iw in by_key.items():
+        if not iw:
+            continue
+        plain = by_key.get((loss, params, seed, False))
+        if plain is None:  # per-config selection may pick different params: compare the winners
+            plain = next((lb for (lo, _p, s, w), lb in by_key.items() if lo == loss and s == seed and not w), None)
+        if plain is None:
+            continue
+        entry = {"loss": loss, "seed": seed, "plain": plain, "iw": label_iw}
+        for metric in ("avg_recall", "obj_dice"):
+            entry[metric] = paired_bootstrap(records_any[plain], records_any[label_iw], metric=metric,
+                                             n_boot=ev.n_boot, seed=ev.seed)
+        paired.append(entry)
+    cache = open_cache(ctx.cache_dir())
+    diameters = {}
+    for split_name in ("train", "val", "holdout"):
+        vals = []
+        for cid in cache.case_ids(list(getattr(ctx.cfg.data, split_name))):
+            vals.extend(cache.meta(cid).get("diameters_mm", []))
+        diameters[split_name] = vals
+    return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "configs": configs, "paired": paired,
+            "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold]}
+
+
+def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
+    from trainables import tracking
+
+    mlc = tracking.client(ctx.state.tracking_uri)
+    exp_id = ctx.state.mlflow_ids()["experiment_id"]
+    for label, c in summary["configs"].items():
+        run = tracking.find_run(mlc, exp_id, {tracking.TRIAL_ID_TAG: c["trial_id"], tracking.STAGE_TAG: "holdout"})
+        if run is None:
+            log(f"holdout: no MLflow run for {label} (trial {c['trial_id']})")
+            continue
+        lu, st, pp = c["luna16"], c["strict"], c["paper2020"]
+        metrics = {
+            "holdout_avg_recall": lu["avg_recall"],
+            "holdout_avg_recall_ci_low": lu.get("avg_recall_ci_low"),
+            "holdout_avg_recall_ci_high": lu.get("avg_recall_ci_high"),
+            "holdout_obj_dice": lu["obj_dice"],
+            "holdout_obj_dice_std": lu["obj_dice_std"],
+            "holdout_fp_per_image": lu["fp_per_image"],
+            "holdout_pred_positive_fraction": lu.get("pred_positive_fraction"),
+            "holdout_strict_avg_recall": st["avg_recall"],
+            "holdout_paper2020_avg_recall": pp["avg_recall"],
+            "holdout_paper2020_obj_dice": pp["obj_dice"],
+        }
+        for group, g in (c.get("size_groups") or {}).items():
+            key = slug(group).replace(".", "_")
+            metrics[f"holdout_avg_recall_{key}"] = g["avg_recall"]
+            metrics[f"holdout_obj_dice_{key}"] = g["obj_dice"]
+        tracking.log_metrics(mlc, run.info.run_id, metrics, step=0)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def stage_report(ctx: StudyContext) -> None:
+    from study.report import write_report
+    from trainables import tracking
+
+    summary = json.loads((ctx.dir.holdout_dir / "summary.json").read_text())
+    files = write_report(summary, ctx.dir.report_dir, study_name=ctx.dir.name, cfg=ctx.cfg)
+    mlc = tracking.client(ctx.state.tracking_uri)
+    root = ctx.state.mlflow_ids()["study_run_id"]
+    for f in files:
+        mlc.log_artifact(root, str(f), artifact_path="report")
+    mlc.set_terminated(root, "FINISHED")
+    ctx.state.mark_done("report", files=[str(f) for f in files])
+
+
+STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
+    "data": stage_data,
+    "sweep": stage_sweep,
+    "select": stage_select,
+    "retrain": stage_retrain,
+    "holdout": stage_holdout,
+    "report": stage_report,
+}
+
+
+def run_stages(ctx: StudyContext) -> None:
+    """Run every stage not yet finished, in order; print where the report is at the end."""
+    study_tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
+    t0 = time.perf_counter()
+    try:
+        for i, stage in enumerate(STAGES, 1):
+            if ctx.state.done(stage):
+                log(f"[{i}/{len(STAGES)}] {stage}: already done, skipped")
+                continue
+            log(f"[{i}/{len(STAGES)}] {stage}")
+            ts = time.perf_counter()
+            STAGE_FUNCS[stage](ctx)
+            log(f"[{i}/{len(STAGES)}] {stage}: done in {time.perf_counter() - ts:.0f} s")
+    finally:
+        ctx.close()
+    report = ctx.dir.report_dir / "report.md"
+    log(f"study {ctx.dir.name} finished in {time.perf_counter() - t0:.0f} s")
+    print(f"\nReport: {report}\nMLflow: study ui {ctx.dir.name} --storage {ctx.dir.root.parent}", flush=True)
+    sys.stdout.flush()

@@ -1,0 +1,174 @@
+"""Ray: start/connect, build or restore a Tuner, and check that a Tune experiment really finished.
+
+Pitfalls handled here (see ../shared/reference/ray-tune-mlflow.md):
+
+* ``Tuner.restore`` needs the *same wrapped* trainable: resources come from the frozen config, so the
+  restored trials get the same ``with_resources`` request (a bare function would silently give 1 CPU/0 GPU).
+* No scheduler: Tune does not persist scheduler state on restore (ray#30838), FIFO keeps resumes unbiased.
+* After Ctrl+C ``fit()`` returns normally and reports unfinished trials as TERMINATED; completion is
+  decided here from what each trial last reported (``training_done``), never from Ray's status alone.
+* A GPU (or custom-resource) request that no node can satisfy fails fast instead of waiting forever.
+* Trials get the MLflow URI through ``runtime_env`` (driver env vars do not reach them) and absolute paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainables.errors import UserError
+
+
+def init_ray(address: str | None, *, tracking_uri: str, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``) or start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    runtime_env = {"env_vars": env}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except ConnectionError as exc:
+            raise UserError(f"--address {address}: cannot connect to a Ray cluster ({exc})") from None
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def check_resources(resources: Mapping[str, float], *, wait_for_resources: bool) -> None:
+    """Fail fast when no node of the cluster can ever run one trial (Tune would wait forever)."""
+    import ray
+
+    if wait_for_resources:
+        return
+    per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    ray_names = {"cpu": "CPU", "gpu": "GPU"}
+    needed = {ray_names.get(k, k): float(v) for k, v in resources.items() if float(v) > 0}
+    if any(all(node.get(k, 0.0) >= v for k, v in needed.items()) for node in per_node):
+        return
+    totals = {k: max((node.get(k, 0.0) for node in per_node), default=0.0) for k in needed}
+    missing = ", ".join(f"{k}: {v:g} per trial but at most {totals[k]:g} on any node"
+                        for k, v in needed.items() if totals[k] < v)
+    hint = ""
+    if needed.get("GPU"):
+        hint = (" This machine (or cluster) has no GPU: set `resources: {cpu: N, gpu: 0}` in the search space,"
+                " or pass --wait-for-resources on an autoscaling cluster whose GPU nodes are not up yet.")
+    raise UserError(f"no Ray node can run a trial: {missing}.{hint}")
+
+
+def _dirname(trial) -> str:
+    return trial.trial_id
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial_id: str
+    spec: dict[str, Any]
+    status: str  # TERMINATED (really finished), ERROR, or UNFINISHED
+    last: dict[str, Any]
+    checkpoint_path: str | None
+    error: str | None
+    history: list[dict[str, Any]]
+
+
+def run_experiment(
+    *,
+    storage: Path,
+    name: str,
+    trainable,
+    resources: Mapping[str, float],
+    param_space: dict[str, Any],
+    metric: str | None,
+    max_concurrent: int | None,
+    max_failures: int,
+    verbose: int = 0,
+) -> None:
+    """Run (or resume) the Tune experiment ``storage/name`` until Tune returns."""
+    from ray import tune
+
+    from study.progress import ProgressPrinter
+
+    # frequent experiment-state snapshots are what makes a SIGKILL lose at most one epoch: don't warn about them
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    wrapped = tune.with_resources(trainable, dict(resources))
+    path = storage / name
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=wrapped, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            wrapped,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode="max" if metric else None, num_samples=1,
+                max_concurrent_trials=max_concurrent, trial_dirname_creator=_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[ProgressPrinter(name)],
+                verbose=verbose,
+            ),
+        )
+    tuner.fit()
+
+
+def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
+    """Read the experiment's trials from disk (no running Ray needed), in grid order."""
+    from ray import tune
+
+    path = storage / name
+    if not (path.is_dir() and any(path.glob("experiment_state-*.json"))):
+        return []
+    analysis = tune.ExperimentAnalysis(str(path))
+    out = []
+    for trial in analysis.trials:
+        last = dict(trial.last_result or {})
+        if trial.status == "ERROR":
+            status = "ERROR"
+        elif last.get("training_done"):
+            status = "TERMINATED"
+        else:
+            status = "UNFINISHED"
+        error = None
+        if trial.status == "ERROR":
+            try:
+                error = str(trial.get_error())
+            except Exception:  # the error file may be missing after a crash
+                error = "trial errored (no error file)"
+        history = []
+        try:
+            df = analysis.trial_dataframes.get(trial.local_path) if hasattr(analysis, "trial_dataframes") else None
+            if df is not None:
+                history = df.to_dict("records")
+        except Exception:
+            history = []
+        ckpt = trial.checkpoint.path if trial.checkpoint is not None else None
+        out.append(TrialOutcome(trial.trial_id, dict(trial.config.get("trial", {})), status, last, ckpt,
+                                error, history))
+    out.sort(key=lambda o: o.trial_id)
+    return out
+
+
+def unfinished(results: list[TrialOutcome], expected: int) -> int:
+    """Trials that still have to run (missing from the state or not finished)."""
+    return max(0, expected - len(results)) + sum(r.status == "UNFINISHED" for r in results)

@@ -1,0 +1,87 @@
+"""Integration fixtures: run `study` in subprocesses and leave no Ray or MLflow process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_MARKERS = ("gcs_server", "raylet", "ray::", "default_worker.py", "dashboard/agent.py", "runtime_env/agent",
+            "log_monitor.py", "monitor.py", "mlflow.server", "mlflow ui", "mlflow server", "study.cli")
+
+
+def _service_pids() -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmd and any(m in cmd for m in _MARKERS):
+            out[int(entry.name)] = cmd
+    return out
+
+
+@pytest.fixture
+def no_leftover_processes():
+    """Fail the test if it leaves Ray / MLflow / study processes running (and kill them)."""
+    before = set(_service_pids())
+    yield
+    deadline = time.time() + 20
+    left = {}
+    while time.time() < deadline:
+        left = {p: c for p, c in _service_pids().items() if p not in before and p != os.getpid()}
+        if not left:
+            return
+        time.sleep(1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    pytest.fail("processes left behind: " + "; ".join(f"{p}: {c[:120]}" for p, c in left.items()))
+
+
+def study_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "study.cli", *args]
+
+
+def run_study(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(study_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_study(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    """Start `study` in its own process group (so the test can SIGKILL the driver and its local Ray)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fh = open(log, "w")  # noqa: SIM115 - closed by the caller through proc.stdout
+    return subprocess.Popen(study_cmd(*args), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, *, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            text = log.read_text() if log else ""
+            pytest.fail(f"study exited early with {proc.returncode}:\n{text[-4000:]}")
+        time.sleep(0.5)
+    text = log.read_text()[-4000:] if log else ""
+    pytest.fail(f"timed out waiting for the study:\n{text}")

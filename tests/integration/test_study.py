@@ -1,0 +1,160 @@
+"""A tiny study through real Ray and MLflow: SIGKILL mid-sweep / mid-retrain, resume, exactly-once runs.
+
+Each test runs `study` in a subprocess in its own process group and kills the whole group (driver and local
+Ray) with SIGKILL, the harshest interruption, then resumes. The phantom data and the network are tiny, so a
+whole study takes about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import kill_group, run_study, start_study, wait_for
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "name": "tiny",
+    "data": {"source": "phantom", "phantom": {"cases": 8, "seed": 0, "shape": [32, 48, 48]}},
+    "model": {"width": 0.125},
+    "training": {"epochs": 4, "iterations": 4, "patch_size": [32, 32, 32],
+                 "lr_schedule": {"milestones": [3], "gamma": 0.1}},
+    "inference": {"window": [32, 48, 48], "stride": [32, 48, 48]},
+    "validation": {"n_boot": 0},
+    "evaluation": {"n_boot": 50},
+    "search": {"losses": {"bce": {"iw": [False, True]}, "dice": {"iw": False}}, "seeds": [0]},
+    "resources": {"cpu": 1, "gpu": 0},
+    "failure": {"max_failures": 1},
+}
+
+
+def _space(tmp_path: Path, **changes) -> Path:
+    data = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        data[key] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _state(study: Path) -> dict:
+    p = study / "state.json"
+    return json.loads(p.read_text()) if p.is_file() else {"stages": {}}
+
+
+def _checkpoints(study: Path, stage: str, min_index: int) -> bool:
+    return any(int(p.name.split("_")[-1]) >= min_index for p in (study / "ray" / stage).glob("*/checkpoint_*"))
+
+
+def _runs(study: Path, stage: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study.name)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{stage}' and tags.kind = 'trial'",
+                               max_results=1000)
+
+
+def _all_runs(study: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study.name)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
+    """Issue 5: kill the driver's process group mid-sweep; `study resume` finishes every trial exactly once,
+    a checkpointed trial continues from its epoch, a diverging trial errors with its reason in MLflow."""
+    space = _space(tmp_path, testing={"nan_at_iteration": 6, "nan_configs": ["iw-bce"],
+                                      "sleep_per_iteration": 0.25})
+    storage = tmp_path / "studies"
+    study = storage / "tiny"
+    log = tmp_path / "launch.log"
+    proc = start_study("launch", str(space), "--storage", str(storage), cwd=tmp_path, log=log)
+    # a sweep trial has checkpointed epoch 2 (checkpoint_000001), the sweep is not finished
+    wait_for(lambda: _checkpoints(study, "sweep", 1), timeout=300, proc=proc, log=log)
+    assert "done" not in _state(study)["stages"].get("sweep", {})
+    kill_group(proc)
+
+    status = json.loads(run_study("status", "tiny", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
+    assert not status["stages"]["sweep"].get("done")
+
+    res = run_study("resume", "tiny", "--storage", str(storage), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "Report:" in res.stdout
+    assert (study / "report" / "report.md").is_file()
+
+    status = json.loads(run_study("status", "tiny", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
+    sweep = status["trials"]["sweep"]
+    assert len(sweep) == 3
+    by_cfg = {("iw-" if t["trial"]["iw"] else "") + t["trial"]["loss"]: t for t in sweep}
+    assert by_cfg["iw-bce"]["state"] == "ERROR"
+    assert by_cfg["bce"]["state"] == by_cfg["dice"]["state"] == "TERMINATED"
+    assert by_cfg["bce"]["epochs_done"] == by_cfg["dice"]["epochs_done"] == 4
+    assert all(status["stages"][s]["done"] for s in ("data", "sweep", "select", "retrain", "holdout", "report"))
+
+    runs = _runs(study, "sweep")
+    assert len(runs) == 3 and len({r.data.tags["trial_id"] for r in runs}) == 3  # one run per trial
+    assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
+    nan_run = next(r for r in runs if r.data.tags["config"] == "iw-bce")
+    assert nan_run.info.status == "FAILED"
+    assert "non-finite training loss" in nan_run.data.tags["error"]
+    # the trial that had a checkpoint when the driver died continued from it: its epoch count did not restart
+    resumed = [r for r in runs if int(r.data.tags.get("resumed_from_epoch", 0)) >= 1]
+    assert any(r.data.tags["config"] in ("bce", "dice") for r in resumed), "no sweep trial resumed from a checkpoint"
+    # the errored configuration is not retrained; the two others are, once each
+    holdout = _runs(study, "holdout")
+    assert sorted(r.data.tags["config"] for r in holdout) == ["bce", "dice"]
+
+
+def test_sigkill_during_retrain_gives_the_same_report(tmp_path, no_leftover_processes):
+    """Issue 6: kill during the retrain stage, resume: the report appears, one MLflow run per retrained
+    configuration, and the hold-out numbers equal those of an uninterrupted run of the same seeds."""
+    space = _space(tmp_path, search={"losses": {"dice": {"iw": [False, True]}}, "seeds": [0]},
+                   testing={"sleep_per_iteration": 0.25})
+    storage = tmp_path / "studies"
+
+    reference = run_study("launch", str(space), "--storage", str(storage), "--name", "straight", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
+
+    study = storage / "killed"
+    log = tmp_path / "launch.log"
+    proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
+    wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log)
+    assert _state(study)["stages"].get("select", {}).get("done")
+    assert not _state(study)["stages"].get("retrain", {}).get("done")
+    kill_group(proc)
+
+    res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "sweep: already done, skipped" in res.stdout
+    report = study / "report" / "report.md"
+    assert report.is_file() and "Table 2 analogue" in report.read_text()
+    for png in ("froc.png", "size_groups.png", "diameters.png"):
+        assert (study / "report" / png).stat().st_size > 1000
+
+    holdout = _runs(study, "holdout")
+    assert sorted(r.data.tags["config"] for r in holdout) == ["dice", "iw-dice"]
+    assert len({r.data.tags["trial_id"] for r in holdout}) == 2
+    assert all("holdout_avg_recall" in r.data.metrics for r in holdout)
+    assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
+
+    a = json.loads((storage / "straight" / "holdout" / "summary.json").read_text())
+    b = json.loads((study / "holdout" / "summary.json").read_text())
+    for label, ca in a["configs"].items():
+        cb = b["configs"][label]
+        for key in ("avg_recall", "obj_dice", "fp_per_image", "pred_positive_fraction"):
+            assert cb["luna16"][key] == pytest.approx(ca["luna16"][key], abs=1e-6), (label, key)
+
+
+def test_gpu_request_without_gpu_fails_fast(tmp_path, no_leftover_processes):
+    """Issue 5: a GPU request on a machine without GPUs fails with a clear message instead of hanging."""
+    space = _space(tmp_path, resources={"cpu": 1, "gpu": 1})
+    res = run_study("launch", str(space), "--storage", str(tmp_path / "studies"), cwd=tmp_path, timeout=180)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "GPU" in res.stderr and "no Ray node can run a trial" in res.stderr

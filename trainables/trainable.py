@@ -1,0 +1,315 @@
+"""The Ray Tune function trainable: one trial = one (loss, iw, parameters, seed) trained by the protocol.
+
+Config layout (built by ``study.space``; plain data so that Tune can store and restore it):
+
+``trial``  ``{"loss", "iw", "params", "seed"}``
+``study``  the frozen study config (``StudyConfig.to_dict()``) with ``data.cache_dir`` resolved
+``run``    ``{"stage": "sweep" | "holdout", "splits": [...], "validate": bool, "epochs": int,
+           "experiment_id", "parent_run_id", "study_id"}``
+
+Each epoch: ``iterations`` SGD steps on patches from the sampler (with the iw map when ``iw``), then
+(sweep) whole-volume validation -> records -> luna16 avg recall and object Dice, then ``tune.report`` with a
+checkpoint holding model, optimiser, lr schedule, sampler position and epoch. At start the trial resumes
+from ``tune.get_checkpoint()``. Metrics go to exactly one MLflow run per trial, found by the Ray trial id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables import tracking
+from trainables.data import PatchSampler, open_cache
+from trainables.evaluate import STATE_FILE, build_model, load_state, predict_records
+from trainables.losses import get_loss
+from trainables.metrics import save_records, summarize
+
+VAL_RECORDS_FILE = "val_records.json"
+
+
+class TrialDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the trial ends as an error with this reason."""
+
+
+def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, str]:
+    """What a researcher compares runs by: loss, iw, its own parameters, seed, data and protocol values."""
+    params: dict[str, str] = {
+        "loss": trial["loss"],
+        "iw": str(bool(trial["iw"])).lower(),
+        "config": ("iw-" if trial["iw"] else "") + trial["loss"],
+        "seed": str(trial["seed"]),
+        "stage": run["stage"],
+    }
+    params.update({k: str(v) for k, v in sorted(trial["params"].items())})
+    data = study["data"]
+    params["dataset"] = data["source"] if data["source"] == "phantom" else str(data["path"])
+    params["dataset.preset"] = data["preset"]
+    params["splits.train"] = ",".join(run["splits"])
+    params.update(tracking.flat_params({"training": study["training"]}))
+    params["training.epochs"] = str(run["epochs"])
+    params.update(tracking.flat_params({"model": study["model"], "inference": study["inference"]}))
+    if trial["iw"]:
+        clip = study["iw"]["clip"]
+        params["iw.clip"] = "null" if clip is None else ",".join(str(c) for c in clip)
+    return params
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]):
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(schedule["milestones"]), gamma=float(schedule["gamma"])
+    )
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """bf16 autocast where supported (CPU, Ampere+ GPUs), else fp16 on older GPUs; a no-op when off."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _device() -> torch.device:
+    """The GPU Ray assigned to this trial, else the CPU (never ``torch.cuda.is_available()`` alone:
+    Ray no longer hides GPUs from 0-GPU tasks)."""
+    import ray
+
+    try:
+        gpu_ids = ray.get_gpu_ids()
+    except Exception:  # not inside Ray (direct call in tests)
+        gpu_ids = []
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+    return torch.device("cpu")
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable (see the module docstring for ``config``)."""
+    from ray import tune
+
+    for name in ("ray.tune", "ray.train"):  # keep the driver's console to the study's own progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    trial, study, run = config["trial"], config["study"], config["run"]
+    training = study["training"]
+    testing = study.get("testing") or {}
+    n_threads = max(1, int(float(study["resources"]["cpu"])))
+    torch.set_num_threads(n_threads)
+    device = _device()
+    seed = int(trial["seed"])
+    config_name = ("iw-" if trial["iw"] else "") + trial["loss"]
+
+    torch.manual_seed(seed)
+    model = build_model(study).to(device)
+    if training["channels_last"]:
+        model = model.to(memory_format=torch.channels_last_3d)
+    opt_cfg = training["optimizer"]
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=float(opt_cfg["lr"]), momentum=float(opt_cfg["momentum"]),
+        nesterov=bool(opt_cfg["nesterov"]), weight_decay=float(opt_cfg["weight_decay"]),
+    )
+    scheduler = _lr_schedule(optimizer, training["lr_schedule"])
+    loss_fn = get_loss(trial["loss"], **trial["params"])
+
+    start_epoch, next_batch = 0, 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_state(ckpt_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        next_batch = int(state["sampler"]["next_batch"])
+
+    # MLflow: exactly one run per trial, found by the Ray trial id (survives resumes)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    mlc = tracking.client()
+    run_id, created = tracking.find_or_create_run(
+        mlc, run["experiment_id"],
+        tags={tracking.TRIAL_ID_TAG: trial_id, tracking.STAGE_TAG: run["stage"],
+              tracking.STUDY_TAG: run["study_id"]},
+        run_name=f"{run['stage']}:{_label(trial)}",
+        parent_run_id=run["parent_run_id"],
+        extra_tags={"config": config_name, "trial_name": ctx.get_trial_name(), tracking.KIND_TAG: "trial"},
+    )
+    if created:
+        tracking.log_params(mlc, run_id, trial_params(trial, study, run))
+    if checkpoint is not None:
+        mlc.set_tag(run_id, "resumed_from_epoch", str(start_epoch))
+        tracking.log_metrics(mlc, run_id, {"resumed_from_epoch": start_epoch}, step=start_epoch)
+
+    status = "FAILED"
+    try:
+        _train_epochs(
+            model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device,
+            trial=trial, study=study, run=run, start_epoch=start_epoch, next_batch=next_batch,
+            mlc=mlc, run_id=run_id, config_name=config_name, testing=testing,
+        )
+        status = "FINISHED"
+    except TrialDivergedError as exc:
+        mlc.set_tag(run_id, "error", str(exc))
+        raise
+    except SystemExit:
+        status = "KILLED"  # Tune stopped the trial (a scheduler or a stopper)
+        raise
+    except BaseException as exc:
+        mlc.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            mlc.set_terminated(run_id, status=status)
+
+
+def _label(trial: Mapping[str, Any]) -> str:
+    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial["params"].items()))
+    name = ("iw-" if trial["iw"] else "") + trial["loss"]
+    return name + (f"[{params}]" if params else "") + f"/s{trial['seed']}"
+
+
+def _train_epochs(
+    *, model, optimizer, scheduler, loss_fn, device, trial, study, run, start_epoch, next_batch,
+    mlc, run_id, config_name, testing,
+) -> None:
+    from ray import tune
+
+    training = study["training"]
+    epochs = int(run["epochs"])
+    iterations = int(training["iterations"])
+    cache = open_cache(study["data"]["cache_dir"])
+    train_ids = cache.case_ids(run["splits"])
+    val_ids = cache.case_ids(study["data"]["val"]) if run["validate"] else []
+    clip = study["iw"]["clip"]
+    nan_at = testing.get("nan_at_iteration")
+    inject_nan = nan_at is not None and config_name in (testing.get("nan_configs") or [])
+    sleep_s = float(testing.get("sleep_per_iteration") or 0.0)
+    amp = bool(training["amp"])
+    channels_last = bool(training["channels_last"])
+    val_every = int(study["validation"]["every"])
+    last_val: dict[str, float] = {}
+
+    sampler = PatchSampler(
+        cache, train_ids, patch_size=tuple(training["patch_size"]), batch_size=int(training["batch_size"]),
+        iw=bool(trial["iw"]), iw_clip=None if clip is None else tuple(clip),
+        lesion_prob=float(training["lesion_prob"]), seed=int(trial["seed"]),
+        num_workers=int(training["sampler_workers"]), start_batch=next_batch,
+    )
+    with sampler:
+        batches = iter(sampler)
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            model.train()
+            lr = optimizer.param_groups[0]["lr"]
+            losses = []
+            for it in range(iterations):
+                batch = next(batches)
+                image = torch.from_numpy(batch.image).to(device, non_blocking=True)
+                target = torch.from_numpy(batch.target).to(device, non_blocking=True)
+                weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if trial["iw"] else None
+                if channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last_3d)
+                with _autocast(device, amp):
+                    logits = model(image)
+                loss = loss_fn(logits.float(), target, weight)
+                global_iter = epoch * iterations + it
+                if inject_nan and global_iter >= nan_at:
+                    loss = loss * float("nan")
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrialDivergedError(
+                        f"non-finite training loss ({value}) at epoch {epoch}, iteration {it} "
+                        f"(loss {trial['loss']}, iw {trial['iw']}, lr {lr:g}); "
+                        "lower the learning rate or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(value)
+                if sleep_s:
+                    time.sleep(sleep_s)
+            scheduler.step()
+            train_seconds = time.perf_counter() - t0
+
+            metrics: dict[str, Any] = {
+                "epoch": epoch,
+                "epochs": epochs,
+                "train_loss": float(np.mean(losses)),
+                "lr": lr,
+                "training_done": epoch + 1 == epochs,
+            }
+            with tempfile.TemporaryDirectory() as ckpt_dir:
+                if val_ids and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
+                    last_val = _validate(model, cache, val_ids, study, device, amp, ckpt_dir)
+                metrics.update(last_val)
+                metrics["epoch_seconds"] = time.perf_counter() - t0
+                metrics["train_seconds"] = train_seconds
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "sampler": sampler.state_dict(),
+                        "epoch": epoch,
+                        "trial": json.dumps(trial),
+                    },
+                    os.path.join(ckpt_dir, STATE_FILE),
+                )
+                tracking.log_metrics(
+                    mlc, run_id, {k: v for k, v in metrics.items() if k not in ("epochs", "training_done")},
+                    step=epoch,
+                )
+                if epoch + 1 == epochs:
+                    _log_final_artifacts(mlc, run_id, trial, study, run, ckpt_dir, last_val)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+
+
+def _validate(model, cache, val_ids, study, device, amp, out_dir) -> dict[str, float]:
+    """Whole-volume validation: records under the ``any`` rule, luna16 summary."""
+    records = predict_records(
+        model, cache, val_ids, inference=study["inference"], rules={"any": ("any", None)},
+        device=device, amp=amp,
+    )["any"]
+    save_records(Path(out_dir) / VAL_RECORDS_FILE, records, meta={"splits": list(study["data"]["val"])})
+    n_boot = int(study["validation"]["n_boot"])
+    summary = summarize(records, protocol="luna16", n_boot=n_boot, seed=0)
+    if summary["avg_recall"] is None:
+        raise ValueError(f"the validation cases ({', '.join(val_ids)}) contain no lesion: nothing to validate on")
+    out = {
+        "val_avg_recall": float(summary["avg_recall"]),
+        # no lesion detected: no object Dice; 0 keeps the metric comparable across epochs
+        "val_obj_dice": float(summary["obj_dice"]) if summary["obj_dice"] is not None else 0.0,
+        "val_fp_per_image": float(summary["fp_per_image"]),
+    }
+    if summary.get("pred_positive_fraction") is not None:
+        out["val_pred_positive_fraction"] = float(summary["pred_positive_fraction"])
+    return out
+
+
+def _log_final_artifacts(mlc, run_id, trial, study, run, ckpt_dir, last_val) -> None:
+    """Config, validation records and the validation FROC curve of the last epoch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "trial_config.json"
+        cfg_path.write_text(json.dumps({"trial": trial, "run": run, "study": study}, indent=2, default=str))
+        mlc.log_artifact(run_id, str(cfg_path))
+        val_path = Path(ckpt_dir) / VAL_RECORDS_FILE
+        if val_path.is_file():
+            mlc.log_artifact(run_id, str(val_path))
+            from trainables.metrics import load_records
+            from trainables.metrics.plots import plot_froc
+
+            summary = summarize(load_records(val_path), protocol="luna16",
+                                n_boot=max(int(study["validation"]["n_boot"]), 100), seed=0)
+            png = plot_froc({_label(trial): summary}, Path(tmp) / "val_froc.png",
+                            title=f"validation FROC, {_label(trial)}")
+            mlc.log_artifact(run_id, str(png))
