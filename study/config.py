@@ -72,8 +72,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The authors' U-Net; ``width`` scales every channel count (1.0 = 11,074,306 parameters).
+
+    ``channels_last``: run in ``torch.channels_last_3d`` memory format; null = on CPU only (faster there).
+    """
+
     width: float = 1.0
     in_channels: int = 1
+    channels_last: bool | None = None
 
     def check(self, err) -> None:
         if not 0 < self.width <= 4:
@@ -118,7 +124,10 @@ class LrScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """The training protocol (SPEC §4); every number is a value here, presets shrink them."""
+    """The training protocol (SPEC §4); every number is a value here, presets shrink them.
+
+    ``amp``: mixed precision (bf16 autocast where supported, fp16 on GPUs without bf16); not in the paper.
+    """
 
     epochs: int = 100
     iterations: int = 100
@@ -128,7 +137,6 @@ class TrainingConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
     amp: bool = False
-    channels_last: bool = False
     sampler_workers: int = 1
 
     def check(self, err) -> None:

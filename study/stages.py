@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from study import tracking as study_tracking
+from study import tracking
 from study.config import StudyConfig, TrialSpec
 from study.layout import STAGES, StudyDir, StudyState, write_atomic
 from trainables.errors import UserError
@@ -106,7 +106,7 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     from trainables.trainable import train_trial
 
     ctx.ensure_ray()
-    parent = study_tracking.stage_parent(ctx.state, stage_tag)
+    parent = tracking.stage_parent(ctx.state, stage_tag)
     ids = ctx.state.mlflow_ids()
     space = param_space(ctx.cfg, trials=trials, cache_dir=ctx.cache_dir(), stage=stage_tag,
                         experiment_id=ids["experiment_id"], parent_run_id=parent, study_id=ctx.state.study_id)
@@ -120,7 +120,7 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     left = unfinished(results, len(trials))
     if left:
         raise StudyInterrupted(f"{name}: {left} of {len(trials)} trial(s) did not finish")
-    study_tracking.finish_stage_runs(ctx.state, stage_tag, {r.trial_id: r.status for r in results})
+    tracking.finish_stage_runs(ctx.state, stage_tag, {r.trial_id: r.status for r in results})
     print(trial_table(results), flush=True)
     return results
 
@@ -223,8 +223,6 @@ def stage_select(ctx: StudyContext) -> None:
         spec = TrialSpec(w["loss"], w["iw"], w["params"], 0)
         log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}")
     try:
-        from trainables import tracking
-
         mlc = tracking.client(ctx.state.tracking_uri)
         mlc.log_artifact(ctx.state.mlflow_ids()["study_run_id"], str(ctx.dir.selection_file))
     except Exception as exc:  # tracking is secondary to the result file
@@ -355,7 +353,6 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
 
 
 def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
-    from trainables import tracking
 
     mlc = tracking.client(ctx.state.tracking_uri)
     exp_id = ctx.state.mlflow_ids()["experiment_id"]
@@ -377,11 +374,17 @@ def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
             "holdout_paper2020_avg_recall": pp["avg_recall"],
             "holdout_paper2020_obj_dice": pp["obj_dice"],
         }
-        for group, g in (c.get("size_groups") or {}).items():
-            key = slug(group).replace(".", "_")
-            metrics[f"holdout_avg_recall_{key}"] = g["avg_recall"]
-            metrics[f"holdout_obj_dice_{key}"] = g["obj_dice"]
+        groups = c.get("size_groups") or {}
+        for name, (group, g) in zip(size_group_names(len(groups)), groups.items()):
+            metrics[f"holdout_avg_recall_{name}"] = g["avg_recall"]
+            metrics[f"holdout_obj_dice_{name}"] = g["obj_dice"]
+            mlc.set_tag(run.info.run_id, f"size_group_{name}", group)
         tracking.log_metrics(mlc, run.info.run_id, metrics, step=0)
+
+
+def size_group_names(n: int) -> list[str]:
+    """Metric-name suffixes of the size groups, smallest first."""
+    return {2: ["small", "large"], 3: ["small", "medium", "large"]}.get(n, [f"size{i + 1}" for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -389,7 +392,6 @@ def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
 
 def stage_report(ctx: StudyContext) -> None:
     from study.report import write_report
-    from trainables import tracking
 
     summary = json.loads((ctx.dir.holdout_dir / "summary.json").read_text())
     files = write_report(summary, ctx.dir.report_dir, study_name=ctx.dir.name, cfg=ctx.cfg)
@@ -413,7 +415,7 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
-    study_tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
+    tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
     t0 = time.perf_counter()
     try:
         for i, stage in enumerate(STAGES, 1):

@@ -1,23 +1,38 @@
-"""Driver-side MLflow: one experiment per study, a root run for the study, a parent run per stage.
+"""MLflow, driver side only: one experiment per study, a root run, a parent run per stage, a run per trial.
 
-The experiment, its artifact location and the parent runs are created here, once, before any trial
-starts (trials run in other processes and other working directories). Runs are found by tags, so a
-resumed study reuses them instead of creating duplicates.
+Trials never talk to MLflow: :class:`study.callbacks.StudyCallback` logs their results from the driver. So
+the tracking store has a single writer (no sqlite locking between trial processes) and on a cluster the
+tracking server can stay bound to 127.0.0.1 on the head node, where the driver runs.
+
+Ray Tune's built-in MLflow integrations create a second run for a resumed trial and leave the first one
+RUNNING (reference/ray-tune-mlflow.md §6.1); here every run is found-or-created by tags, so a trial keeps
+exactly one run after any number of resumes. All calls go through an explicit ``MlflowClient`` with an
+explicit tracking URI (no global active-run state, no dependence on the working directory).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from trainables import tracking
 from trainables.errors import UserError
 
-STAGE_RUNS = {"sweep": "sweep", "holdout": "holdout"}
+TRIAL_ID_TAG = "trial_id"
+STAGE_TAG = "stage"
+STUDY_TAG = "study_id"
+KIND_TAG = "kind"
+PARENT_TAG = "mlflow.parentRunId"
+
+# keys that never go into MLflow params (could hold credentials or machine-specific secrets)
+_SECRET_HINTS = ("password", "token", "secret", "credential", "tracking_uri", "access_key")
 
 
 def check_tracking_uri(uri: str) -> str:
-    if uri.startswith("file:") or (not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql"))
-                                   and "://" not in uri):
+    if uri.startswith("file:") or "://" not in uri:
         raise UserError(
             f"--tracking-uri {uri}: the MLflow file store is deprecated and refused by MLflow >= 3.13; "
             "use sqlite:////absolute/path/mlflow.db or an http(s):// tracking server"
@@ -27,16 +42,126 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+def client(tracking_uri: str | None = None):
+    """An MlflowClient for ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``, set by the driver)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise RuntimeError("no MLflow tracking URI (the study driver sets MLFLOW_TRACKING_URI)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _quote_key(key: str) -> str:
+    return f"`{key}`" if "." in key or "-" in key else key
+
+
+def find_run(mlflow_client, experiment_id: str, tags: Mapping[str, str]):
+    """The run of the experiment carrying all ``tags`` (or None)."""
+    filt = " and ".join(f"tags.{_quote_key(k)} = '{v}'" for k, v in tags.items())
+    runs = mlflow_client.search_runs([experiment_id], filter_string=filt, max_results=2)
+    return runs[0] if runs else None
+
+
+def find_or_create_run(
+    mlflow_client,
+    experiment_id: str,
+    *,
+    tags: Mapping[str, str],
+    run_name: str,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> tuple[str, bool]:
+    """Return ``(run_id, created)``; the run is identified by ``tags`` (e.g. the Ray trial id).
+
+    A found run that an interrupted attempt left RUNNING, KILLED or FINISHED is set back to RUNNING.
+    """
+    found = find_run(mlflow_client, experiment_id, tags)
+    if found is not None:
+        if found.info.status != "RUNNING":
+            mlflow_client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, False
+    all_tags = dict(tags)
+    all_tags.update(extra_tags or {})
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id, True
+
+
+def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into MLflow params (``training.optimizer.lr``), skipping secret-like keys."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if any(h in name.lower() for h in _SECRET_HINTS):
+            continue
+        if isinstance(value, Mapping):
+            out.update(flat_params(value, name + "."))
+        elif isinstance(value, list | tuple):
+            out[name] = ",".join(str(v) for v in value) if value else "[]"
+        else:
+            out[name] = "null" if value is None else str(value)
+    return out
+
+
+def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params in batches (MLflow limits a batch to 100 params)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """Log the finite numeric values of ``metrics`` at ``step`` in one batch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    if items:
+        mlflow_client.log_batch(run_id, metrics=items)
+
+
+def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, str]:
+    """What a researcher compares runs by: loss, iw, the loss's own parameters, seed, data and protocol."""
+    params: dict[str, str] = {
+        "loss": trial["loss"],
+        "iw": str(bool(trial["iw"])).lower(),
+        "config": ("iw-" if trial["iw"] else "") + trial["loss"],
+        "seed": str(trial["seed"]),
+        "stage": run["stage"],
+    }
+    params.update({k: str(v) for k, v in sorted(trial["params"].items())})
+    data = study["data"]
+    params["dataset"] = data["source"] if data["source"] == "phantom" else str(data["path"])
+    params["dataset.preset"] = data["preset"]
+    params["splits.train"] = ",".join(run["splits"])
+    params.update(flat_params({"training": study["training"], "model": study["model"],
+                               "inference": study["inference"]}))
+    params["training.epochs"] = str(run["epochs"])
+    if trial["iw"]:
+        clip = study["iw"]["clip"]
+        params["iw.clip"] = "null" if clip is None else ",".join(str(c) for c in clip)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------- study level
+
+
 def setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
     """Create or find the experiment and the study's root run; store their ids in the state."""
-    mlc = tracking.client(state.tracking_uri)
+    mlc = client(state.tracking_uri)
     ids = state.mlflow_ids()
-    exp = None
-    if ids.get("experiment_id"):
-        exp = mlc.get_experiment(ids["experiment_id"])
+    exp = mlc.get_experiment(ids["experiment_id"]) if ids.get("experiment_id") else None
     if exp is None:
         exp = mlc.get_experiment_by_name(experiment_name)
-        if exp is not None and exp.tags.get(tracking.STUDY_TAG) not in (None, state.study_id):
+        if exp is not None and exp.tags.get(STUDY_TAG) not in (None, state.study_id):
             raise UserError(
                 f"MLflow experiment {experiment_name!r} already belongs to another study at "
                 f"{state.tracking_uri}; choose another --name"
@@ -45,14 +170,12 @@ def setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
         local = state.tracking_uri.startswith("sqlite:")
         artifact_location = Path(study_dir.artifacts_dir).as_uri() if local else None
         exp_id = mlc.create_experiment(experiment_name, artifact_location=artifact_location,
-                                       tags={tracking.STUDY_TAG: state.study_id})
+                                       tags={STUDY_TAG: state.study_id})
         exp = mlc.get_experiment(exp_id)
     ids["experiment_id"] = exp.experiment_id
-    root_id, _ = tracking.find_or_create_run(
-        mlc, exp.experiment_id,
-        tags={tracking.STUDY_TAG: state.study_id, tracking.KIND_TAG: "study"},
-        run_name=f"study:{state.data['name']}",
-        extra_tags={"study_folder": str(study_dir.root)},
+    root_id, _ = find_or_create_run(
+        mlc, exp.experiment_id, tags={STUDY_TAG: state.study_id, KIND_TAG: "study"},
+        run_name=f"study:{state.data['name']}", extra_tags={"study_folder": str(study_dir.root)},
     )
     ids["study_run_id"] = root_id
     state.save()
@@ -61,16 +184,14 @@ def setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
 
 def stage_parent(state, stage: str) -> str:
     """The parent run of a stage (``sweep`` or ``holdout``), nested under the study run."""
-    mlc = tracking.client(state.tracking_uri)
+    mlc = client(state.tracking_uri)
     ids = state.mlflow_ids()
-    key = f"{stage}_run_id"
-    run_id, _ = tracking.find_or_create_run(
+    run_id, _ = find_or_create_run(
         mlc, ids["experiment_id"],
-        tags={tracking.STUDY_TAG: state.study_id, tracking.KIND_TAG: "stage", tracking.STAGE_TAG: stage},
-        run_name=f"stage:{stage}",
-        parent_run_id=ids["study_run_id"],
+        tags={STUDY_TAG: state.study_id, KIND_TAG: "stage", STAGE_TAG: stage},
+        run_name=f"stage:{stage}", parent_run_id=ids["study_run_id"],
     )
-    ids[key] = run_id
+    ids[f"{stage}_run_id"] = run_id
     state.save()
     return run_id
 
@@ -78,20 +199,20 @@ def stage_parent(state, stage: str) -> str:
 def finish_stage_runs(state, stage: str, trial_status: dict[str, str]) -> None:
     """Close the stage's runs: no run is left RUNNING once its stage has ended.
 
-    ``trial_status`` maps a Ray trial id to its final Ray status (TERMINATED / ERROR).
+    ``trial_status`` maps a Ray trial id to its final status (TERMINATED / ERROR).
     """
-    mlc = tracking.client(state.tracking_uri)
+    mlc = client(state.tracking_uri)
     ids = state.mlflow_ids()
     runs = mlc.search_runs(
         [ids["experiment_id"]],
-        filter_string=f"tags.{tracking.STUDY_TAG} = '{state.study_id}' and tags.{tracking.STAGE_TAG} = '{stage}'",
+        filter_string=f"tags.{STUDY_TAG} = '{state.study_id}' and tags.{STAGE_TAG} = '{stage}'",
         max_results=5000,
     )
     for run in runs:
         if run.info.status != "RUNNING":
             continue
-        tid = run.data.tags.get(tracking.TRIAL_ID_TAG)
-        if tid is None:  # the stage parent
+        tid = run.data.tags.get(TRIAL_ID_TAG)
+        if tid is None:  # the stage's parent run
             mlc.set_terminated(run.info.run_id, "FINISHED")
         elif tid in trial_status:
             mlc.set_terminated(run.info.run_id, "FAILED" if trial_status[tid] == "ERROR" else "FINISHED")

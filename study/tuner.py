@@ -8,7 +8,8 @@ Pitfalls handled here (see ../shared/reference/ray-tune-mlflow.md):
 * After Ctrl+C ``fit()`` returns normally and reports unfinished trials as TERMINATED; completion is
   decided here from what each trial last reported (``training_done``), never from Ray's status alone.
 * A GPU (or custom-resource) request that no node can satisfy fails fast instead of waiting forever.
-* Trials get the MLflow URI through ``runtime_env`` (driver env vars do not reach them) and absolute paths.
+* Trials get absolute paths only (their working directory is a Ray temp folder); MLflow is logged by the
+  driver's callback, so trials need neither the tracking URI nor access to the tracking server.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def init_ray(address: str | None, *, tracking_uri: str, num_cpus: int | None = N
 
     if ray.is_initialized():
         return
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    runtime_env = {"env_vars": env}
+    # the driver logs to MLflow (study.callbacks); trials never need the tracking URI
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
@@ -104,7 +106,7 @@ def run_experiment(
     """Run (or resume) the Tune experiment ``storage/name`` until Tune returns."""
     from ray import tune
 
-    from study.progress import ProgressPrinter
+    from study.callbacks import StudyCallback
 
     # frequent experiment-state snapshots are what makes a SIGKILL lose at most one epoch: don't warn about them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -125,7 +127,7 @@ def run_experiment(
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[ProgressPrinter(name)],
+                callbacks=[StudyCallback(name)],
                 verbose=verbose,
             ),
         )

@@ -26,7 +26,8 @@ STATE_FILE = "state.pt"
 def build_model(study: Mapping[str, Any]) -> UNet3D:
     """The U-Net described by the study's ``model`` section."""
     model_cfg = study["model"]
-    return UNet3D(in_channels=int(model_cfg["in_channels"]), out_channels=1, width=float(model_cfg["width"]))
+    return UNet3D(in_channels=int(model_cfg["in_channels"]), out_channels=1, width=float(model_cfg["width"]),
+                  channels_last=model_cfg.get("channels_last"))
 
 
 def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:

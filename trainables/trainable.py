@@ -10,7 +10,11 @@ Config layout (built by ``study.space``; plain data so that Tune can store and r
 Each epoch: ``iterations`` SGD steps on patches from the sampler (with the iw map when ``iw``), then
 (sweep) whole-volume validation -> records -> luna16 avg recall and object Dice, then ``tune.report`` with a
 checkpoint holding model, optimiser, lr schedule, sampler position and epoch. At start the trial resumes
-from ``tune.get_checkpoint()``. Metrics go to exactly one MLflow run per trial, found by the Ray trial id.
+from ``tune.get_checkpoint()``.
+
+The trial never talks to MLflow: the driver's Tune callback (``study.callbacks``) logs every reported result,
+and the artifacts this trial writes into its last checkpoint, to the trial's MLflow run. So the tracking
+server can stay bound to 127.0.0.1 on the head node and a single process writes the MLflow store.
 """
 
 from __future__ import annotations
@@ -29,40 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables import tracking
 from trainables.data import PatchSampler, open_cache
 from trainables.evaluate import STATE_FILE, build_model, load_state, predict_records
 from trainables.losses import get_loss
 from trainables.metrics import save_records, summarize
 
 VAL_RECORDS_FILE = "val_records.json"
+TRIAL_CONFIG_FILE = "trial_config.json"
+VAL_FROC_FILE = "val_froc.png"
 
 
 class TrialDivergedError(RuntimeError):
     """The training loss became NaN or infinite; the trial ends as an error with this reason."""
-
-
-def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, str]:
-    """What a researcher compares runs by: loss, iw, its own parameters, seed, data and protocol values."""
-    params: dict[str, str] = {
-        "loss": trial["loss"],
-        "iw": str(bool(trial["iw"])).lower(),
-        "config": ("iw-" if trial["iw"] else "") + trial["loss"],
-        "seed": str(trial["seed"]),
-        "stage": run["stage"],
-    }
-    params.update({k: str(v) for k, v in sorted(trial["params"].items())})
-    data = study["data"]
-    params["dataset"] = data["source"] if data["source"] == "phantom" else str(data["path"])
-    params["dataset.preset"] = data["preset"]
-    params["splits.train"] = ",".join(run["splits"])
-    params.update(tracking.flat_params({"training": study["training"]}))
-    params["training.epochs"] = str(run["epochs"])
-    params.update(tracking.flat_params({"model": study["model"], "inference": study["inference"]}))
-    if trial["iw"]:
-        clip = study["iw"]["clip"]
-        params["iw.clip"] = "null" if clip is None else ",".join(str(c) for c in clip)
-    return params
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]):
@@ -111,8 +93,6 @@ def train_trial(config: dict[str, Any]) -> None:
 
     torch.manual_seed(seed)
     model = build_model(study).to(device)
-    if training["channels_last"]:
-        model = model.to(memory_format=torch.channels_last_3d)
     opt_cfg = training["optimizer"]
     optimizer = torch.optim.SGD(
         model.parameters(), lr=float(opt_cfg["lr"]), momentum=float(opt_cfg["momentum"]),
@@ -132,44 +112,11 @@ def train_trial(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         next_batch = int(state["sampler"]["next_batch"])
 
-    # MLflow: exactly one run per trial, found by the Ray trial id (survives resumes)
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    mlc = tracking.client()
-    run_id, created = tracking.find_or_create_run(
-        mlc, run["experiment_id"],
-        tags={tracking.TRIAL_ID_TAG: trial_id, tracking.STAGE_TAG: run["stage"],
-              tracking.STUDY_TAG: run["study_id"]},
-        run_name=f"{run['stage']}:{_label(trial)}",
-        parent_run_id=run["parent_run_id"],
-        extra_tags={"config": config_name, "trial_name": ctx.get_trial_name(), tracking.KIND_TAG: "trial"},
+    _train_epochs(
+        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device,
+        trial=trial, study=study, run=run, start_epoch=start_epoch, next_batch=next_batch,
+        config_name=config_name, testing=testing, resumed=checkpoint is not None,
     )
-    if created:
-        tracking.log_params(mlc, run_id, trial_params(trial, study, run))
-    if checkpoint is not None:
-        mlc.set_tag(run_id, "resumed_from_epoch", str(start_epoch))
-        tracking.log_metrics(mlc, run_id, {"resumed_from_epoch": start_epoch}, step=start_epoch)
-
-    status = "FAILED"
-    try:
-        _train_epochs(
-            model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device,
-            trial=trial, study=study, run=run, start_epoch=start_epoch, next_batch=next_batch,
-            mlc=mlc, run_id=run_id, config_name=config_name, testing=testing,
-        )
-        status = "FINISHED"
-    except TrialDivergedError as exc:
-        mlc.set_tag(run_id, "error", str(exc))
-        raise
-    except SystemExit:
-        status = "KILLED"  # Tune stopped the trial (a scheduler or a stopper)
-        raise
-    except BaseException as exc:
-        mlc.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            mlc.set_terminated(run_id, status=status)
 
 
 def _label(trial: Mapping[str, Any]) -> str:
@@ -180,7 +127,7 @@ def _label(trial: Mapping[str, Any]) -> str:
 
 def _train_epochs(
     *, model, optimizer, scheduler, loss_fn, device, trial, study, run, start_epoch, next_batch,
-    mlc, run_id, config_name, testing,
+    config_name, testing, resumed,
 ) -> None:
     from ray import tune
 
@@ -195,7 +142,6 @@ def _train_epochs(
     inject_nan = nan_at is not None and config_name in (testing.get("nan_configs") or [])
     sleep_s = float(testing.get("sleep_per_iteration") or 0.0)
     amp = bool(training["amp"])
-    channels_last = bool(training["channels_last"])
     val_every = int(study["validation"]["every"])
     last_val: dict[str, float] = {}
 
@@ -217,8 +163,6 @@ def _train_epochs(
                 image = torch.from_numpy(batch.image).to(device, non_blocking=True)
                 target = torch.from_numpy(batch.target).to(device, non_blocking=True)
                 weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if trial["iw"] else None
-                if channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last_3d)
                 with _autocast(device, amp):
                     logits = model(image)
                 loss = loss_fn(logits.float(), target, weight)
@@ -252,6 +196,8 @@ def _train_epochs(
                 if val_ids and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
                     last_val = _validate(model, cache, val_ids, study, device, amp, ckpt_dir)
                 metrics.update(last_val)
+                if resumed and epoch == start_epoch:
+                    metrics["resumed_from_epoch"] = start_epoch  # the driver tags the MLflow run with it
                 metrics["epoch_seconds"] = time.perf_counter() - t0
                 metrics["train_seconds"] = train_seconds
                 torch.save(
@@ -265,12 +211,8 @@ def _train_epochs(
                     },
                     os.path.join(ckpt_dir, STATE_FILE),
                 )
-                tracking.log_metrics(
-                    mlc, run_id, {k: v for k, v in metrics.items() if k not in ("epochs", "training_done")},
-                    step=epoch,
-                )
                 if epoch + 1 == epochs:
-                    _log_final_artifacts(mlc, run_id, trial, study, run, ckpt_dir, last_val)
+                    _write_final_artifacts(trial, study, run, ckpt_dir)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
 
@@ -296,20 +238,17 @@ def _validate(model, cache, val_ids, study, device, amp, out_dir) -> dict[str, f
     return out
 
 
-def _log_final_artifacts(mlc, run_id, trial, study, run, ckpt_dir, last_val) -> None:
-    """Config, validation records and the validation FROC curve of the last epoch."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = Path(tmp) / "trial_config.json"
-        cfg_path.write_text(json.dumps({"trial": trial, "run": run, "study": study}, indent=2, default=str))
-        mlc.log_artifact(run_id, str(cfg_path))
-        val_path = Path(ckpt_dir) / VAL_RECORDS_FILE
-        if val_path.is_file():
-            mlc.log_artifact(run_id, str(val_path))
-            from trainables.metrics import load_records
-            from trainables.metrics.plots import plot_froc
+def _write_final_artifacts(trial, study, run, ckpt_dir) -> None:
+    """Files for the trial's MLflow run, kept in the last checkpoint: the config and the validation FROC."""
+    Path(ckpt_dir, TRIAL_CONFIG_FILE).write_text(
+        json.dumps({"trial": trial, "run": run, "study": study}, indent=2, default=str)
+    )
+    val_path = Path(ckpt_dir) / VAL_RECORDS_FILE
+    if val_path.is_file():
+        from trainables.metrics import load_records
+        from trainables.metrics.plots import plot_froc
 
-            summary = summarize(load_records(val_path), protocol="luna16",
-                                n_boot=max(int(study["validation"]["n_boot"]), 100), seed=0)
-            png = plot_froc({_label(trial): summary}, Path(tmp) / "val_froc.png",
-                            title=f"validation FROC, {_label(trial)}")
-            mlc.log_artifact(run_id, str(png))
+        summary = summarize(load_records(val_path), protocol="luna16",
+                            n_boot=max(int(study["validation"]["n_boot"]), 100), seed=0)
+        plot_froc({_label(trial): summary}, Path(ckpt_dir) / VAL_FROC_FILE,
+                  title=f"validation FROC, {_label(trial)}")

@@ -1,0 +1,153 @@
+"""The driver's Tune callback: concise progress lines and all MLflow logging of the trials.
+
+One line per trial epoch (instead of Tune's tables, which print the whole nested config), and for each
+trial exactly one MLflow run, found or created by its Ray trial id (which survives ``Tuner.restore``):
+params when the run is created, per-epoch metrics stepped by epoch, the artifacts the trial left in its
+last checkpoint, FINISHED / FAILED with the error's reason. Tune pickles the callback with the experiment and
+restores it on resume; nothing in it depends on state that a restore loses.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from study import tracking
+
+#: what the trainable reports that goes to MLflow (Tune's own bookkeeping keys are left out)
+_LOGGED = ("train_loss", "lr", "epoch_seconds", "train_seconds")
+_ARTIFACTS = ("trial_config.json", "val_records.json", "val_froc.png")
+
+
+def trial_label(config: dict[str, Any]) -> str:
+    t = config.get("trial") or {}
+    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in sorted((t.get("params") or {}).items()))
+    name = ("iw-" if t.get("iw") else "") + str(t.get("loss", "?"))
+    return name + (f"[{params}]" if params else "") + f"/s{t.get('seed', '?')}"
+
+
+def error_reason(trial) -> str:
+    """The most telling line of a trial's error (our TrialDivergedError message when it diverged)."""
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+        else:
+            text = str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - the reason is best effort
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "TrialDivergedError" in ln:
+            return ln[:1000]
+    return (lines[-1] if lines else "unknown error")[:1000]
+
+
+class StudyCallback(tune.Callback):
+    def __init__(self, stage: str):
+        self.stage = stage
+        self._runs: dict[str, str] = {}
+        self._client = None
+
+    def __getstate__(self):  # pickled into the experiment: no client, no cache
+        return {"stage": self.stage}
+
+    def __setstate__(self, state):
+        self.__init__(state["stage"])
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _print(self, msg: str) -> None:
+        print(f"[{self.stage} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def _mlc(self):
+        if self._client is None:
+            self._client = tracking.client()
+        return self._client
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self._runs:
+            cfg = trial.config
+            run = cfg["run"]
+            run_id, created = tracking.find_or_create_run(
+                self._mlc(), run["experiment_id"],
+                tags={tracking.TRIAL_ID_TAG: trial.trial_id, tracking.STAGE_TAG: run["stage"],
+                      tracking.STUDY_TAG: run["study_id"]},
+                run_name=f"{run['stage']}:{trial_label(cfg)}",
+                parent_run_id=run["parent_run_id"],
+                extra_tags={"config": ("iw-" if cfg["trial"]["iw"] else "") + cfg["trial"]["loss"],
+                            "trial_name": str(trial), tracking.KIND_TAG: "trial"},
+            )
+            if created:
+                tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg["trial"], cfg["study"], run))
+            self._runs[trial.trial_id] = run_id
+        return self._runs[trial.trial_id]
+
+    def _safely(self, what: str, fn) -> None:
+        """MLflow trouble is reported, never allowed to stop the sweep (the results are in Tune's state)."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            self._print(f"warning: MLflow {what} failed: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------------------------------ Tune hooks
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        done = sum(t.status == "TERMINATED" for t in trials)
+        self._print(f"{trial_label(trial.config)} started ({done}/{len(trials)} trials finished)")
+        self._safely("run creation", lambda: self._run_id(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = int(result.get("epoch", 0))
+        parts = [f"{trial_label(trial.config)} epoch {epoch + 1}/{result.get('epochs', '?')}",
+                 f"loss {result.get('train_loss', float('nan')):.4f}"]
+        if result.get("val_avg_recall") is not None:
+            parts += [f"val recall {result['val_avg_recall']:.3f}", f"objDice {result.get('val_obj_dice', 0):.3f}",
+                      f"FP/img {result.get('val_fp_per_image', 0):.1f}"]
+        parts.append(f"{result.get('epoch_seconds', 0.0):.1f} s/epoch")
+        self._print("  ".join(parts))
+
+        def log():
+            run_id = self._run_id(trial)
+            metrics = {k: v for k, v in result.items() if k in _LOGGED or k.startswith("val_")}
+            tracking.log_metrics(self._mlc(), run_id, metrics, step=epoch)
+            if "resumed_from_epoch" in result:
+                self._mlc().set_tag(run_id, "resumed_from_epoch", str(result["resumed_from_epoch"]))
+                tracking.log_metrics(self._mlc(), run_id, {"resumed_from_epoch": result["resumed_from_epoch"]},
+                                     step=epoch)
+
+        self._safely("metric logging", log)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = sum(t.status == "TERMINATED" for t in trials) + 1
+        self._print(f"{trial_label(trial.config)} finished ({min(done, len(trials))}/{len(trials)})")
+
+        def close():
+            run_id = self._run_id(trial)
+            ckpt = trial.checkpoint
+            if ckpt is not None:
+                for name in _ARTIFACTS:
+                    path = Path(ckpt.path) / name
+                    if path.is_file():
+                        self._mlc().log_artifact(run_id, str(path))
+            self._mlc().set_terminated(run_id, "FINISHED")
+
+        self._safely("closing the run", close)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._print(f"{trial_label(trial.config)} failed ({error_reason(trial)}); retrying from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        reason = error_reason(trial)
+        self._print(f"{trial_label(trial.config)} ended in error: {reason}; the study goes on")
+
+        def fail():
+            run_id = self._run_id(trial)
+            self._mlc().set_tag(run_id, "error", reason)
+            self._mlc().set_terminated(run_id, "FAILED")
+
+        self._safely("recording the error", fail)
