@@ -58,9 +58,9 @@ def run_study(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complet
     return subprocess.run(study_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_study(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+def start_study(*args: str, cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `study` in its own process group (so the test can SIGKILL the driver and its local Ray)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     fh = open(log, "w")  # noqa: SIM115 - closed by the caller through proc.stdout
     return subprocess.Popen(study_cmd(*args), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
                             start_new_session=True)
