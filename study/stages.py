@@ -401,6 +401,22 @@ def stage_report(ctx: StudyContext) -> None:
         mlc.log_artifact(root, str(f), artifact_path="report")
     mlc.set_terminated(root, "FINISHED")
     ctx.state.mark_done("report", files=[str(f) for f in files])
+    print("\n" + holdout_table(summary), flush=True)
+
+
+def holdout_table(summary: dict[str, Any]) -> str:
+    """The hold-out results in a few columns, for the console at the end of a study."""
+    rows = [("configuration", "avg recall [95% CI]", "objDice", "FP/img", "strict recall")]
+    for label, c in summary["configs"].items():
+        lu = c["luna16"]
+        ci = (f" [{lu['avg_recall_ci_low']:.3f}, {lu['avg_recall_ci_high']:.3f}]"
+              if lu.get("avg_recall_ci_low") is not None else "")
+        rows.append((label, f"{_f(lu['avg_recall'])}{ci}", _f(lu["obj_dice"]), _f(lu["fp_per_image"], 2),
+                     _f(c["strict"]["avg_recall"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "Hold-out (luna16 protocol, 'any' hit rule; strict = " + " ".join(map(str, summary["strict_rule"])) + "):\n" + "\n".join(lines)
 
 
 STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
