@@ -44,7 +44,8 @@ class _Arrays(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """One training batch: float32 arrays ``(B, 1, Z, Y, X)``. target is 0/1; weight is ones when iw is off."""
+    """One training batch: float32 arrays ``(B, 1, Z, Y, X)``. target is 0/1; weight is ones when iw is off
+    (then a read-only broadcast view: copy it before writing to it)."""
 
     image: np.ndarray
     target: np.ndarray
@@ -172,7 +173,8 @@ class PatchSampler:
         shape = (self.batch_size, 1, *self.patch_size)
         image = np.empty(shape, dtype=np.float32)
         target = np.empty(shape, dtype=np.float32)
-        weight = np.ones(shape, dtype=np.float32)
+        # iw off: a read-only broadcast of 1 (no memory, no work); iw on: maps written straight into the batch
+        weight = np.empty(shape, dtype=np.float32) if self.iw else np.broadcast_to(np.float32(1.0), shape)
         labels = np.empty(self.patch_size, dtype=np.int32)
         for b in range(self.batch_size):
             case_id, _, center = self._draw(rng)
@@ -182,7 +184,7 @@ class PatchSampler:
             crop_padded(case.labels, box, 0, out=labels)
             np.not_equal(labels, 0, out=target[b, 0])
             if self.iw:
-                weight[b, 0] = weights_from_labels(labels, clip=self.iw_clip)
+                weights_from_labels(labels, clip=self.iw_clip, out=weight[b, 0])
         return Batch(image, target, weight)
 
     def sample_info(self, k: int) -> list[dict]:
