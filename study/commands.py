@@ -81,7 +81,7 @@ def cmd_launch(args) -> int:
     from study.config import load_config
     from study.layout import StudyDir, StudyState, write_frozen_config
     from study.stages import StudyContext
-    from study.tracking import check_tracking_uri
+    from study.tracking import check_server, check_tracking_uri
 
     space = Path(args.space) if args.space else Path(str(builtin_path("demo")))
     cfg = load_config(space, data_path=args.data)
@@ -92,6 +92,8 @@ def cmd_launch(args) -> int:
                             f"`study resume {study_dir.name} --storage {args.storage}` or pick another --name")
         raise UserError(f"{study_dir.root} exists and is not empty; pick another --name or --storage")
     uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else study_dir.default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)  # before the study folder exists: fix the server, launch again
     study_dir.root.mkdir(parents=True, exist_ok=True)
     write_frozen_config(study_dir, cfg.to_dict())
     state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=uri)

@@ -21,7 +21,7 @@ import numpy as np
 from study import tracking
 from study.config import StudyConfig, TrialSpec
 from study.layout import STAGES, StudyDir, StudyState, write_atomic
-from trainables.errors import UserError
+from trainables.errors import DataError, UserError
 
 SWEEP, RETRAIN = "sweep", "retrain"
 
@@ -91,7 +91,11 @@ def stage_data(ctx: StudyContext) -> None:
         cache = open_cache(d.path)
     counts = {}
     for key in ("train", "val", "holdout"):
-        counts[key] = len(cache.case_ids(list(getattr(d, key))))
+        ids = cache.case_ids(list(getattr(d, key)))
+        counts[key] = len(ids)
+        if key != "holdout" and not any(cache.meta(cid).get("n_lesions", 0) for cid in ids):
+            raise DataError(f"data: the {key} split ({', '.join(getattr(d, key))}) of {ctx.cache_dir()} has no "
+                            "lesion: training samples lesion-centred patches and validation measures recall")
     log(f"data: cache {ctx.cache_dir()}: {counts['train']} train, {counts['val']} val, "
         f"{counts['holdout']} hold-out cases")
     ctx.state.mark_done("data", cache_dir=ctx.cache_dir(), cases=counts)

@@ -156,6 +156,30 @@ def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mappin
 
 def setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
     """Create or find the experiment and the study's root run; store their ids in the state."""
+    if state.tracking_uri.startswith(("http://", "https://")):
+        check_server(state.tracking_uri)
+    try:
+        return _setup(state, study_dir, experiment_name=experiment_name)
+    except UserError:
+        raise
+    except Exception as exc:  # an unreachable server, a locked or foreign database...
+        raise UserError(f"MLflow at {state.tracking_uri}: {type(exc).__name__}: {str(exc)[:500]} "
+                        "(is the tracking server running? `study resume` continues once it is)") from None
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when the tracking server is not there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"MLflow tracking server {uri} does not answer ({exc}); start it (on a cluster: "
+                        "`ray up cluster.yaml` starts it on the head) and run the command again") from None
+
+
+def _setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
     mlc = client(state.tracking_uri)
     ids = state.mlflow_ids()
     exp = mlc.get_experiment(ids["experiment_id"]) if ids.get("experiment_id") else None

@@ -1,0 +1,69 @@
+"""Command-line errors that must be clear, exit 2, and leave nothing half-made (no Ray needed)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import yaml
+
+from search_spaces import builtin_path
+from study.cli import main
+from study.config import load_config
+from study.layout import StudyDir, StudyState, write_frozen_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_creating_the_study(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    assert main(["launch", "--storage", str(tmp_path / "s"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert uri in err and "does not answer" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_file_store_and_relative_sqlite_uris_are_refused(tmp_path, capsys):
+    for uri in ("file:///tmp/mlruns", "./mlruns", "sqlite:///mlflow.db"):
+        assert main(["launch", "--storage", str(tmp_path / "s"), "--tracking-uri", uri]) == 2
+        assert uri in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_launch_refuses_an_existing_study_and_points_to_resume(tmp_path, capsys):
+    cfg = load_config(Path(str(builtin_path("demo"))))
+    study = StudyDir.of(tmp_path, "demo")
+    study.root.mkdir()
+    write_frozen_config(study, cfg.to_dict())
+    StudyState.create(study.state_file, name="demo", tracking_uri=study.default_tracking_uri())
+    before = sorted(p.name for p in study.root.iterdir())
+    assert main(["launch", "--storage", str(tmp_path)]) == 2
+    assert "study resume demo" in capsys.readouterr().err
+    assert sorted(p.name for p in study.root.iterdir()) == before
+
+
+def test_resume_status_report_of_a_missing_study(tmp_path, capsys):
+    for cmd in ("resume", "status", "report", "ui"):
+        assert main([cmd, "nope", "--storage", str(tmp_path)]) == 2
+        assert "no study at" in capsys.readouterr().err
+
+
+def test_bad_study_name(tmp_path, capsys):
+    assert main(["launch", "--storage", str(tmp_path), "--name", "../escape"]) == 2
+    assert "study name" in capsys.readouterr().err
+
+
+def test_status_json_of_a_fresh_study(tmp_path, capsys):
+    cfg = load_config(Path(str(builtin_path("demo"))))
+    study = StudyDir.of(tmp_path, "demo")
+    study.root.mkdir()
+    write_frozen_config(study, cfg.to_dict())
+    StudyState.create(study.state_file, name="demo", tracking_uri=study.default_tracking_uri())
+    assert main(["status", "demo", "--storage", str(tmp_path), "--json"]) == 0
+    status = yaml.safe_load(capsys.readouterr().out)
+    assert status["not_started"]["sweep"] == len(cfg.trials)
+    assert not any(v["done"] for v in status["stages"].values())
