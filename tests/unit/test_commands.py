@@ -19,6 +19,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _demo_study(tmp_path: Path):
+    """A launched-but-not-run demo study folder (frozen config + state), as `study launch` leaves it."""
+    cfg = load_config(Path(str(builtin_path("demo"))))
+    study = StudyDir.of(tmp_path, "demo")
+    study.root.mkdir()
+    write_frozen_config(study, cfg.to_dict())
+    StudyState.create(study.state_file, name="demo", tracking_uri=study.default_tracking_uri())
+    return cfg, study
+
+
 def test_unreachable_tracking_server_fails_before_creating_the_study(tmp_path, capsys):
     uri = f"http://127.0.0.1:{_free_port()}"
     assert main(["launch", "--storage", str(tmp_path / "s"), "--tracking-uri", uri]) == 2
@@ -35,11 +45,7 @@ def test_file_store_and_relative_sqlite_uris_are_refused(tmp_path, capsys):
 
 
 def test_launch_refuses_an_existing_study_and_points_to_resume(tmp_path, capsys):
-    cfg = load_config(Path(str(builtin_path("demo"))))
-    study = StudyDir.of(tmp_path, "demo")
-    study.root.mkdir()
-    write_frozen_config(study, cfg.to_dict())
-    StudyState.create(study.state_file, name="demo", tracking_uri=study.default_tracking_uri())
+    cfg, study = _demo_study(tmp_path)
     before = sorted(p.name for p in study.root.iterdir())
     assert main(["launch", "--storage", str(tmp_path)]) == 2
     assert "study resume demo" in capsys.readouterr().err
@@ -58,11 +64,7 @@ def test_bad_study_name(tmp_path, capsys):
 
 
 def test_status_json_of_a_fresh_study(tmp_path, capsys):
-    cfg = load_config(Path(str(builtin_path("demo"))))
-    study = StudyDir.of(tmp_path, "demo")
-    study.root.mkdir()
-    write_frozen_config(study, cfg.to_dict())
-    StudyState.create(study.state_file, name="demo", tracking_uri=study.default_tracking_uri())
+    cfg, study = _demo_study(tmp_path)
     assert main(["status", "demo", "--storage", str(tmp_path), "--json"]) == 0
     status = yaml.safe_load(capsys.readouterr().out)
     assert status["not_started"]["sweep"] == len(cfg.trials)

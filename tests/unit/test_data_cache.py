@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from study.cli import main
+from tests.helpers import snapshot
 from trainables.data import SPLITS, Cache, open_cache, prepare_cache
 from trainables.data.io import write_image
 from trainables.errors import DataError
@@ -54,17 +54,6 @@ def make_dataset(
         lines.append(line)
     (root / "manifest.csv").write_text("\n".join(lines) + "\n")
     return root / "manifest.csv"
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file below ``folder`` (relative path -> sha1); {} if the folder does not exist."""
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_prepare_writes_the_documented_format(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from study.cli import main
+from tests.helpers import snapshot
 from trainables.data.io import write_image
 from trainables.data.lits import paper_split, prepare_lits, read_splits_file
 from trainables.errors import DataError
@@ -40,16 +40,6 @@ def raw(tmp_path):
     for n in (28, 40, 41):
         _write_case(raw, n, "Training Batch 2")
     return raw
-
-
-def _tree(folder):
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_paper_split_and_preset(raw, tmp_path):
@@ -126,11 +116,11 @@ def _spacing(raw):
 @pytest.mark.parametrize("breaker", [_bad_label, _no_liver, _missing_segmentation, _spacing])
 def test_bad_input_exit_2_cache_unchanged(raw, tmp_path, capsys, breaker):
     out = tmp_path / "cache"
-    before = _tree(out)
+    before = snapshot(out)
     pattern = breaker(raw)
     assert main(["data", "lits", "--raw", str(raw), "--out", str(out), "--quiet"]) == 2
     assert re.search(pattern, capsys.readouterr().err)
-    assert _tree(out) == before == {}
+    assert snapshot(out) == before == {}
 
 
 def test_cli_lits(raw, tmp_path, capsys):

