@@ -11,40 +11,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from ray import tune
 
 from study import tracking
+from study.tuner import error_reason
+from trainables.naming import config_name, trial_label
 
 #: what the trainable reports that goes to MLflow (Tune's own bookkeeping keys are left out)
 _LOGGED = ("train_loss", "lr", "epoch_seconds", "train_seconds")
 _ARTIFACTS = ("trial_config.json", "val_records.json", "val_froc.png")
-
-
-def trial_label(config: dict[str, Any]) -> str:
-    t = config.get("trial") or {}
-    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in sorted((t.get("params") or {}).items()))
-    name = ("iw-" if t.get("iw") else "") + str(t.get("loss", "?"))
-    return name + (f"[{params}]" if params else "") + f"/s{t.get('seed', '?')}"
-
-
-def error_reason(trial) -> str:
-    """The most telling line of a trial's error (our TrialDivergedError message when it diverged)."""
-    text = ""
-    try:
-        if trial.error_file and Path(trial.error_file).is_file():
-            text = Path(trial.error_file).read_text()
-        else:
-            text = str(trial.get_error() or "")
-    except Exception:  # noqa: BLE001 - the reason is best effort
-        pass
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "TrialDivergedError" in ln:
-            return ln[:1000]
-    return (lines[-1] if lines else "unknown error")[:1000]
 
 
 class StudyCallback(tune.Callback):
@@ -77,9 +53,9 @@ class StudyCallback(tune.Callback):
                 self._mlc(), run["experiment_id"],
                 tags={tracking.TRIAL_ID_TAG: trial.trial_id, tracking.STAGE_TAG: run["stage"],
                       tracking.STUDY_TAG: run["study_id"]},
-                run_name=f"{run['stage']}:{trial_label(cfg)}",
+                run_name=f"{run['stage']}:{trial_label(cfg['trial'])}",
                 parent_run_id=run["parent_run_id"],
-                extra_tags={"config": ("iw-" if cfg["trial"]["iw"] else "") + cfg["trial"]["loss"],
+                extra_tags={"config": config_name(cfg["trial"]["loss"], cfg["trial"]["iw"]),
                             "trial_name": str(trial), tracking.KIND_TAG: "trial"},
             )
             if created:
@@ -98,12 +74,12 @@ class StudyCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials)
-        self._print(f"{trial_label(trial.config)} started ({done}/{len(trials)} trials finished)")
+        self._print(f"{trial_label(trial.config['trial'])} started ({done}/{len(trials)} trials finished)")
         self._safely("run creation", lambda: self._run_id(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", 0))
-        parts = [f"{trial_label(trial.config)} epoch {epoch + 1}/{result.get('epochs', '?')}",
+        parts = [f"{trial_label(trial.config['trial'])} epoch {epoch + 1}/{result.get('epochs', '?')}",
                  f"loss {result.get('train_loss', float('nan')):.4f}"]
         if result.get("val_avg_recall") is not None:
             parts += [f"val recall {result['val_avg_recall']:.3f}", f"objDice {result.get('val_obj_dice', 0):.3f}",
@@ -124,7 +100,7 @@ class StudyCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials) + 1
-        self._print(f"{trial_label(trial.config)} finished ({min(done, len(trials))}/{len(trials)})")
+        self._print(f"{trial_label(trial.config['trial'])} finished ({min(done, len(trials))}/{len(trials)})")
 
         def close():
             run_id = self._run_id(trial)
@@ -139,11 +115,11 @@ class StudyCallback(tune.Callback):
         self._safely("closing the run", close)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._print(f"{trial_label(trial.config)} failed ({error_reason(trial)}); retrying from its last checkpoint")
+        self._print(f"{trial_label(trial.config['trial'])} failed ({error_reason(trial)}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = error_reason(trial)
-        self._print(f"{trial_label(trial.config)} ended in error: {reason}; the study goes on")
+        self._print(f"{trial_label(trial.config['trial'])} ended in error: {reason}; the study goes on")
 
         def fail():
             run_id = self._run_id(trial)

@@ -127,66 +127,42 @@ def cmd_resume(args) -> int:
     return _run(ctx)
 
 
-def study_status(study_dir, cfg, state) -> dict:
+def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
+    """Stages and trials (``results``: Tune stage name -> ``study.tuner.outcomes``) as plain data."""
     from study.layout import STAGES
-    from study.stages import RETRAIN, SWEEP
-    from study.tuner import outcomes
+    from study.stages import SWEEP, trial_summary
 
     out = {"study": study_dir.name, "folder": str(study_dir.root), "tracking_uri": state.tracking_uri,
-           "stages": {s: state.data["stages"].get(s, {"done": False}) for s in STAGES}, "trials": {}}
-    for name, expected in ((SWEEP, len(cfg.trials)), (RETRAIN, None)):
-        rows = []
-        for r in outcomes(study_dir.ray_dir, name):
-            vals = [h.get("val_avg_recall") for h in r.history if h.get("val_avg_recall") is not None]
-            rows.append({
-                "trial_id": r.trial_id, "trial": r.spec, "state": r.status,
-                "epochs_done": int(r.last.get("epoch", -1)) + 1 if r.last else 0,
-                "epochs": r.last.get("epochs"),
-                "best_val_avg_recall": max(vals) if vals else r.last.get("val_avg_recall"),
-                "last_val_avg_recall": r.last.get("val_avg_recall"),
-                "last_val_obj_dice": r.last.get("val_obj_dice"),
-                "error": r.error.splitlines()[-1] if r.error else None,
-            })
-        if expected is not None and len(rows) < expected:
-            out.setdefault("not_started", {})[name] = expected - len(rows)
-        out["trials"][name] = rows
+           "stages": {s: state.data["stages"].get(s, {"done": False}) for s in STAGES},
+           "trials": {name: [trial_summary(r) for r in rs] for name, rs in results.items()}}
+    started = len(out["trials"][SWEEP])
+    if started < len(cfg.trials):
+        out["not_started"] = {SWEEP: len(cfg.trials) - started}
     return out
 
 
 def cmd_status(args) -> int:
-    from study.config import TrialSpec
+    from study.stages import RETRAIN, SWEEP, trial_table
+    from study.tuner import outcomes
 
     study_dir, cfg, state = _load(args)
-    status = study_status(study_dir, cfg, state)
+    results = {name: outcomes(study_dir.ray_dir, name) for name in (SWEEP, RETRAIN)}
+    status = study_status(study_dir, cfg, state, results)
     if args.json:
         print(json.dumps(status, default=str))
         return 0
     print(f"study {status['study']}  ({status['folder']})\nMLflow {status['tracking_uri']}\n")
     for stage, info in status["stages"].items():
         print(f"  {stage:8s} {'done ' + info.get('finished', '') if info.get('done') else 'pending'}")
-    for name, rows in status["trials"].items():
-        if not rows:
-            continue
-        print(f"\n{name} trials:")
-        header = ("trial", "state", "epochs", "best val recall", "last val objDice")
-        table = [header]
-        for r in rows:
-            label = TrialSpec.from_dict(r["trial"]).label if r["trial"] else r["trial_id"]
-            table.append((label, r["state"], f"{r['epochs_done']}/{r['epochs'] or '?'}",
-                          _fmt(r["best_val_avg_recall"]), _fmt(r["last_val_obj_dice"])))
-        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-        for row in table:
-            print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-        for r in rows:
-            if r["error"]:
-                print(f"  error in {r['trial_id']}: {r['error']}")
+    for name, rs in results.items():
+        if rs:
+            print(f"\n{name} trials:\n" + trial_table(rs, indent="  "))
+        for r in rs:
+            if r.error:
+                print(f"  error in {r.trial_id}: {r.error}")
     for name, n in status.get("not_started", {}).items():
         print(f"\n{name}: {n} trial(s) not started yet")
     return 0
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{float(v):.3f}"
 
 
 def cmd_ui(args) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from trainables.errors import ConfigError
+from trainables.naming import config_name, trial_label
 
 # ---------------------------------------------------------------------------------------------- sections
 
@@ -292,13 +293,12 @@ class TrialSpec:
     @property
     def config_name(self) -> str:
         """The paper's configuration name, e.g. ``iw-focal``."""
-        return ("iw-" if self.iw else "") + self.loss
+        return config_name(self.loss, self.iw)
 
     @property
     def label(self) -> str:
         """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``."""
-        params = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.params.items()))
-        return self.config_name + (f"[{params}]" if params else "") + f"/s{self.seed}"
+        return trial_label(self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "iw": self.iw, "params": dict(self.params), "seed": self.seed}
@@ -306,10 +306,6 @@ class TrialSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialSpec:
         return cls(loss=d["loss"], iw=bool(d["iw"]), params=dict(d.get("params") or {}), seed=int(d["seed"]))
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 @dataclass(frozen=True)

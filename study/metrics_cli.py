@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from study.tables import fmt, text_table
 from trainables.errors import RecordsError
 
 _PROTOCOLS = ("luna16", "paper2020")
@@ -75,10 +76,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _table(rows: list[tuple[str, dict]], protocol: str) -> str:
     head = ["file", "images", "lesions", "avg recall", "± std"]
     if protocol == "luna16":
@@ -90,26 +87,20 @@ def _table(rows: list[tuple[str, dict]], protocol: str) -> str:
             name,
             str(s["n_images"]),
             str(s["n_lesions"]),
-            _fmt(s["avg_recall"]),
-            _fmt(s["avg_recall_std"]),
+            fmt(s["avg_recall"]),
+            fmt(s["avg_recall_std"]),
         ]
         if protocol == "luna16":
             lo, hi = s.get("avg_recall_ci_low"), s.get("avg_recall_ci_high")
             row.append("-" if lo is None else f"[{lo:.3f}, {hi:.3f}]")
         row += [
-            _fmt(s["obj_dice"]),
-            _fmt(s["obj_dice_std"]),
-            _fmt(s["fp_per_image"], 2),
+            fmt(s["obj_dice"]),
+            fmt(s["obj_dice_std"]),
+            fmt(s["fp_per_image"], 2),
             "-" if s["pred_positive_fraction"] is None else f"{s['pred_positive_fraction']:.2e}",
         ]
         lines.append(row)
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    out = []
-    for k, r in enumerate(lines):
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if k == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return text_table(lines, right_from=1)
 
 
 def run_metrics(args: argparse.Namespace) -> int:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
+from study.tables import fmt
 
 
 def _f(v: Any, digits: int = 3) -> str:
-    return "–" if v is None else f"{float(v):.{digits}f}"
+    return "–" if v is None else fmt(v, digits)  # an en dash reads better than '-' in the report
 
 
 def _ci(lo: Any, hi: Any) -> str:

@@ -21,7 +21,9 @@ import numpy as np
 from study import tracking
 from study.config import StudyConfig, TrialSpec
 from study.layout import STAGES, StudyDir, StudyState, write_atomic
+from study.tables import fmt, text_table
 from trainables.errors import DataError, UserError
+from trainables.naming import trial_label
 
 SWEEP, RETRAIN = "sweep", "retrain"
 
@@ -129,41 +131,37 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     return results
 
 
-def trial_table(results) -> str:
-    """A concise table of trials: label, state, epochs done, last validation metrics."""
-    rows = [("trial", "state", "epochs", "val recall", "val objDice", "train loss")]
-    for r in results:
-        spec = TrialSpec.from_dict(r.spec) if r.spec else None
-        last = r.last
-        epochs = f"{last.get('epoch', -1) + 1}/{last.get('epochs', '?')}" if last else "0"
-        rows.append((
-            spec.label if spec else r.trial_id, r.status, epochs,
-            _f(last.get("val_avg_recall")), _f(last.get("val_obj_dice")), _f(last.get("train_loss"), 4),
-        ))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def trial_summary(r) -> dict[str, Any]:
+    """What `study status` and the end of a Tune stage show of one trial."""
+    vals = [h["val_avg_recall"] for h in r.history if h.get("val_avg_recall") is not None]
+    return {
+        "trial_id": r.trial_id, "trial": r.spec, "state": r.status,
+        "epochs_done": int(r.last.get("epoch", -1)) + 1 if r.last else 0,
+        "epochs": r.last.get("epochs"), "epochs_reported": len(r.history),
+        "best_val_avg_recall": max(vals) if vals else None,
+        "last_val_avg_recall": r.last.get("val_avg_recall"),
+        "last_val_obj_dice": r.last.get("val_obj_dice"),
+        "last_train_loss": r.last.get("train_loss"),
+        "error": r.error,
+    }
 
 
-def _f(v: Any, digits: int = 3) -> str:
-    return "-" if v is None else f"{float(v):.{digits}f}"
+def trial_table(results, indent: str = "") -> str:
+    """Label, state, epochs done, best and last validation recall, last object Dice and training loss."""
+    rows = [("trial", "state", "epochs", "best val recall", "last val recall", "val objDice", "train loss")]
+    for r in map(trial_summary, results):
+        rows.append((trial_label(r["trial"]) if r["trial"] else r["trial_id"], r["state"],
+                     f"{r['epochs_done']}/{r['epochs'] or '?'}", fmt(r["best_val_avg_recall"]),
+                     fmt(r["last_val_avg_recall"]), fmt(r["last_val_obj_dice"]), fmt(r["last_train_loss"], 4)))
+    return text_table(rows, indent=indent)
 
 
 def stage_sweep(ctx: StudyContext) -> None:
     results = _run_tune_stage(ctx, name=SWEEP, stage_tag="sweep", trials=list(ctx.cfg.trials))
     errors = [r for r in results if r.status == "ERROR"]
     for r in errors:
-        log(f"sweep: trial {TrialSpec.from_dict(r.spec).label} ended in error: {_first_line(r.error)}")
+        log(f"sweep: trial {trial_label(r.spec)} ended in error: {r.error}")
     ctx.state.mark_done("sweep", trials=len(results), errors=len(errors))
-
-
-def _first_line(text: str | None) -> str:
-    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
-    for ln in lines:
-        if "TrialDivergedError" in ln or "Error:" in ln:
-            return ln.strip()[:300]
-    return (lines[-1] if lines else "unknown error")[:300]
 
 
 # ---------------------------------------------------------------------------------------------- select
@@ -180,7 +178,7 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
     """Best hyperparameters per (loss, iw) configuration (mean over seeds), or the top-k overall."""
     sel = cfg.selection
     finished = [r for r in results if r.status == "TERMINATED"]
-    excluded = [{"trial": r.spec, "status": r.status, "reason": _first_line(r.error)} for r in results
+    excluded = [{"trial": r.spec, "status": r.status, "reason": r.error} for r in results
                 if r.status != "TERMINATED"]
     points: dict[str, dict[str, Any]] = {}
     for r in finished:
@@ -271,9 +269,9 @@ def stage_holdout(ctx: StudyContext) -> None:
                       max_retries=max(1, ctx.cfg.failure.max_failures))(holdout_records)
     pending = {}
     for r in results:
-        label = TrialSpec.from_dict(r.spec).label
+        label = trial_label(r.spec)
         out_dir = ctx.dir.holdout_dir / slug(label)
-        pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules, use_gpu=res.gpu > 0)
+        pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules)
     log(f"holdout: whole-volume inference of {len(pending)} configuration(s) on the hold-out cases")
     paths = {}
     for label, ref in pending.items():
@@ -415,12 +413,10 @@ def holdout_table(summary: dict[str, Any]) -> str:
         lu = c["luna16"]
         ci = (f" [{lu['avg_recall_ci_low']:.3f}, {lu['avg_recall_ci_high']:.3f}]"
               if lu.get("avg_recall_ci_low") is not None else "")
-        rows.append((label, f"{_f(lu['avg_recall'])}{ci}", _f(lu["obj_dice"]), _f(lu["fp_per_image"], 2),
-                     _f(c["strict"]["avg_recall"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "Hold-out (luna16 protocol, 'any' hit rule; strict = " + " ".join(map(str, summary["strict_rule"])) + "):\n" + "\n".join(lines)
+        rows.append((label, f"{fmt(lu['avg_recall'])}{ci}", fmt(lu["obj_dice"]), fmt(lu["fp_per_image"], 2),
+                     fmt(c["strict"]["avg_recall"])))
+    rule = " ".join(map(str, summary["strict_rule"]))
+    return f"Hold-out (luna16 protocol, 'any' hit rule; strict = {rule}):\n" + text_table(rows)
 
 
 STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.errors import UserError
+from trainables.naming import config_name
 
 TRIAL_ID_TAG = "trial_id"
 STAGE_TAG = "stage"
@@ -133,7 +134,7 @@ def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mappin
     params: dict[str, str] = {
         "loss": trial["loss"],
         "iw": str(bool(trial["iw"])).lower(),
-        "config": ("iw-" if trial["iw"] else "") + trial["loss"],
+        "config": config_name(trial["loss"], trial["iw"]),
         "seed": str(trial["seed"]),
         "stage": run["stage"],
     }

@@ -134,14 +134,34 @@ def run_experiment(
     tuner.fit()
 
 
+def error_reason(trial) -> str | None:
+    """The most telling line of an errored trial's error (our TrialDivergedError message when it diverged)."""
+    if trial.status != "ERROR":
+        return None
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+        else:
+            text = str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - a crash may leave no error file; the reason is best effort
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "TrialDivergedError" in ln:
+            return ln[:1000]
+    return (lines[-1] if lines else "trial errored (no error recorded)")[:1000]
+
+
 def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
-    """Read the experiment's trials from disk (no running Ray needed), in grid order."""
+    """Read the experiment's trials from disk (no running Ray needed), sorted by trial id (grid order)."""
     from ray import tune
 
     path = storage / name
     if not (path.is_dir() and any(path.glob("experiment_state-*.json"))):
         return []
     analysis = tune.ExperimentAnalysis(str(path))
+    histories = analysis.trial_dataframes  # trial id -> every reported result (progress.csv)
     out = []
     for trial in analysis.trials:
         last = dict(trial.last_result or {})
@@ -151,22 +171,11 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
             status = "TERMINATED"
         else:
             status = "UNFINISHED"
-        error = None
-        if trial.status == "ERROR":
-            try:
-                error = str(trial.get_error())
-            except Exception:  # the error file may be missing after a crash
-                error = "trial errored (no error file)"
-        history = []
-        try:
-            df = analysis.trial_dataframes.get(trial.local_path) if hasattr(analysis, "trial_dataframes") else None
-            if df is not None:
-                history = df.to_dict("records")
-        except Exception:
-            history = []
+        df = histories.get(trial.trial_id)
+        history = df.to_dict("records") if df is not None else []
         ckpt = trial.checkpoint.path if trial.checkpoint is not None else None
         out.append(TrialOutcome(trial.trial_id, dict(trial.config.get("trial", {})), status, last, ckpt,
-                                error, history))
+                                error_reason(trial), history))
     out.sort(key=lambda o: o.trial_id)
     return out
 

@@ -36,8 +36,21 @@ def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def pick_device(prefer_gpu: bool) -> torch.device:
-    return torch.device("cuda") if prefer_gpu and torch.cuda.is_available() else torch.device("cpu")
+def task_device() -> torch.device:
+    """The GPU Ray assigned to this trial or task, else the CPU.
+
+    Never ``torch.cuda.is_available()`` alone: Ray no longer hides GPUs from 0-GPU tasks (ray#54868), so a
+    CPU trial on a GPU node would silently take GPU 0.
+    """
+    import ray
+
+    try:
+        gpu_ids = ray.get_gpu_ids()
+    except Exception:  # noqa: BLE001 - not inside Ray (a direct call)
+        gpu_ids = []
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+    return torch.device("cpu")
 
 
 def predict_case_records(
@@ -91,7 +104,6 @@ def holdout_records(
     out_dir: str,
     *,
     rules: Mapping[str, tuple[str, float | None]],
-    use_gpu: bool = False,
 ) -> dict[str, str]:
     """Hold-out records of one retrained configuration, written to ``out_dir/records_<rule>.json``.
 
@@ -102,7 +114,7 @@ def holdout_records(
     if all(Path(p).is_file() for p in paths.values()):
         return paths
     torch.set_num_threads(max(1, int(float(study["resources"]["cpu"]))))
-    device = pick_device(use_gpu)
+    device = task_device()
     model = build_model(study)
     model.load_state_dict(load_state(checkpoint_dir)["model"])
     model.to(device)

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from trainables.data import PatchSampler, open_cache
-from trainables.evaluate import STATE_FILE, build_model, load_state, predict_records
+from trainables.evaluate import STATE_FILE, build_model, load_state, predict_records, task_device
 from trainables.losses import get_loss
 from trainables.metrics import save_records, summarize
+from trainables.naming import config_name, trial_label
 
 VAL_RECORDS_FILE = "val_records.json"
 TRIAL_CONFIG_FILE = "trial_config.json"
@@ -62,20 +63,6 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _device() -> torch.device:
-    """The GPU Ray assigned to this trial, else the CPU (never ``torch.cuda.is_available()`` alone:
-    Ray no longer hides GPUs from 0-GPU tasks)."""
-    import ray
-
-    try:
-        gpu_ids = ray.get_gpu_ids()
-    except Exception:  # not inside Ray (direct call in tests)
-        gpu_ids = []
-    if gpu_ids and torch.cuda.is_available():
-        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
-    return torch.device("cpu")
-
-
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable (see the module docstring for ``config``)."""
     from ray import tune
@@ -87,9 +74,8 @@ def train_trial(config: dict[str, Any]) -> None:
     testing = study.get("testing") or {}
     n_threads = max(1, int(float(study["resources"]["cpu"])))
     torch.set_num_threads(n_threads)
-    device = _device()
+    device = task_device()
     seed = int(trial["seed"])
-    config_name = ("iw-" if trial["iw"] else "") + trial["loss"]
 
     torch.manual_seed(seed)
     model = build_model(study).to(device)
@@ -115,19 +101,12 @@ def train_trial(config: dict[str, Any]) -> None:
     _train_epochs(
         model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device,
         trial=trial, study=study, run=run, start_epoch=start_epoch, next_batch=next_batch,
-        config_name=config_name, testing=testing, resumed=checkpoint is not None,
+        testing=testing, resumed=checkpoint is not None,
     )
 
 
-def _label(trial: Mapping[str, Any]) -> str:
-    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial["params"].items()))
-    name = ("iw-" if trial["iw"] else "") + trial["loss"]
-    return name + (f"[{params}]" if params else "") + f"/s{trial['seed']}"
-
-
 def _train_epochs(
-    *, model, optimizer, scheduler, loss_fn, device, trial, study, run, start_epoch, next_batch,
-    config_name, testing, resumed,
+    *, model, optimizer, scheduler, loss_fn, device, trial, study, run, start_epoch, next_batch, testing, resumed,
 ) -> None:
     from ray import tune
 
@@ -139,11 +118,12 @@ def _train_epochs(
     val_ids = cache.case_ids(study["data"]["val"]) if run["validate"] else []
     clip = study["iw"]["clip"]
     nan_at = testing.get("nan_at_iteration")
-    inject_nan = nan_at is not None and config_name in (testing.get("nan_configs") or [])
+    inject_nan = nan_at is not None and config_name(trial["loss"], trial["iw"]) in (testing.get("nan_configs") or [])
     sleep_s = float(testing.get("sleep_per_iteration") or 0.0)
     amp = bool(training["amp"])
     val_every = int(study["validation"]["every"])
     last_val: dict[str, float] = {}
+    val_records = None
 
     sampler = PatchSampler(
         cache, train_ids, patch_size=tuple(training["patch_size"]), batch_size=int(training["batch_size"]),
@@ -194,7 +174,7 @@ def _train_epochs(
             }
             with tempfile.TemporaryDirectory() as ckpt_dir:
                 if val_ids and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
-                    last_val = _validate(model, cache, val_ids, study, device, amp, ckpt_dir)
+                    last_val, val_records = _validate(model, cache, val_ids, study, device, amp, ckpt_dir)
                 metrics.update(last_val)
                 if resumed and epoch == start_epoch:
                     metrics["resumed_from_epoch"] = start_epoch  # the driver tags the MLflow run with it
@@ -212,12 +192,12 @@ def _train_epochs(
                     os.path.join(ckpt_dir, STATE_FILE),
                 )
                 if epoch + 1 == epochs:
-                    _write_final_artifacts(trial, study, run, ckpt_dir)
+                    _write_final_artifacts(trial, study, run, ckpt_dir, val_records)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
 
-def _validate(model, cache, val_ids, study, device, amp, out_dir) -> dict[str, float]:
-    """Whole-volume validation: records under the ``any`` rule, luna16 summary."""
+def _validate(model, cache, val_ids, study, device, amp, out_dir):
+    """Whole-volume validation: records under the ``any`` rule (saved), luna16 summary -> (metrics, records)."""
     records = predict_records(
         model, cache, val_ids, inference=study["inference"], rules={"any": ("any", None)},
         device=device, amp=amp,
@@ -235,20 +215,19 @@ def _validate(model, cache, val_ids, study, device, amp, out_dir) -> dict[str, f
     }
     if summary.get("pred_positive_fraction") is not None:
         out["val_pred_positive_fraction"] = float(summary["pred_positive_fraction"])
-    return out
+    return out, records
 
 
-def _write_final_artifacts(trial, study, run, ckpt_dir) -> None:
-    """Files for the trial's MLflow run, kept in the last checkpoint: the config and the validation FROC."""
+def _write_final_artifacts(trial, study, run, ckpt_dir, val_records) -> None:
+    """Files for the trial's MLflow run, kept in the last checkpoint: the config and the validation FROC
+    (with a bootstrap band: at least 100 replicates, once, whatever the per-epoch ``validation.n_boot``)."""
     Path(ckpt_dir, TRIAL_CONFIG_FILE).write_text(
         json.dumps({"trial": trial, "run": run, "study": study}, indent=2, default=str)
     )
-    val_path = Path(ckpt_dir) / VAL_RECORDS_FILE
-    if val_path.is_file():
-        from trainables.metrics import load_records
+    if val_records is not None:
         from trainables.metrics.plots import plot_froc
 
-        summary = summarize(load_records(val_path), protocol="luna16",
-                            n_boot=max(int(study["validation"]["n_boot"]), 100), seed=0)
-        plot_froc({_label(trial): summary}, Path(ckpt_dir) / VAL_FROC_FILE,
-                  title=f"validation FROC, {_label(trial)}")
+        summary = summarize(val_records, protocol="luna16", n_boot=max(int(study["validation"]["n_boot"]), 100),
+                            seed=0)
+        plot_froc({trial_label(trial): summary}, Path(ckpt_dir) / VAL_FROC_FILE,
+                  title=f"validation FROC, {trial_label(trial)}")

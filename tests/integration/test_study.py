@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trainables.naming import config_name
+
 from .conftest import kill_group, run_study, start_study, wait_for
 
 pytestmark = pytest.mark.integration
@@ -92,10 +94,14 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
     status = json.loads(run_study("status", "tiny", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
     sweep = status["trials"]["sweep"]
     assert len(sweep) == 3
-    by_cfg = {("iw-" if t["trial"]["iw"] else "") + t["trial"]["loss"]: t for t in sweep}
+    by_cfg = {config_name(t["trial"]["loss"], t["trial"]["iw"]): t for t in sweep}
     assert by_cfg["iw-bce"]["state"] == "ERROR"
     assert by_cfg["bce"]["state"] == by_cfg["dice"]["state"] == "TERMINATED"
     assert by_cfg["bce"]["epochs_done"] == by_cfg["dice"]["epochs_done"] == 4
+    # every epoch's result is read back from disk (selection with `scope: best` and `study status` use it)
+    assert by_cfg["bce"]["epochs_reported"] >= 4 and by_cfg["dice"]["epochs_reported"] >= 4
+    for t in (by_cfg["bce"], by_cfg["dice"]):
+        assert t["best_val_avg_recall"] >= t["last_val_avg_recall"]
     assert all(status["stages"][s]["done"] for s in ("data", "sweep", "select", "retrain", "holdout", "report"))
 
     runs = _runs(study, "sweep")

@@ -6,8 +6,9 @@ import pytest
 
 from study.config import config_from_dict
 from study.report import build_blocks, render_html, render_markdown, write_report
-from study.stages import holdout_table, select_winners, size_group_names, slug
+from study.stages import holdout_table, select_winners, size_group_names, slug, trial_summary, trial_table
 from study.tuner import TrialOutcome
+from trainables.naming import config_name
 
 
 def _outcome(tid, loss, iw, params, seed, recall, dice=0.5, status="TERMINATED", history=None):
@@ -62,7 +63,7 @@ def _summary():
     configs = {}
     for label, iw, recall, dice in (("dice/s0", False, 0.4, 0.7), ("iw-dice/s0", True, 0.6, None)):
         configs[label] = {"trial_id": label, "loss": "dice", "iw": iw, "params": {}, "seed": 0,
-                          "config": ("iw-" if iw else "") + "dice", "luna16": s(recall, dice, recall - 0.1, recall + 0.1),
+                          "config": config_name("dice", iw), "luna16": s(recall, dice, recall - 0.1, recall + 0.1),
                           "paper2020": s(recall, dice), "strict": s(recall / 2, dice),
                           "size_groups": {"<5.0 mm": s(0.1, None), ">=5.0 mm": s(0.9, 0.7)}}
     paired = [{"loss": "dice", "seed": 0, "plain": "dice/s0", "iw": "iw-dice/s0",
@@ -96,3 +97,15 @@ def test_console_table_and_names():
     assert "iw-dice/s0" in text and "0.600 [0.500, 0.700]" in text and "strict = iou 0.3" in text
     assert size_group_names(2) == ["small", "large"] and size_group_names(3)[1] == "medium"
     assert slug("iw-focal[alpha=0.75,gamma=2]/s0") == "iw-focal_alpha-0.75_gamma-2_s0"
+
+
+def test_trial_summary_reads_best_and_last_from_the_history():
+    hist = [{"val_avg_recall": 0.2}, {"val_avg_recall": 0.7}, {"val_avg_recall": 0.4}]
+    r = TrialOutcome("t1", {"loss": "dice", "iw": True, "params": {}, "seed": 0}, "TERMINATED",
+                     {"epoch": 2, "epochs": 3, "val_avg_recall": 0.4, "val_obj_dice": 0.5, "train_loss": 0.1},
+                     None, None, hist)
+    s = trial_summary(r)
+    assert (s["best_val_avg_recall"], s["last_val_avg_recall"], s["epochs_done"], s["epochs_reported"]) == (
+        0.7, 0.4, 3, 3)
+    table = trial_table([r])
+    assert "iw-dice/s0" in table and "3/3" in table and "0.700" in table and "0.400" in table
