@@ -2,9 +2,14 @@
 
 One line per trial epoch (instead of Tune's tables, which print the whole nested config), and for each
 trial exactly one MLflow run, found or created by its Ray trial id (which survives ``Tuner.restore``):
-params when the run is created, per-epoch metrics stepped by epoch, the artifacts the trial left in its
-last checkpoint, FINISHED / FAILED with the error's reason. Tune pickles the callback with the experiment and
-restores it on resume; nothing in it depends on state that a restore loses.
+params when the run is created, per-epoch metrics at step = epoch number as the console prints it (1-based),
+the artifacts the trial left in its last checkpoint, FINISHED / FAILED with the error's reason.
+
+Exactly one value per metric and step: after a resume Tune replays the results a trial reported after the
+experiment's last snapshot (the trial re-runs those epochs from its checkpoint, deterministically). The steps
+already in a run are read from MLflow when the run is first seen by this driver process, and a (metric, step)
+that is there is never logged again. Tune pickles the callback with the experiment and restores it on resume;
+nothing in it depends on state that a restore loses.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class StudyCallback(tune.Callback):
     def __init__(self, stage: str):
         self.stage = stage
         self._runs: dict[str, str] = {}
+        self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
         self._client = None
 
     def __getstate__(self):  # pickled into the experiment: no client, no cache
@@ -60,6 +66,7 @@ class StudyCallback(tune.Callback):
             )
             if created:
                 tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg["trial"], cfg["study"], run))
+            self._steps[run_id] = {} if created else tracking.logged_steps(self._mlc(), run_id)
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
 
@@ -89,12 +96,14 @@ class StudyCallback(tune.Callback):
 
         def log():
             run_id = self._run_id(trial)
-            metrics = {k: v for k, v in result.items() if k in _LOGGED or k.startswith("val_")}
-            tracking.log_metrics(self._mlc(), run_id, metrics, step=epoch)
-            if "resumed_from_epoch" in result:
+            step = epoch + 1  # the epoch number the console prints
+            logged = self._steps[run_id]
+            metrics = {k: v for k, v in result.items()
+                       if (k in _LOGGED or k.startswith("val_")) and step not in logged.get(k, ())}
+            for key in tracking.log_metrics(self._mlc(), run_id, metrics, step=step):
+                logged.setdefault(key, set()).add(step)
+            if "resumed_from_epoch" in result:  # a tag, not a metric: an uninterrupted run has none
                 self._mlc().set_tag(run_id, "resumed_from_epoch", str(result["resumed_from_epoch"]))
-                tracking.log_metrics(self._mlc(), run_id, {"resumed_from_epoch": result["resumed_from_epoch"]},
-                                     step=epoch)
 
         self._safely("metric logging", log)
 

@@ -48,6 +48,9 @@ def register(sub) -> None:
     p = sub.add_parser("report", help="(re)write the report of a study whose hold-out stage is done")
     p.add_argument("name")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--markdown", action="store_true",
+                   help="print the hold-out table with the machine, versions and wall time it was measured "
+                   "with (what the README pastes), and write nothing")
     p.set_defaults(func=cmd_report)
 
 
@@ -190,6 +193,12 @@ def cmd_report(args) -> int:
     if not (study_dir.holdout_dir / "summary.json").is_file():
         raise UserError(f"study {study_dir.name}: the hold-out stage has not finished; run `study resume "
                         f"{study_dir.name}` first")
+    if args.markdown:
+        from study.report import readme_block
+
+        summary = json.loads((study_dir.holdout_dir / "summary.json").read_text())
+        print(readme_block(summary, state.data, study_name=study_dir.name), end="")
+        return 0
     stage_report(StudyContext(study_dir, cfg, state))
     print(f"Report: {study_dir.report_dir / 'report.md'}")
     return 0

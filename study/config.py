@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from trainables.errors import ConfigError
-from trainables.naming import config_name, trial_label
+from trainables.naming import config_name, trial_label, trial_slug
 
 # ---------------------------------------------------------------------------------------------- sections
 
@@ -127,7 +127,8 @@ class LrScheduleConfig:
 class TrainingConfig:
     """The training protocol (SPEC §4); every number is a value here, presets shrink them.
 
-    ``amp``: mixed precision (bf16 autocast where supported, fp16 on GPUs without bf16); not in the paper.
+    ``amp``: mixed precision on GPUs (bf16 autocast where supported, else fp16 with loss scaling); CPU trials
+    run float32 (bf16 CPU training measured unreliable, see ``trainables.step``); not in the paper.
     """
 
     epochs: int = 100
@@ -469,9 +470,10 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
     """Expand the grid into explicit trials, validating every loss and parameter combination."""
     import itertools
 
-    from trainables.losses import LOSS_NAMES, PAPER_CONFIGS, get_loss, supports_iw
+    from trainables.losses import LOSS_NAMES, PAPER_CONFIGS, canonical_params, supports_iw
 
-    cells: list[tuple[str, bool, dict[str, Any]]] = []
+    # (loss, iw, canonical params, where in the YAML it comes from)
+    cells: list[tuple[str, bool, dict[str, Any], str]] = []
     for loss, axes in search.losses.items():
         key = f"search.losses.{loss}"
         if loss not in LOSS_NAMES:
@@ -489,25 +491,25 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
             values = _as_list(axes[name])
             if not values:
                 errors.fail(f"{key}.{name}", "is an empty list")
-            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-                errors.fail(f"{key}.{name}", f"has duplicate values {values!r}")
             value_lists.append(values)
         if len(set(iw_values)) != len(iw_values):
             errors.fail(f"{key}.iw", f"has duplicate values {iw_values!r}")
         for combo in itertools.product(*value_lists):
-            params = dict(zip(names, combo))
+            given = dict(zip(names, combo))
             try:
-                get_loss(loss, **params)
+                params = canonical_params(loss, given)
             except ValueError as exc:
                 bad = next((n for n in names if n in str(exc)), None)
                 errors.fail(f"{key}.{bad}" if bad else key, str(exc))
+            where = f"{key}" + (f" ({', '.join(f'{n}={v!r}' for n, v in given.items())})" if given else "")
             for iw in iw_values:
-                cells.append((loss, iw, params))
-    for name in search.configs:
+                cells.append((loss, iw, params, where))
+    for i, name in enumerate(search.configs):
         if name not in PAPER_CONFIGS:
             errors.fail("search.configs", f"unknown configuration {name!r}; known: {', '.join(PAPER_CONFIGS)}")
         paper = PAPER_CONFIGS[name]
-        cells.append((paper["loss"], bool(paper["iw"]), dict(paper.get("params") or {})))
+        cells.append((paper["loss"], bool(paper["iw"]), canonical_params(paper["loss"], paper.get("params")),
+                      f"search.configs[{i}] ({name!r})"))
     if not cells:
         errors.fail("search", "defines no trial: give search.losses and/or search.configs")
     if not search.seeds:
@@ -515,17 +517,24 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
     if len(set(search.seeds)) != len(search.seeds):
         errors.fail("search.seeds", f"has duplicate values {list(search.seeds)!r}")
 
-    trials: list[TrialSpec] = []
-    seen: dict[str, str] = {}
-    for loss, iw, params in cells:
-        for seed in search.seeds:
-            spec = TrialSpec(loss=loss, iw=iw, params=params, seed=seed)
-            ident = json.dumps(spec.as_dict(), sort_keys=True)
-            if ident in seen:
-                errors.fail("search", f"trial {spec.label} is listed twice (check search.configs vs search.losses)")
-            seen[ident] = spec.label
-            trials.append(spec)
-    return tuple(trials)
+    # the same computation listed twice (2 == 2.0, omitted defaults) is refused, naming both places
+    first: dict[str, str] = {}
+    for loss, iw, params, where in cells:
+        ident = json.dumps({"loss": loss, "iw": iw, "params": params}, sort_keys=True)
+        if ident in first:
+            name = TrialSpec(loss=loss, iw=iw, params=params, seed=0).label.rsplit("/", 1)[0]
+            errors.fail("search", f"{name} is defined twice, by {first[ident]} and by {where} "
+                                  "(the same loss, iw and parameters, defaults included); remove one")
+        first[ident] = where
+    trials = tuple(TrialSpec(loss=loss, iw=iw, params=params, seed=seed)
+                   for loss, iw, params, _where in cells for seed in search.seeds)
+    slugs: dict[str, str] = {}
+    for spec in trials:  # every per-trial folder and key must be unique
+        other = slugs.setdefault(trial_slug(spec.label), spec.label)
+        if other != spec.label:
+            errors.fail("search", f"trials {other} and {spec.label} would share the folder name "
+                                  f"{trial_slug(spec.label)!r}; change a parameter value")
+    return trials
 
 
 def load_config(path: str | Path, *, data_path: str | Path | None = None) -> StudyConfig:

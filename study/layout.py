@@ -133,6 +133,18 @@ class StudyState:
     def mlflow_ids(self) -> dict[str, str]:
         return self.data.setdefault("mlflow", {})
 
+    def record_stage_seconds(self, stage: str, seconds: float) -> None:
+        """Wall time of a stage (the last attempt's, when a stage was interrupted and resumed)."""
+        self.data["stages"].setdefault(stage, {})["seconds"] = round(seconds, 1)
+        self.save()
+
+    def record_environment(self, env: dict[str, Any]) -> None:
+        """Append the machine of this run of the study (launch or resume) when it differs from the last."""
+        envs = self.data.setdefault("environments", [])
+        if not envs or {k: v for k, v in envs[-1].items() if k != "since"} != env:
+            envs.append({**env, "since": now()})
+            self.save()
+
 
 def write_frozen_config(study_dir: StudyDir, config_dict: dict[str, Any]) -> None:
     text = "# Frozen config of this study (written by `study launch`; `study resume` runs exactly this).\n"

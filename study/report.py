@@ -34,6 +34,49 @@ def _strict_name(rule: Sequence[Any]) -> str:
             "one-to-one": "one-to-one"}.get(name, str(name))
 
 
+def holdout_table_block(summary: dict[str, Any]) -> tuple:
+    """The Table 2 analogue: one row per retrained configuration and seed."""
+    strict = _strict_name(summary.get("strict_rule") or ("iou", 0.3))
+    header = ["configuration", "avg recall [95% CI]", "obj Dice ± std", "FP/image", "pred+ fraction",
+              f"avg recall ({strict})", "avg recall (paper2020)"]
+    rows = []
+    for label, c in summary["configs"].items():
+        lu, st, pp = c["luna16"], c["strict"], c["paper2020"]
+        rows.append([
+            label,
+            _f(lu["avg_recall"]) + _ci(lu.get("avg_recall_ci_low"), lu.get("avg_recall_ci_high")),
+            f"{_f(lu['obj_dice'])} ± {_f(lu['obj_dice_std'])}",
+            _f(lu["fp_per_image"], 2),
+            _f(lu.get("pred_positive_fraction"), 4),
+            _f(st["avg_recall"]),
+            f"{_f(pp['avg_recall'])} ± {_f(pp['avg_recall_std'])}",
+        ])
+    return ("table", header, rows)
+
+
+def readme_block(summary: dict[str, Any], state: dict[str, Any], *, study_name: str) -> str:
+    """What the README pastes of a finished study: where and how long it ran, and the hold-out table.
+
+    Printed by ``study report NAME --markdown``; every figure comes from the study's own files.
+    """
+    from study.environment import one_line
+
+    stages = state.get("stages") or {}
+    seconds = [v.get("seconds") for v in stages.values()]
+    total = sum(s for s in seconds if s is not None)
+    envs = state.get("environments") or []
+    machines = {one_line({k: v for k, v in e.items() if k != "since"}) for e in envs}
+    env = summary.get("environment")
+    lines = [f"Study `{study_name}`, hold-out stage on: {one_line(env) if env else 'unrecorded machine'}."]
+    if len(machines) > 1:
+        lines.append(f"The study ran on {len(machines)} different machines (resumed elsewhere): "
+                     + " | ".join(sorted(machines)) + ".")
+    if seconds and None not in seconds:
+        per = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items())
+        lines.append(f"Wall time of the stages: {total / 60:.1f} min ({per}).")
+    return "\n".join(lines) + "\n\n" + render_markdown([holdout_table_block(summary)])
+
+
 def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name: str,
                  cfg: StudyConfig | None) -> list[tuple]:
     configs = summary["configs"]
@@ -55,21 +98,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
         f"fraction (p > 0.5) are shown beside it, with the avg recall under a strict hit rule ({strict}): "
         "recall bought by over-segmentation shows up as many FPs, a large positive fraction and a strict "
         "recall far below the `any` recall. paper2020: the authors' protocol (80 % subsamples).")))
-    header = ["configuration", "avg recall [95% CI]", "obj Dice ± std", "FP/image", "pred+ fraction",
-              f"avg recall ({strict})", "avg recall (paper2020)"]
-    rows = []
-    for label, c in configs.items():
-        lu, st, pp = c["luna16"], c["strict"], c["paper2020"]
-        rows.append([
-            label,
-            _f(lu["avg_recall"]) + _ci(lu.get("avg_recall_ci_low"), lu.get("avg_recall_ci_high")),
-            f"{_f(lu['obj_dice'])} ± {_f(lu['obj_dice_std'])}",
-            _f(lu["fp_per_image"], 2),
-            _f(lu.get("pred_positive_fraction"), 4),
-            _f(st["avg_recall"]),
-            f"{_f(pp['avg_recall'])} ± {_f(pp['avg_recall_std'])}",
-        ])
-    blocks.append(("table", header, rows))
+    blocks.append(holdout_table_block(summary))
     blocks.append(("h2", "Does iw help? Paired comparisons on the same hold-out cases"))
     if summary.get("paired"):
         blocks.append(("p", "Difference iw − plain of the same loss (and seed), case-level paired bootstrap; "

@@ -8,7 +8,6 @@ whose records exist, the data stage skips prepared cases). Nothing already compu
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ from study.config import StudyConfig, TrialSpec
 from study.layout import STAGES, StudyDir, StudyState, write_atomic
 from study.tables import fmt, text_table
 from trainables.errors import DataError, UserError
-from trainables.naming import trial_label
+from trainables.naming import trial_label, trial_slug
 
 SWEEP, RETRAIN = "sweep", "retrain"
 
@@ -34,10 +33,6 @@ class StudyInterrupted(Exception):
 
 def log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_").replace("=", "-")
 
 
 @dataclass
@@ -139,8 +134,8 @@ def trial_summary(r) -> dict[str, Any]:
         "epochs_done": int(r.last.get("epoch", -1)) + 1 if r.last else 0,
         "epochs": r.last.get("epochs"), "epochs_reported": len(r.history),
         "best_val_avg_recall": max(vals) if vals else None,
-        "last_val_avg_recall": r.last.get("val_avg_recall"),
-        "last_val_obj_dice": r.last.get("val_obj_dice"),
+        "last_val_avg_recall": r.measured("val_avg_recall"),  # the last *measured* values
+        "last_val_obj_dice": r.measured("val_obj_dice"),
         "last_train_loss": r.last.get("train_loss"),
         "error": r.error,
     }
@@ -171,7 +166,7 @@ def _score(outcome, metric: str, scope: str) -> float | None:
     if scope == "best":
         values = [h.get(metric) for h in outcome.history if h.get(metric) is not None]
         return max(values) if values else None
-    return outcome.last.get(metric)
+    return outcome.measured(metric)
 
 
 def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
@@ -187,7 +182,7 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
         p = points.setdefault(key, {"loss": spec.loss, "iw": spec.iw, "params": spec.params, "scores": [],
                                     "obj_dice": [], "trial_ids": []})
         p["scores"].append(_score(r, sel.metric, sel.scope))
-        p["obj_dice"].append(r.last.get("val_obj_dice"))
+        p["obj_dice"].append(r.measured("val_obj_dice"))
         p["trial_ids"].append(r.trial_id)
     ranked = []
     for order, p in enumerate(points.values()):
@@ -270,7 +265,7 @@ def stage_holdout(ctx: StudyContext) -> None:
     pending = {}
     for r in results:
         label = trial_label(r.spec)
-        out_dir = ctx.dir.holdout_dir / slug(label)
+        out_dir = ctx.dir.holdout_dir / trial_slug(label)
         pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules)
     log(f"holdout: whole-volume inference of {len(pending)} configuration(s) on the hold-out cases")
     paths = {}
@@ -328,16 +323,7 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
         )
     # paired iw comparisons: the same loss, parameters and seed, with and without iw
     paired = []
-    by_key = {(c["loss"], json.dumps(c["params"], sort_keys=True), c["seed"], c["iw"]): label
-              for label, c in configs.items()}
-    for (loss, params, seed, iw), label_iw in by_key.items():
-        if not iw:
-            continue
-        plain = by_key.get((loss, params, seed, False))
-        if plain is None:  # per-config selection may pick different params: compare the winners
-            plain = next((lb for (lo, _p, s, w), lb in by_key.items() if lo == loss and s == seed and not w), None)
-        if plain is None:
-            continue
+    for loss, seed, plain, label_iw in iw_pairs(configs):
         entry = {"loss": loss, "seed": seed, "plain": plain, "iw": label_iw}
         for metric in ("avg_recall", "obj_dice"):
             entry[metric] = paired_bootstrap(records_any[plain], records_any[label_iw], metric=metric,
@@ -350,8 +336,32 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
         for cid in cache.case_ids(list(getattr(ctx.cfg.data, split_name))):
             vals.extend(cache.meta(cid).get("diameters_mm", []))
         diameters[split_name] = vals
+    from study.environment import describe
+
     return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "configs": configs, "paired": paired,
-            "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold]}
+            "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold],
+            "environment": describe()}
+
+
+def iw_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, int, str, str]]:
+    """``(loss, seed, plain label, iw label)`` for every iw configuration that has a plain partner.
+
+    The partner is the plain configuration of the same loss, parameters and seed; where per-config selection
+    picked other parameters for the plain winner (e.g. focal α 0.5 plain, 0.75 with iw), the plain winner of
+    the same loss and seed. ``configs``: label -> ``{"loss", "iw", "params", "seed"}``.
+    """
+    by_key = {(c["loss"], json.dumps(c["params"], sort_keys=True), c["seed"], c["iw"]): label
+              for label, c in configs.items()}
+    pairs = []
+    for (loss, params, seed, iw), label_iw in by_key.items():
+        if not iw:
+            continue
+        plain = by_key.get((loss, params, seed, False))
+        if plain is None:
+            plain = next((lb for (lo, _p, s, w), lb in by_key.items() if lo == loss and s == seed and not w), None)
+        if plain is not None:
+            pairs.append((loss, seed, plain, label_iw))
+    return pairs
 
 
 def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
@@ -431,7 +441,10 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
+    from study.environment import describe
+
     tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
+    ctx.state.record_environment(describe())
     t0 = time.perf_counter()
     try:
         for i, stage in enumerate(STAGES, 1):
@@ -441,6 +454,7 @@ def run_stages(ctx: StudyContext) -> None:
             log(f"[{i}/{len(STAGES)}] {stage}")
             ts = time.perf_counter()
             STAGE_FUNCS[stage](ctx)
+            ctx.state.record_stage_seconds(stage, time.perf_counter() - ts)
             log(f"[{i}/{len(STAGES)}] {stage}: done in {time.perf_counter() - ts:.0f} s")
     finally:
         ctx.close()

@@ -115,8 +115,8 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
         mlflow_client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    """Log the finite numeric values of ``metrics`` at ``step`` in one batch."""
+def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: int) -> list[str]:
+    """Log the finite numeric values of ``metrics`` at ``step`` in one batch; return the keys logged."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -127,6 +127,13 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: in
     ]
     if items:
         mlflow_client.log_batch(run_id, metrics=items)
+    return [m.key for m in items]
+
+
+def logged_steps(mlflow_client, run_id: str) -> dict[str, set[int]]:
+    """The steps at which each metric of the run has a value (to log each (metric, step) exactly once)."""
+    keys = mlflow_client.get_run(run_id).data.metrics
+    return {key: {m.step for m in mlflow_client.get_metric_history(run_id, key)} for key in keys}
 
 
 def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, str]:

@@ -14,6 +14,7 @@ Pitfalls handled here (see ../shared/reference/ray-tune-mlflow.md):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,6 +90,13 @@ class TrialOutcome:
     checkpoint_path: str | None
     error: str | None
     history: list[dict[str, Any]]
+
+    def measured(self, metric: str) -> float | None:
+        """``metric`` at the last epoch that measured it (the last result when no history was read)."""
+        if self.history:
+            return last_measured(self.history, metric)
+        value = self.last.get(metric)
+        return None if value is None else float(value)
 
 
 def run_experiment(
@@ -171,13 +179,37 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
             status = "TERMINATED"
         else:
             status = "UNFINISHED"
-        df = histories.get(trial.trial_id)
-        history = df.to_dict("records") if df is not None else []
+        history = epoch_history(histories.get(trial.trial_id))
         ckpt = trial.checkpoint.path if trial.checkpoint is not None else None
         out.append(TrialOutcome(trial.trial_id, dict(trial.config.get("trial", {})), status, last, ckpt,
                                 error_reason(trial), history))
     out.sort(key=lambda o: o.trial_id)
     return out
+
+
+def epoch_history(df) -> list[dict[str, Any]]:
+    """One result per epoch, in epoch order, from a trial's reported results (Tune's ``result.json``).
+
+    A resumed trial re-reports the epochs after its checkpoint, so an epoch may appear more than once; the
+    last report of an epoch is the one the final model continued from. A metric a result did not report
+    (validation runs every ``validation.every`` epochs) is absent from that epoch, not NaN.
+    """
+    if df is None:
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for row in df.to_dict("records"):
+        clean = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+        if "epoch" in clean:
+            by_epoch[int(clean["epoch"])] = clean
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def last_measured(history: list[dict[str, Any]], metric: str) -> float | None:
+    """The value of ``metric`` at the last epoch that measured it (None if none did)."""
+    for row in reversed(history):
+        if row.get(metric) is not None:
+            return float(row[metric])
+    return None
 
 
 def unfinished(results: list[TrialOutcome], expected: int) -> int:

@@ -18,6 +18,7 @@ import torch
 from trainables.data import Cache, open_cache
 from trainables.inference import sliding_window_inference
 from trainables.metrics import CaseRecords, save_records, volume_records_multi
+from trainables.step import Precision
 from trainables.unet import UNet3D
 
 STATE_FILE = "state.pt"
@@ -61,7 +62,7 @@ def predict_case_records(
     inference: Mapping[str, Any],
     rules: Mapping[str, tuple[str, float | None]],
     device: torch.device,
-    amp: bool = False,
+    precision: Precision | None = None,
 ) -> dict[str, CaseRecords]:
     """Sliding-window logits of one case, turned into records under each named hit rule."""
     case = cache.load(case_id)
@@ -72,7 +73,7 @@ def predict_case_records(
         stride=tuple(inference["stride"]),
         blending=inference["blending"],
         device=device,
-        amp=amp,
+        amp=None if precision is None else precision.dtype,
     )
     return volume_records_multi(logits, np.asarray(case.mask), case.spacing, is_logit=True, rules=rules)
 
@@ -85,13 +86,13 @@ def predict_records(
     inference: Mapping[str, Any],
     rules: Mapping[str, tuple[str, float | None]],
     device: torch.device,
-    amp: bool = False,
+    precision: Precision | None = None,
 ) -> dict[str, dict[str, CaseRecords]]:
     """Records of several cases: ``{rule name: {case_id: CaseRecords}}``."""
     out: dict[str, dict[str, CaseRecords]] = {name: {} for name in rules}
     for case_id in case_ids:
         per_rule = predict_case_records(
-            model, cache, case_id, inference=inference, rules=rules, device=device, amp=amp
+            model, cache, case_id, inference=inference, rules=rules, device=device, precision=precision
         )
         for name, recs in per_rule.items():
             out[name][case_id] = recs
@@ -122,7 +123,7 @@ def holdout_records(
     case_ids = cache.case_ids(study["data"]["holdout"])
     records = predict_records(
         model, cache, case_ids, inference=study["inference"], rules=rules, device=device,
-        amp=bool(study["training"]["amp"]),
+        precision=Precision.for_device(device, bool(study["training"]["amp"])),  # the dtype it was trained in
     )
     out.mkdir(parents=True, exist_ok=True)
     meta = {"checkpoint": str(checkpoint_dir), "splits": list(study["data"]["holdout"])}

@@ -1,6 +1,7 @@
 """The paper's training step on a GPU: ms per iteration, peak memory and the projected time of a sweep.
 
-``python -m trainables.gpu_bench`` times one SGD iteration of the paper protocol (batch 2 × 1 × 128³, UNet3D
+``python -m trainables.gpu_bench`` times the trials' own SGD step (:func:`trainables.step.train_step`, with the
+trainable's optimiser, precision policy and cuDNN setting), one iteration of the paper protocol (batch 2 × 1 × 128³, UNet3D
 width 1.0, Nesterov SGD) for each of the ten paper configurations, with and without mixed precision, and prints
 a Markdown table for the README's performance section: ms/iteration, peak GPU memory, and the projected time
 of 10,000 iterations (100 epochs × 100 iterations, one configuration). The card is named in the output.
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from trainables.losses import PAPER_CONFIGS, get_loss
+from trainables.step import Precision, configure_backends, train_step
+from trainables.trainable import build_optimizer
 from trainables.unet import UNet3D, count_parameters
 from trainables.weights import label_components, weights_from_labels
 
@@ -46,46 +49,36 @@ def synthetic_batch(size: int, batch: int, seed: int = 0) -> tuple[torch.Tensor,
 def time_config(
     name: str, *, device: torch.device, size: int, width: float, batch: int, amp: bool, iters: int, warmup: int
 ) -> dict:
+    """Time the trainable's own step (:func:`trainables.step.train_step`) on one paper configuration."""
     cfg = PAPER_CONFIGS[name]
     torch.manual_seed(0)
     model = UNet3D(width=width).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True)
+    opt = build_optimizer(model, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0})
     loss_fn = get_loss(cfg["loss"], **cfg["params"])
     x, y, w = (t.to(device) for t in synthetic_batch(size, batch))
     w = w if cfg["iw"] else None
-    use_bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if use_bf16 else torch.float16
-    scaler = torch.amp.GradScaler(enabled=amp and dtype == torch.float16 and device.type == "cuda")
-
-    def step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y, w)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss
+    precision = Precision.for_device(device, amp)
+    scaler = precision.scaler()
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     for _ in range(warmup):
-        step()
+        train_step(model, opt, scaler, loss_fn, x, y, w, precision)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        loss = step()
+        loss = train_step(model, opt, scaler, loss_fn, x, y, w, precision)
         sync()
         times.append(time.perf_counter() - t0)
     ms = 1000 * statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"config": name, "amp": amp, "amp_dtype": str(dtype).replace("torch.", "") if amp else None,
-            "ms_per_iter": ms, "peak_gib": peak, "final_loss": float(loss.detach()),
+    return {"config": name, "amp": amp, "amp_dtype": precision.name if amp else None,
+            "ms_per_iter": ms, "peak_gib": peak, "final_loss": loss,
             "projected_hours": ms * PROTOCOL_ITERATIONS / 3.6e6}
 
 
@@ -101,10 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    configure_backends(device)  # exactly as the trials do
     if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.error("no CUDA device: use --device cpu for a smoke run")
-        torch.backends.cudnn.benchmark = True
         card = torch.cuda.get_device_name(device)
     else:
         card = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -74,7 +74,7 @@ def sliding_window_inference(
     sigma_scale: float = 0.125,
     device: str | torch.device = "cpu",
     batch_size: int = 1,
-    amp: bool = False,
+    amp: torch.dtype | None = None,
     pad_value: float | None = None,
     divisible: int = 8,
     progress: bool = False,
@@ -90,7 +90,9 @@ def sliding_window_inference(
         sigma_scale: Gaussian sigma as a fraction of the window side.
         device: where the model runs; stitching stays on the CPU.
         batch_size: windows per forward pass.
-        amp: autocast the forward pass (float16 on CUDA, bfloat16 on CPU); the output stays float32.
+        amp: the autocast dtype of the forward pass (``torch.bfloat16`` or ``torch.float16``; the trials pass
+            their :attr:`trainables.step.Precision.dtype`, so inference runs in the dtype the model was trained
+            in), or ``None`` for float32. The output stays float32.
         pad_value: value of the padding for volumes smaller than the window (default: the image minimum).
         divisible: required divisor of the window sides (the U-Net pools three times: 8).
         progress: print a window counter to stderr.
@@ -139,6 +141,7 @@ def sliding_window_inference(
     else:
         norm = torch.zeros(full, dtype=torch.float32)
 
+    autocast = contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
     was_training = model.training
     model.eval()
     try:
@@ -150,7 +153,7 @@ def sliding_window_inference(
                     inp = x[slices[0]][None, None].to(device, non_blocking=True)
                 else:
                     inp = torch.stack([x[sl] for sl in slices])[:, None].to(device, non_blocking=True)
-                with torch.autocast(device.type) if amp else contextlib.nullcontext():
+                with autocast:
                     out = model(inp)
                 if tuple(out.shape) not in ((len(batch), 1, *window), (len(batch), *window)):
                     raise ValueError(

@@ -61,6 +61,7 @@ __all__ = [
     "focal_loss",
     "gdl_loss",
     "get_loss",
+    "canonical_params",
     "loss_params",
     "supports_iw",
     "wce_loss",
@@ -258,6 +259,24 @@ def loss_params(name: str) -> dict[str, Any]:
     """The parameters loss ``name`` accepts, with their defaults (a fresh dict)."""
     _check_name(name)
     return dict(_PARAMS[name])
+
+
+def canonical_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every parameter of loss ``name`` written out: the defaults, overridden by ``params``, numbers as floats.
+
+    Two trials compute the same thing exactly when their canonical parameters are equal: ``focal: {}``,
+    ``focal: {gamma: 2}`` and the paper's ``focal`` (gamma 2.0, alpha 0.75) all become
+    ``{"alpha": 0.75, "gamma": 2.0}``. Raises ValueError like :func:`get_loss` for unknown or invalid values.
+    """
+    params = dict(params or {})
+    get_loss(name, **params)  # validates the name, the keys and the values
+    out = {}
+    for key, default in sorted(_PARAMS[name].items()):
+        value = params.get(key, default)
+        if isinstance(default, float) and _is_real(value):
+            value = float(value)
+        out[key] = value
+    return out
 
 
 def get_loss(name: str, **params: Any) -> Callable[..., Tensor]:

@@ -1,7 +1,15 @@
-"""Names of configurations and trials, used by the trials, the driver, MLflow and the report alike."""
+"""Names of configurations and trials, used by the trials, the driver, MLflow and the report alike.
+
+A trial's label is injective: two trials with different (loss, iw, parameters, seed) never share a label,
+provided their parameters are canonical (:func:`trainables.losses.canonical_params`: every parameter written
+out, numbers as floats). Numbers are printed in Python's shortest round-trip form (``0.75``, ``2`` for 2.0,
+``1e-05``), never rounded, so ``0.75`` and ``0.7500001`` stay apart. Folder names (:func:`trial_slug`) are
+checked for uniqueness when the grid is enumerated.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,11 +19,28 @@ def config_name(loss: str, iw: bool) -> str:
     return ("iw-" if iw else "") + loss
 
 
+def format_value(value: Any) -> str:
+    """A parameter value as it appears in labels: floats in shortest round-trip form, ``2.0`` as ``2``."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+def params_label(params: Mapping[str, Any] | None) -> str:
+    """``alpha=0.75,gamma=2`` (sorted by name; empty for a loss without parameters)."""
+    return ",".join(f"{k}={format_value(v)}" for k, v in sorted((params or {}).items()))
+
+
 def trial_label(trial: Mapping[str, Any]) -> str:
     """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``.
 
     ``trial``: ``{"loss", "iw", "params", "seed"}`` (the ``trial`` part of a trial's config).
     """
-    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in sorted((trial.get("params") or {}).items()))
+    params = params_label(trial.get("params"))
     return config_name(trial["loss"], bool(trial["iw"])) + (f"[{params}]" if params else "") + f"/s{trial['seed']}"
+
+
+def trial_slug(label: str) -> str:
+    """A file-system-safe form of a label: ``iw-focal_alpha-0.75_gamma-2_s0``."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_").replace("=", "-")

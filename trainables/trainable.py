@@ -7,10 +7,12 @@ Config layout (built by ``study.space``; plain data so that Tune can store and r
 ``run``    ``{"stage": "sweep" | "holdout", "splits": [...], "validate": bool, "epochs": int,
            "experiment_id", "parent_run_id", "study_id"}``
 
-Each epoch: ``iterations`` SGD steps on patches from the sampler (with the iw map when ``iw``), then
-(sweep) whole-volume validation -> records -> luna16 avg recall and object Dice, then ``tune.report`` with a
-checkpoint holding model, optimiser, lr schedule, sampler position and epoch. At start the trial resumes
-from ``tune.get_checkpoint()``.
+Each epoch: ``iterations`` SGD steps (:func:`trainables.step.train_step`) on patches from the sampler (with the
+iw map when ``iw``), then (sweep, every ``validation.every`` epochs and at the last) whole-volume validation ->
+records -> luna16 avg recall and object Dice, then ``tune.report`` with a checkpoint holding model, optimiser,
+lr schedule, loss scaler, sampler position and epoch. At start the trial resumes from
+``tune.get_checkpoint()``. :func:`run_trial` is the same loop without Ray (``report`` is a callable), which the
+tests drive directly.
 
 The trial never talks to MLflow: the driver's Tune callback (``study.callbacks``) logs every reported result,
 and the artifacts this trial writes into its last checkpoint, to the trial's MLflow run. So the tracking
@@ -19,7 +21,7 @@ server can stay bound to 127.0.0.1 on the head node and a single process writes 
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import logging
 import math
@@ -38,6 +40,7 @@ from trainables.evaluate import STATE_FILE, build_model, load_state, predict_rec
 from trainables.losses import get_loss
 from trainables.metrics import save_records, summarize
 from trainables.naming import config_name, trial_label
+from trainables.step import Precision, configure_backends, train_step
 
 VAL_RECORDS_FILE = "val_records.json"
 TRIAL_CONFIG_FILE = "trial_config.json"
@@ -48,19 +51,39 @@ class TrialDivergedError(RuntimeError):
     """The training loss became NaN or infinite; the trial ends as an error with this reason."""
 
 
-def _lr_schedule(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]):
+def build_optimizer(model: torch.nn.Module, optimizer: Mapping[str, Any]) -> torch.optim.SGD:
+    """SGD with the study's settings (paper: Nesterov momentum 0.9, lr 1e-2, no weight decay)."""
+    return torch.optim.SGD(
+        model.parameters(), lr=float(optimizer["lr"]), momentum=float(optimizer["momentum"]),
+        nesterov=bool(optimizer["nesterov"]), weight_decay=float(optimizer["weight_decay"]),
+    )
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any]):
+    """lr × ``gamma`` from each 0-based epoch in ``milestones`` on (stepped once per epoch)."""
     return torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(schedule["milestones"]), gamma=float(schedule["gamma"])
     )
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast where supported (CPU, Ampere+ GPUs), else fp16 on older GPUs; a no-op when off."""
-    if not enabled:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def with_test_faults(loss_fn, testing: Mapping[str, Any], config: str, iterations_done: int):
+    """``loss_fn`` wrapped with the test-only faults of ``testing`` (a NaN loss from a global iteration on,
+    a sleep per iteration); ``loss_fn`` itself when there are none, so the training loop has no test branch."""
+    nan_at = testing.get("nan_at_iteration")
+    inject = nan_at is not None and config in (testing.get("nan_configs") or [])
+    sleep_s = float(testing.get("sleep_per_iteration") or 0.0)
+    if not inject and not sleep_s:
+        return loss_fn
+    counter = itertools.count(iterations_done)
+
+    def faulty(logits, target, weight=None):
+        i = next(counter)
+        if sleep_s:
+            time.sleep(sleep_s)
+        loss = loss_fn(logits, target, weight)
+        return loss * float("nan") if inject and i >= nan_at else loss
+
+    return faulty
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -69,65 +92,61 @@ def train_trial(config: dict[str, Any]) -> None:
 
     for name in ("ray.tune", "ray.train"):  # keep the driver's console to the study's own progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
-    trial, study, run = config["trial"], config["study"], config["run"]
-    training = study["training"]
-    testing = study.get("testing") or {}
-    n_threads = max(1, int(float(study["resources"]["cpu"])))
-    torch.set_num_threads(n_threads)
-    device = task_device()
-    seed = int(trial["seed"])
-
-    torch.manual_seed(seed)
-    model = build_model(study).to(device)
-    opt_cfg = training["optimizer"]
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=float(opt_cfg["lr"]), momentum=float(opt_cfg["momentum"]),
-        nesterov=bool(opt_cfg["nesterov"]), weight_decay=float(opt_cfg["weight_decay"]),
-    )
-    scheduler = _lr_schedule(optimizer, training["lr_schedule"])
-    loss_fn = get_loss(trial["loss"], **trial["params"])
-
-    start_epoch, next_batch = 0, 0
+    state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_state(ckpt_dir)
+
+    def report(metrics: dict[str, Any], ckpt_dir: str) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+
+    run_trial(config, state=state, report=report)
+
+
+def run_trial(config: Mapping[str, Any], *, state: Mapping[str, Any] | None, report) -> None:
+    """Train one trial from ``state`` (a loaded checkpoint, or None to start) to its last epoch.
+
+    ``report(metrics, checkpoint_dir)`` is called once per epoch; the folder holds the checkpoint and is
+    deleted when ``report`` returns. Validation metrics (``val_*``) are in ``metrics`` only at the epochs
+    where validation ran (every ``validation.every`` epochs and at the last one), never carried over.
+    """
+    trial, study, run = config["trial"], config["study"], config["run"]
+    training = study["training"]
+    torch.set_num_threads(max(1, int(float(study["resources"]["cpu"]))))
+    device = task_device()
+    configure_backends(device)
+
+    torch.manual_seed(int(trial["seed"]))
+    model = build_model(study).to(device)
+    optimizer = build_optimizer(model, training["optimizer"])
+    scheduler = build_lr_schedule(optimizer, training["lr_schedule"])
+    precision = Precision.for_device(device, bool(training["amp"]))
+    scaler = precision.scaler()
+    start_epoch, next_batch = 0, 0
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         next_batch = int(state["sampler"]["next_batch"])
 
-    _train_epochs(
-        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device,
-        trial=trial, study=study, run=run, start_epoch=start_epoch, next_batch=next_batch,
-        testing=testing, resumed=checkpoint is not None,
-    )
-
-
-def _train_epochs(
-    *, model, optimizer, scheduler, loss_fn, device, trial, study, run, start_epoch, next_batch, testing, resumed,
-) -> None:
-    from ray import tune
-
-    training = study["training"]
     epochs = int(run["epochs"])
     iterations = int(training["iterations"])
+    loss_fn = with_test_faults(get_loss(trial["loss"], **trial["params"]), study.get("testing") or {},
+                               config_name(trial["loss"], trial["iw"]), start_epoch * iterations)
     cache = open_cache(study["data"]["cache_dir"])
-    train_ids = cache.case_ids(run["splits"])
     val_ids = cache.case_ids(study["data"]["val"]) if run["validate"] else []
-    clip = study["iw"]["clip"]
-    nan_at = testing.get("nan_at_iteration")
-    inject_nan = nan_at is not None and config_name(trial["loss"], trial["iw"]) in (testing.get("nan_configs") or [])
-    sleep_s = float(testing.get("sleep_per_iteration") or 0.0)
-    amp = bool(training["amp"])
     val_every = int(study["validation"]["every"])
-    last_val: dict[str, float] = {}
+    clip = study["iw"]["clip"]
+    use_iw = bool(trial["iw"])
     val_records = None
 
     sampler = PatchSampler(
-        cache, train_ids, patch_size=tuple(training["patch_size"]), batch_size=int(training["batch_size"]),
-        iw=bool(trial["iw"]), iw_clip=None if clip is None else tuple(clip),
+        cache, cache.case_ids(run["splits"]), patch_size=tuple(training["patch_size"]),
+        batch_size=int(training["batch_size"]), iw=use_iw, iw_clip=None if clip is None else tuple(clip),
         lesion_prob=float(training["lesion_prob"]), seed=int(trial["seed"]),
         num_workers=int(training["sampler_workers"]), start_batch=next_batch,
     )
@@ -142,26 +161,15 @@ def _train_epochs(
                 batch = next(batches)
                 image = torch.from_numpy(batch.image).to(device, non_blocking=True)
                 target = torch.from_numpy(batch.target).to(device, non_blocking=True)
-                weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if trial["iw"] else None
-                with _autocast(device, amp):
-                    logits = model(image)
-                loss = loss_fn(logits.float(), target, weight)
-                global_iter = epoch * iterations + it
-                if inject_nan and global_iter >= nan_at:
-                    loss = loss * float("nan")
-                value = float(loss.detach())
+                weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if use_iw else None
+                value = train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
                 if not math.isfinite(value):
                     raise TrialDivergedError(
                         f"non-finite training loss ({value}) at epoch {epoch}, iteration {it} "
                         f"(loss {trial['loss']}, iw {trial['iw']}, lr {lr:g}); "
                         "lower the learning rate or check the data"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 losses.append(value)
-                if sleep_s:
-                    time.sleep(sleep_s)
             scheduler.step()
             train_seconds = time.perf_counter() - t0
 
@@ -172,12 +180,12 @@ def _train_epochs(
                 "lr": lr,
                 "training_done": epoch + 1 == epochs,
             }
+            if state is not None and epoch == start_epoch:
+                metrics["resumed_from_epoch"] = start_epoch  # the driver tags the MLflow run with it
             with tempfile.TemporaryDirectory() as ckpt_dir:
                 if val_ids and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
-                    last_val, val_records = _validate(model, cache, val_ids, study, device, amp, ckpt_dir)
-                metrics.update(last_val)
-                if resumed and epoch == start_epoch:
-                    metrics["resumed_from_epoch"] = start_epoch  # the driver tags the MLflow run with it
+                    val_metrics, val_records = _validate(model, cache, val_ids, study, device, precision, ckpt_dir)
+                    metrics.update(val_metrics)
                 metrics["epoch_seconds"] = time.perf_counter() - t0
                 metrics["train_seconds"] = train_seconds
                 torch.save(
@@ -185,6 +193,7 @@ def _train_epochs(
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
                         "sampler": sampler.state_dict(),
                         "epoch": epoch,
                         "trial": json.dumps(trial),
@@ -193,14 +202,14 @@ def _train_epochs(
                 )
                 if epoch + 1 == epochs:
                     _write_final_artifacts(trial, study, run, ckpt_dir, val_records)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+                report(metrics, ckpt_dir)
 
 
-def _validate(model, cache, val_ids, study, device, amp, out_dir):
+def _validate(model, cache, val_ids, study, device, precision, out_dir):
     """Whole-volume validation: records under the ``any`` rule (saved), luna16 summary -> (metrics, records)."""
     records = predict_records(
         model, cache, val_ids, inference=study["inference"], rules={"any": ("any", None)},
-        device=device, amp=amp,
+        device=device, precision=precision,
     )["any"]
     save_records(Path(out_dir) / VAL_RECORDS_FILE, records, meta={"splits": list(study["data"]["val"])})
     n_boot = int(study["validation"]["n_boot"])

@@ -69,6 +69,43 @@ def _all_runs(study: Path):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def _histories(study: Path) -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
+    """(stage, run name) -> metric -> [(step, value)] of every trial run, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    out = {}
+    for stage in ("sweep", "holdout"):
+        for run in _runs(study, stage):
+            out[(stage, run.info.run_name)] = {
+                key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                for key in run.data.metrics}
+    return out
+
+
+def _assert_unique_steps(histories) -> None:
+    for run, metrics in histories.items():
+        for key, points in metrics.items():
+            steps = [s for s, _ in points]
+            assert len(steps) == len(set(steps)), (run, key, steps)
+
+
+def _numbers(obj, path=""):
+    """Every number of a summary.json by its path (paths, trial ids and the machine left out)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k not in ("records", "trial_id", "environment"):
+                out.update(_numbers(v, f"{path}.{k}"))
+        return out
+    if isinstance(obj, list):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_numbers(v, f"{path}[{i}]"))
+        return out
+    return {path: obj} if isinstance(obj, int | float) and not isinstance(obj, bool) else {}
+
+
 def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
     """Issue 5: kill the driver's process group mid-sweep; `study resume` finishes every trial exactly once,
     a checkpointed trial continues from its epoch, a diverging trial errors with its reason in MLflow."""
@@ -106,6 +143,11 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
 
     runs = _runs(study, "sweep")
     assert len(runs) == 3 and len({r.data.tags["trial_id"] for r in runs}) == 3  # one run per trial
+    histories = _histories(study)
+    _assert_unique_steps(histories)  # a replayed epoch is never logged twice
+    for (stage, name), metrics in histories.items():
+        if stage == "sweep" and not name.startswith("sweep:iw-bce"):  # the NaN trial stops early
+            assert [s for s, _ in metrics["train_loss"]] == [1, 2, 3, 4], name  # steps = console epochs
     assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
     nan_run = next(r for r in runs if r.data.tags["config"] == "iw-bce")
     assert nan_run.info.status == "FAILED"
@@ -118,11 +160,12 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
     assert sorted(r.data.tags["config"] for r in holdout) == ["bce", "dice"]
 
 
-def test_sigkill_during_retrain_gives_the_same_report(tmp_path, no_leftover_processes):
-    """Issue 6: kill during the retrain stage, resume: the report appears, one MLflow run per retrained
-    configuration, and the hold-out numbers equal those of an uninterrupted run of the same seeds."""
+def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_path, no_leftover_processes):
+    """Issues 6 and 10: one study killed mid-sweep, resumed, killed again during retrain and resumed ends with
+    exactly the MLflow history (one value per metric and step, equal values) and the summary.json numbers of
+    an uninterrupted run of the same seeds on this machine; the report and its figures appear."""
     space = _space(tmp_path, search={"losses": {"dice": {"iw": [False, True]}}, "seeds": [0]},
-                   testing={"sleep_per_iteration": 0.25})
+                   validation={"n_boot": 0, "every": 2}, testing={"sleep_per_iteration": 0.25})
     storage = tmp_path / "studies"
 
     reference = run_study("launch", str(space), "--storage", str(storage), "--name", "straight", cwd=tmp_path)
@@ -131,10 +174,16 @@ def test_sigkill_during_retrain_gives_the_same_report(tmp_path, no_leftover_proc
     study = storage / "killed"
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
-    wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log)
+    wait_for(lambda: _checkpoints(study, "sweep", 1), timeout=300, proc=proc, log=log)
+    assert not _state(study)["stages"].get("sweep", {}).get("done")
+    kill_group(proc)  # 1: mid-sweep
+
+    log2 = tmp_path / "resume.log"
+    proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log2)
+    wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log2)
     assert _state(study)["stages"].get("select", {}).get("done")
     assert not _state(study)["stages"].get("retrain", {}).get("done")
-    kill_group(proc)
+    kill_group(proc)  # 2: mid-retrain
 
     res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -150,12 +199,21 @@ def test_sigkill_during_retrain_gives_the_same_report(tmp_path, no_leftover_proc
     assert all("holdout_avg_recall" in r.data.metrics for r in holdout)
     assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
 
-    a = json.loads((storage / "straight" / "holdout" / "summary.json").read_text())
-    b = json.loads((study / "holdout" / "summary.json").read_text())
-    for label, ca in a["configs"].items():
-        cb = b["configs"][label]
-        for key in ("avg_recall", "obj_dice", "fp_per_image", "pred_positive_fraction"):
-            assert cb["luna16"][key] == pytest.approx(ca["luna16"][key], abs=1e-6), (label, key)
+    # MLflow: the same runs, each metric with one value per step, equal to the uninterrupted run's
+    straight, killed = _histories(storage / "straight"), _histories(study)
+    _assert_unique_steps(killed)
+    assert sorted(killed) == sorted(straight)
+    for run, metrics in straight.items():
+        for key, points in metrics.items():
+            if key in ("train_loss", "lr") or key.startswith(("val_", "holdout_")):
+                assert killed[run][key] == points, (run, key)
+    sweep_val = [m["val_avg_recall"] for (stage, _), m in straight.items() if stage == "sweep"]
+    assert all([s for s, _ in v] == [2, 4] for v in sweep_val)  # validation every 2 epochs: logged there only
+
+    # summary.json: every number identical (the same study twice on one machine, one run interrupted twice)
+    a = _numbers(json.loads((storage / "straight" / "holdout" / "summary.json").read_text()))
+    b = _numbers(json.loads((study / "holdout" / "summary.json").read_text()))
+    assert len(a) > 50 and a == b
 
 
 def test_gpu_request_without_gpu_fails_fast(tmp_path, no_leftover_processes):

@@ -49,10 +49,42 @@ def test_grid_is_enumerated_with_conditional_parameters():
         "seeds": [0, 1]}})
     labels = [t.label for t in cfg.trials]
     assert len(labels) == len(set(labels)) == (2 + 4 + 2 + 1) * 2
-    for t in cfg.trials:
-        expected = {"focal": {"gamma", "alpha"}, "asl": {"beta"}}.get(t.loss, set())
+    for t in cfg.trials:  # every parameter of the loss written out (defaults included), none of another loss
+        expected = {"focal": {"gamma", "alpha"}, "asl": {"beta", "form"}, "wce": {"pos_weight"}}.get(t.loss, set())
         assert set(t.params) == expected, t.label
     assert {t.seed for t in cfg.trials} == {0, 1}
+
+
+def test_numbers_are_normalised_before_identity():
+    """2 and 2.0 are one value: ints become floats where the loss's parameter is a float, defaults are filled."""
+    a = config_from_dict({"search": {"losses": {"focal": {"gamma": 2}}}})
+    b = config_from_dict({"search": {"configs": ["focal"]}})
+    c = config_from_dict({"search": {"losses": {"focal": {}}}})
+    assert a.trials[0].params == b.trials[0].params == c.trials[0].params == {"alpha": 0.75, "gamma": 2.0}
+    assert isinstance(a.trials[0].params["gamma"], float)
+    assert a.trials[0].label == b.trials[0].label == "focal[alpha=0.75,gamma=2]/s0"
+
+
+@pytest.mark.parametrize(("search", "first", "second"), [
+    ({"losses": {"focal": {"gamma": 2, "alpha": 0.75}}, "configs": ["focal"]},
+     "search.losses.focal (alpha=0.75, gamma=2)", "search.configs[0] ('focal')"),
+    ({"losses": {"focal": {}}, "configs": ["focal"]}, "search.losses.focal", "search.configs[0] ('focal')"),
+    ({"losses": {"focal": {"gamma": [2, 2.0]}}}, "search.losses.focal (gamma=2)",
+     "search.losses.focal (gamma=2.0)"),
+    ({"losses": {"bce": {"iw": True}}, "configs": ["iw-bce"]}, "search.losses.bce", "search.configs[0] ('iw-bce')"),
+])
+def test_the_same_trial_twice_is_refused_naming_both_places(search, first, second):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"search": search}, source="s.yaml")
+    msg = str(err.value)
+    assert msg.startswith("s.yaml: search: ") and "defined twice" in msg
+    assert first in msg and second in msg, msg
+
+
+def test_labels_never_round_distinct_values():
+    cfg = config_from_dict({"search": {"losses": {"focal": {"alpha": [0.75, 0.7500001]}}}})
+    labels = [t.label for t in cfg.trials]
+    assert labels == ["focal[alpha=0.75,gamma=2]/s0", "focal[alpha=0.7500001,gamma=2]/s0"]
 
 
 @pytest.mark.parametrize(

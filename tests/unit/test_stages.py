@@ -6,9 +6,9 @@ import pytest
 
 from study.config import config_from_dict
 from study.report import build_blocks, render_html, render_markdown, write_report
-from study.stages import holdout_table, select_winners, size_group_names, slug, trial_summary, trial_table
+from study.stages import holdout_table, select_winners, size_group_names, trial_summary, trial_table
 from study.tuner import TrialOutcome
-from trainables.naming import config_name
+from trainables.naming import config_name, trial_slug
 
 
 def _outcome(tid, loss, iw, params, seed, recall, dice=0.5, status="TERMINATED", history=None):
@@ -96,7 +96,7 @@ def test_console_table_and_names():
     text = holdout_table(_summary())
     assert "iw-dice/s0" in text and "0.600 [0.500, 0.700]" in text and "strict = iou 0.3" in text
     assert size_group_names(2) == ["small", "large"] and size_group_names(3)[1] == "medium"
-    assert slug("iw-focal[alpha=0.75,gamma=2]/s0") == "iw-focal_alpha-0.75_gamma-2_s0"
+    assert trial_slug("iw-focal[alpha=0.75,gamma=2]/s0") == "iw-focal_alpha-0.75_gamma-2_s0"
 
 
 def test_trial_summary_reads_best_and_last_from_the_history():
@@ -109,3 +109,47 @@ def test_trial_summary_reads_best_and_last_from_the_history():
         0.7, 0.4, 3, 3)
     table = trial_table([r])
     assert "iw-dice/s0" in table and "3/3" in table and "0.700" in table and "0.400" in table
+
+
+def test_iw_pairs_prefer_the_same_parameters_then_fall_back_to_the_plain_winner():
+    from study.stages import iw_pairs
+
+    def c(loss, iw, seed, **params):
+        return {"loss": loss, "iw": iw, "seed": seed, "params": params}
+
+    configs = {
+        "focal[a=0.5]/s0": c("focal", False, 0, alpha=0.5),   # the plain winner picked alpha 0.5
+        "iw-focal[a=0.75]/s0": c("focal", True, 0, alpha=0.75),  # the iw winner 0.75: fallback pairing
+        "bce/s0": c("bce", False, 0), "bce/s1": c("bce", False, 1),
+        "iw-bce/s0": c("bce", True, 0), "iw-bce/s1": c("bce", True, 1),  # exact pairs, seed by seed
+        "dice[x=1]/s0": c("dice", False, 0, x=1), "dice[x=2]/s0": c("dice", False, 0, x=2),
+        "iw-dice[x=2]/s0": c("dice", True, 0, x=2),  # exact match preferred over the other plain dice
+        "iw-asl/s0": c("asl", True, 0),  # no plain asl: no pair
+        "iw-bce/s2": c("bce", True, 2),  # no plain bce of seed 2: never paired across seeds
+    }
+    pairs = sorted(iw_pairs(configs))
+    assert pairs == [("bce", 0, "bce/s0", "iw-bce/s0"), ("bce", 1, "bce/s1", "iw-bce/s1"),
+                     ("dice", 0, "dice[x=2]/s0", "iw-dice[x=2]/s0"),
+                     ("focal", 0, "focal[a=0.5]/s0", "iw-focal[a=0.75]/s0")]
+
+
+def test_epoch_history_keeps_one_result_per_epoch_and_the_last_measured_value():
+    import pandas as pd
+
+    from study.tuner import epoch_history, last_measured
+
+    nan = float("nan")
+    # epochs 0..2, validation every 2 epochs; the driver died after epoch 2 and the trial re-ran epoch 2
+    df = pd.DataFrame([
+        {"epoch": 0, "train_loss": 0.9, "val_avg_recall": nan},
+        {"epoch": 1, "train_loss": 0.8, "val_avg_recall": 0.4},
+        {"epoch": 2, "train_loss": 0.71, "val_avg_recall": nan},
+        {"epoch": 2, "train_loss": 0.7, "val_avg_recall": nan},
+    ])
+    hist = epoch_history(df)
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert hist[2]["train_loss"] == 0.7 and "val_avg_recall" not in hist[2]
+    assert last_measured(hist, "val_avg_recall") == 0.4  # not NaN, not a stale copy at epoch 2
+    assert last_measured(hist, "val_obj_dice") is None
+    outcome = TrialOutcome("t", {}, "TERMINATED", hist[-1], None, None, hist)
+    assert outcome.measured("val_avg_recall") == 0.4 and trial_summary(outcome)["last_val_avg_recall"] == 0.4
