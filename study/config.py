@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from trainables.errors import ConfigError
-from trainables.naming import config_name, trial_label, trial_slug
+from trainables.naming import config_name, trial_folder, trial_label
 
 # ---------------------------------------------------------------------------------------------- sections
 
@@ -528,12 +528,12 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
         first[ident] = where
     trials = tuple(TrialSpec(loss=loss, iw=iw, params=params, seed=seed)
                    for loss, iw, params, _where in cells for seed in search.seeds)
-    slugs: dict[str, str] = {}
+    folders: dict[str, str] = {}
     for spec in trials:  # every per-trial folder and key must be unique
-        other = slugs.setdefault(trial_slug(spec.label), spec.label)
+        other = folders.setdefault(trial_folder(spec.as_dict()), spec.label)
         if other != spec.label:
-            errors.fail("search", f"trials {other} and {spec.label} would share the folder name "
-                                  f"{trial_slug(spec.label)!r}; change a parameter value")
+            errors.fail("search", f"trials {other} and {spec.label} would share the folder "
+                                  f"{trial_folder(spec.as_dict())!r}; change a parameter value")
     return trials
 
 

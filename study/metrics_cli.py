@@ -53,6 +53,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="luna16 bootstrap seed (default 0)")
     p.set_defaults(func=run_metrics)
 
+    p = subparsers.add_parser(
+        "compare",
+        help="B − A with hierarchical-bootstrap CIs (avg recall, object Dice, FP/image), the study's verdict test",
+        description="Differences B − A of two configurations on the same cases: avg recall (luna16), object "
+        "Dice and FP/image, each with a 95 % CI from a hierarchical bootstrap (seeds with replacement, then "
+        "cases within each seed). A and B are records files, or folders holding one records file per seed "
+        "(a study's holdout/<configuration>/, whose s<seed>/ subfolders are paired by name).",
+    )
+    p.add_argument("a", type=Path, metavar="A", help="records file or folder (the reference, e.g. plain)")
+    p.add_argument("b", type=Path, metavar="B", help="records file or folder (e.g. iw)")
+    p.add_argument("--rule", choices=("any", "strict"), default="any",
+                   help="in folders, compare records_<rule>.json (default any; strict = the study's strict rule)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=run_compare)
+
 
 def _files(path: Path) -> list[tuple[str, Path]]:
     if path.is_dir():
@@ -127,4 +144,66 @@ def run_metrics(args: argparse.Namespace) -> int:
             )
         )
         print(_table(rows, args.protocol))
+    return 0
+
+
+def _seed_files(path: Path, rule: str) -> dict[str, Path]:
+    """Relative key -> records file: a file is one seed; a folder holds ``records_<rule>.json`` per seed."""
+    if path.is_file():
+        return {"": path}
+    if not path.exists():
+        raise RecordsError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.rglob(f"records_{rule}.json") if p.is_file())
+    if not files:
+        raise RecordsError(f"{path}: no records_{rule}.json below this folder")
+    return {str(p.parent.relative_to(path)): p for p in files}
+
+
+def compare_records(a: Path, b: Path, *, rule: str = "any", n_boot: int = 1000, seed: int = 0) -> dict:
+    """The hierarchical-bootstrap differences B − A (see ``study compare --help``); RecordsError names both
+    paths when they cannot be compared (different cases, hit rules or seeds)."""
+    from trainables.metrics.bootstrap import VERDICT_METRICS, hierarchical_bootstrap
+    from trainables.metrics.io import read_records
+
+    fa, fb = _seed_files(a, rule), _seed_files(b, rule)
+    if len(fa) == len(fb) == 1:
+        keys = [(next(iter(fa)), next(iter(fb)))]
+    elif set(fa) == set(fb):
+        keys = [(k, k) for k in sorted(fa)]
+    else:
+        raise RecordsError(f"{a} and {b} hold different seeds: {sorted(fa)} vs {sorted(fb)}")
+    pairs = []
+    for ka, kb in keys:
+        (ra, ma), (rb, mb) = read_records(fa[ka]), read_records(fb[kb])
+        if set(ra) != set(rb):
+            raise RecordsError(f"{fa[ka]} and {fb[kb]} cover different cases ({len(set(ra) ^ set(rb))} differ): "
+                               "compare records of the same hold-out set")
+        if ma.get("hit_rule") != mb.get("hit_rule"):
+            raise RecordsError(f"{fa[ka]} (hit rule {ma.get('hit_rule')}) and {fb[kb]} (hit rule "
+                               f"{mb.get('hit_rule')}) were made under different hit rules")
+        pairs.append((ra, rb))
+    out = {"a": str(a), "b": str(b), "rule": rule, "n_seeds": len(pairs), "n_cases": len(pairs[0][0]),
+           "n_boot": n_boot, "seed": seed}
+    for metric in VERDICT_METRICS:
+        r = hierarchical_bootstrap(pairs, metric=metric, n_boot=n_boot, seed=seed)
+        out[metric] = {k: r[k] for k in ("delta", "ci_low", "ci_high", "per_seed")}
+    return out
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    if args.n_boot < 10:
+        raise RecordsError(f"--n-boot must be >= 10, got {args.n_boot}")
+    res = compare_records(args.a, args.b, rule=args.rule, n_boot=args.n_boot, seed=args.seed)
+    if args.json:
+        print(json.dumps(_clean(res), indent=2))
+        return 0
+    print(f"B − A: {res['b']} − {res['a']}  (rule {res['rule']}, {res['n_seeds']} seed(s), {res['n_cases']} cases, "
+          f"hierarchical bootstrap n={res['n_boot']}, seed {res['seed']})")
+    rows = [("metric", "delta", "95% CI", "per seed")]
+    for metric in ("avg_recall", "obj_dice", "fp_per_image"):
+        d = res[metric]
+        ci = "-" if d["ci_low"] is None else f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        rows.append((metric, "-" if d["delta"] is None else f"{d['delta']:+.3f}", ci,
+                     ", ".join("-" if x is None else f"{x:+.3f}" for x in d["per_seed"])))
+    print(text_table(rows))
     return 0

@@ -22,7 +22,7 @@ from study.config import StudyConfig, TrialSpec
 from study.layout import STAGES, StudyDir, StudyState, write_atomic
 from study.tables import fmt, text_table
 from trainables.errors import DataError, UserError
-from trainables.naming import trial_label, trial_slug
+from trainables.naming import trial_folder, trial_label
 
 SWEEP, RETRAIN = "sweep", "retrain"
 
@@ -265,7 +265,7 @@ def stage_holdout(ctx: StudyContext) -> None:
     pending = {}
     for r in results:
         label = trial_label(r.spec)
-        out_dir = ctx.dir.holdout_dir / trial_slug(label)
+        out_dir = ctx.dir.holdout_dir / trial_folder(r.spec)
         pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules)
     log(f"holdout: whole-volume inference of {len(pending)} configuration(s) on the hold-out cases")
     paths = {}
@@ -288,13 +288,15 @@ def _json_default(o: Any) -> Any:
 
 def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str]]) -> dict[str, Any]:
     """Every number of the report, computed from the saved records (cheap; no inference here)."""
+    from study.report import strict_rule_name
+    from study.verdict import build_verdict
     from trainables.data import open_cache
-    from trainables.metrics import load_records, paired_bootstrap, size_groups, summarize
+    from trainables.metrics import load_records, size_groups, summarize
 
     ev = ctx.cfg.evaluation
     configs: dict[str, Any] = {}
     records_any: dict[str, Any] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: (TrialSpec.from_dict(r.spec).label.rsplit("/", 1)[0], r.spec["seed"])):
         spec = TrialSpec.from_dict(r.spec)
         label = spec.label
         rec_any = load_records(paths[label]["any"])
@@ -321,14 +323,11 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
         configs[label]["size_groups"] = (
             size_groups(rs, cutoffs_mm=cutoffs, protocol="luna16", n_boot=0) if cutoffs else {}
         )
-    # paired iw comparisons: the same loss, parameters and seed, with and without iw
-    paired = []
-    for loss, seed, plain, label_iw in iw_pairs(configs):
-        entry = {"loss": loss, "seed": seed, "plain": plain, "iw": label_iw}
-        for metric in ("avg_recall", "obj_dice"):
-            entry[metric] = paired_bootstrap(records_any[plain], records_any[label_iw], metric=metric,
-                                             n_boot=ev.n_boot, seed=ev.seed)
-        paired.append(entry)
+    # the verdict: iw vs plain of each loss, seeds then cases resampled (study.verdict)
+    group_names = list(configs[next(iter(configs))]["size_groups"])
+    verdict = build_verdict(configs, iw_pairs(configs), cutoffs_mm=cutoffs, group_names=group_names,
+                            strict_name=strict_rule_name((ev.strict.rule, ev.strict.threshold)),
+                            n_boot=ev.n_boot, seed=ev.seed)
     cache = open_cache(ctx.cache_dir())
     diameters = {}
     for split_name in ("train", "val", "holdout"):
@@ -336,9 +335,9 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
         for cid in cache.case_ids(list(getattr(ctx.cfg.data, split_name))):
             vals.extend(cache.meta(cid).get("diameters_mm", []))
         diameters[split_name] = vals
-    from study.environment import describe
+    from trainables.environment import describe
 
-    return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "configs": configs, "paired": paired,
+    return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "configs": configs, "verdict": verdict,
             "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold],
             "environment": describe()}
 
@@ -441,7 +440,7 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
-    from study.environment import describe
+    from trainables.environment import describe
 
     tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
     ctx.state.record_environment(describe())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from trainables.environment import print_machine
 from trainables.losses import dice_loss
 from trainables.unet import CPU_PRESET_WIDTH, UNet3D, count_parameters
 from trainables.weights import inverse_weights, label_components, weights_from_labels
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the U-Net runs (default 1)")
     parser.add_argument("--skip-unet", action="store_true", help="only the weight-map benchmark")
     args = parser.parse_args(argv)
+    print_machine()
     repeats = 3 if args.quick else 7
     bench_weights(repeats)
     if not args.skip_unet:

@@ -18,7 +18,7 @@ import torch
 from trainables.data import Cache, open_cache
 from trainables.inference import sliding_window_inference
 from trainables.metrics import CaseRecords, save_records, volume_records_multi
-from trainables.step import Precision
+from trainables.step import Precision, configure_backends
 from trainables.unet import UNet3D
 
 STATE_FILE = "state.pt"
@@ -116,6 +116,7 @@ def holdout_records(
         return paths
     torch.set_num_threads(max(1, int(float(study["resources"]["cpu"]))))
     device = task_device()
+    configure_backends(device)
     model = build_model(study)
     model.load_state_dict(load_state(checkpoint_dir)["model"])
     model.to(device)

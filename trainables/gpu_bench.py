@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trainables.environment import print_machine
 from trainables.losses import PAPER_CONFIGS, get_loss
 from trainables.step import Precision, configure_backends, train_step
 from trainables.trainable import build_optimizer
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="*", default=list(PAPER_CONFIGS), choices=list(PAPER_CONFIGS))
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    print_machine()
     device = torch.device(args.device)
     configure_backends(device)  # exactly as the trials do
     if device.type == "cuda":

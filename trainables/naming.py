@@ -32,13 +32,24 @@ def params_label(params: Mapping[str, Any] | None) -> str:
     return ",".join(f"{k}={format_value(v)}" for k, v in sorted((params or {}).items()))
 
 
+def config_label(trial: Mapping[str, Any]) -> str:
+    """The configuration with its hyperparameters, without the seed: ``iw-focal[alpha=0.75,gamma=2]``."""
+    params = params_label(trial.get("params"))
+    return config_name(trial["loss"], bool(trial["iw"])) + (f"[{params}]" if params else "")
+
+
 def trial_label(trial: Mapping[str, Any]) -> str:
     """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``.
 
     ``trial``: ``{"loss", "iw", "params", "seed"}`` (the ``trial`` part of a trial's config).
     """
-    params = params_label(trial.get("params"))
-    return config_name(trial["loss"], bool(trial["iw"])) + (f"[{params}]" if params else "") + f"/s{trial['seed']}"
+    return f"{config_label(trial)}/s{trial['seed']}"
+
+
+def trial_folder(trial: Mapping[str, Any]) -> str:
+    """The relative folder of a trial's files: ``iw-focal_alpha-0.75_gamma-2/s0`` (one folder per
+    configuration, one subfolder per seed, so that ``study compare`` takes a configuration's folder)."""
+    return f"{trial_slug(config_label(trial))}/s{trial['seed']}"
 
 
 def trial_slug(label: str) -> str:

@@ -98,3 +98,65 @@ def test_bad_file_in_a_folder_and_missing_paths(capsys, tmp_path, paper_records_
     empty.mkdir()
     rc, _, err = run(capsys, empty)
     assert rc == 2 and "no *.json" in err
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+INF = math.inf
+
+
+def _rs(found: list[list[bool]], fps: list[int]) -> dict:
+    recs = {}
+    for c, (hits, k) in enumerate(zip(found, fps)):
+        lesions = [{"is_tum": True, "diameter": 5.0, "hit_dice": 0.8 if h else 0.0, "hit_logit": 2.0 if h else -INF,
+                    "self_logit": INF} for h in hits]
+        comps = [{"is_tum": False, "diameter": 3.0, "hit_dice": 0.0, "hit_logit": -INF, "self_logit": 1.0,
+                  "hit_obj": None} for _ in range(k)]
+        recs[f"c{c}"] = CaseRecords(lesions + comps)
+    return recs
+
+
+def _study_folders(tmp_path):
+    """holdout/<config>/s<seed>/records_{any,strict}.json for plain and iw, two seeds, four cases."""
+    plain = {0: _rs([[True, False], [False, False], [True, True], [False, True]], [0, 1, 0, 0]),
+             1: _rs([[True, False], [False, False], [True, False], [False, True]], [0, 0, 0, 1])}
+    iw = {0: _rs([[True, True], [True, False], [True, True], [True, True]], [2, 3, 1, 2]),
+          1: _rs([[True, True], [False, False], [True, True], [True, True]], [1, 2, 3, 2])}
+    for name, sets in (("dice", plain), ("iw-dice", iw)):
+        for seed, rs in sets.items():
+            for rule in ("any", "strict"):
+                save_records(tmp_path / name / f"s{seed}" / f"records_{rule}.json", rs,
+                             meta={"hit_rule": ["any", None] if rule == "any" else ["iou", 0.3]})
+    return plain, iw
+
+
+def test_compare_folders_of_seeds_json(tmp_path, capsys):
+    plain, iw = _study_folders(tmp_path)
+    rc = main(["compare", str(tmp_path / "dice"), str(tmp_path / "iw-dice"), "--json", "--n-boot", "200"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["n_seeds"] == 2 and out["n_cases"] == 4
+    # no FP has a confidence above a hit: avg recall = fraction found; plain 4/8 and 3/8, iw 7/8 and 6/8
+    assert out["avg_recall"]["per_seed"] == pytest.approx([3 / 8, 3 / 8])
+    assert out["avg_recall"]["delta"] == pytest.approx(3 / 8)
+    assert out["fp_per_image"]["per_seed"] == pytest.approx([8 / 4 - 1 / 4, 8 / 4 - 1 / 4])
+    for metric in ("avg_recall", "obj_dice", "fp_per_image"):
+        assert set(out[metric]) == {"delta", "ci_low", "ci_high", "per_seed"}
+        assert out[metric]["ci_low"] <= out[metric]["delta"] <= out[metric]["ci_high"]
+    rc = main(["compare", str(tmp_path / "dice" / "s0" / "records_strict.json"),
+               str(tmp_path / "iw-dice" / "s0" / "records_strict.json")])
+    text = capsys.readouterr().out
+    assert rc == 0 and "1 seed(s), 4 cases" in text and "avg_recall" in text and "+0.375" in text
+
+
+def test_compare_refuses_other_cases_and_other_rules(tmp_path, capsys):
+    _study_folders(tmp_path)
+    a = tmp_path / "dice" / "s0" / "records_any.json"
+    other = tmp_path / "other.json"
+    save_records(other, _rs([[True]], [0]), meta={"hit_rule": ["any", None]})
+    assert main(["compare", str(a), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert str(a) in err and str(other) in err and "different cases" in err
+    strict = tmp_path / "iw-dice" / "s0" / "records_strict.json"
+    assert main(["compare", str(a), str(strict)]) == 2
+    err = capsys.readouterr().err
+    assert str(a) in err and str(strict) in err and "different hit rules" in err

@@ -8,6 +8,7 @@ from study.config import config_from_dict
 from study.report import build_blocks, render_html, render_markdown, write_report
 from study.stages import holdout_table, select_winners, size_group_names, trial_summary, trial_table
 from study.tuner import TrialOutcome
+from study.verdict import sentence
 from trainables.naming import config_name, trial_slug
 
 
@@ -66,11 +67,19 @@ def _summary():
                           "config": config_name("dice", iw), "luna16": s(recall, dice, recall - 0.1, recall + 0.1),
                           "paper2020": s(recall, dice), "strict": s(recall / 2, dice),
                           "size_groups": {"<5.0 mm": s(0.1, None), ">=5.0 mm": s(0.9, 0.7)}}
-    paired = [{"loss": "dice", "seed": 0, "plain": "dice/s0", "iw": "iw-dice/s0",
-               "avg_recall": {"diff": 0.2, "ci_low": 0.05, "ci_high": 0.35, "p_value": 0.01},
-               "obj_dice": {"diff": None, "ci_low": None, "ci_high": None, "p_value": None}}]
-    return {"study": "x", "size_cutoffs_mm": [5.0], "configs": configs, "paired": paired,
+    entry = {"loss": "dice", "plain": "dice", "iw": "iw-dice", "seeds": [0], "n_seeds": 1,
+             "metrics": {"avg_recall": _d(0.2, 0.05, 0.35), "avg_recall_strict": _d(0.1, -0.05, 0.2),
+                         "obj_dice": _d(None, None, None), "fp_per_image": _d(3.0, 1.0, 5.0)},
+             "size_groups": {"<5.0 mm": {"avg_recall": _d(0.3, 0.1, 0.5), "avg_recall_strict": _d(0.0, 0.0, 0.0),
+                                         "obj_dice": _d(None, None, None)}}}
+    entry["sentence"] = sentence(entry, "IoU ≥ 0.3")
+    verdict = {"entries": [entry], "n_boot": 500, "seed": 0, "ci_half_width_avg_recall": 0.14}
+    return {"study": "x", "size_cutoffs_mm": [5.0], "configs": configs, "verdict": verdict,
             "diameters_mm": {"train": [3.0, 8.0], "holdout": [4.0, 9.0]}, "strict_rule": ["iou", 0.3]}
+
+
+def _d(delta, lo, hi, n_cases=4):
+    return {"delta": delta, "ci_low": lo, "ci_high": hi, "per_seed": [delta], "n_cases": n_cases}
 
 
 def test_report_tables_carry_every_number_and_missing_values():
@@ -78,10 +87,17 @@ def test_report_tables_carry_every_number_and_missing_values():
     md = render_markdown(blocks)
     assert "| dice/s0 | 0.400 [0.300, 0.500] | 0.700 ± 0.100 | 1.50 | 0.0200 | 0.200 | 0.400 ± 0.010 |" in md
     assert "| iw-dice/s0 | 0.600 [0.500, 0.700] | – ± – |" in md
-    assert "| dice | dice/s0 | iw-dice/s0 | +0.200 [0.050, 0.350] | 0.010 | – | – |" in md
-    assert "IoU ≥ 0.3" in md and "![" in md
+    # the report opens with the verdict, generated from the intervals
+    assert md.index("## Verdict") < md.index("## Hold-out results")
+    assert ("- iw-dice vs dice (1 seed): strict (IoU ≥ 0.3) avg recall +0.10 [-0.05, +0.20], any-rule avg recall "
+            "+0.20 [+0.05, +0.35], object Dice undefined, FP/image +3.0 [+1.0, +5.0]: recall under the lenient rule "
+            "only: over-segmentation (more FPs or lower object Dice).") in md
+    assert "about ±0.14" in md and "4 hold-out cases" in md
+    assert "| iw-dice − dice | all lesions | avg recall (any) | +0.200 [0.050, 0.350] | +0.200 |" in md
+    assert "| iw-dice − dice | <5.0 mm | object Dice | – | – |" in md
+    assert "IoU ≥ 0.3" in md and "![" in md and "p = 0.000" not in md
     page = render_html(blocks, "x")
-    assert page.count("<table>") == 3 and "<img src='froc.png'" in page
+    assert page.count("<table>") == 3 and "<img src='froc.png'" in page and "<li>iw-dice vs dice" in page
 
 
 def test_write_report_files(tmp_path):
@@ -153,3 +169,26 @@ def test_epoch_history_keeps_one_result_per_epoch_and_the_last_measured_value():
     assert last_measured(hist, "val_obj_dice") is None
     outcome = TrialOutcome("t", {}, "TERMINATED", hist[-1], None, None, hist)
     assert outcome.measured("val_avg_recall") == 0.4 and trial_summary(outcome)["last_val_avg_recall"] == 0.4
+
+
+@pytest.mark.parametrize(("strict", "lenient", "dice", "fp", "seeds", "says"), [
+    ((0.1, 0.02, 0.2), (0.2, 0.1, 0.3), (-0.01, -0.05, 0.03), (0.4, -0.1, 0.9), 3,
+     "more lesions found under the strict rule, at no resolved delineation cost."),
+    ((0.1, 0.02, 0.2), (0.2, 0.1, 0.3), (-0.1, -0.15, -0.05), (2.0, 1.0, 3.0), 3,
+     "more lesions found under the strict rule, at a resolved delineation cost, more false positives."),
+    ((-0.1, -0.2, -0.05), (0.2, 0.1, 0.3), (-0.1, -0.2, -0.05), (2.0, 1.0, 3.0), 3,
+     "fewer lesions found under the strict rule"),
+    ((0.0, -0.1, 0.1), (0.4, 0.3, 0.5), (-0.3, -0.4, -0.2), (20.0, 15.0, 25.0), 2,
+     "recall under the lenient rule only: over-segmentation"),
+    ((0.0, -0.1, 0.1), (0.1, 0.05, 0.15), (0.0, -0.1, 0.1), (0.0, -1.0, 1.0), 2,
+     "recall gain under the lenient rule only, not confirmed under the strict rule: not resolved"),
+    ((0.05, -0.1, 0.2), (0.05, -0.1, 0.2), (0.0, -0.1, 0.1), (0.0, -1.0, 1.0), 1,
+     "not resolved (the strict-rule CI spans 0). One seed: the interval covers the hold-out cases"),
+])
+def test_verdict_sentences_follow_the_intervals(strict, lenient, dice, fp, seeds, says):
+    entry = {"plain": "bce", "iw": "iw-bce", "n_seeds": seeds,
+             "metrics": {"avg_recall_strict": _d(*strict), "avg_recall": _d(*lenient), "obj_dice": _d(*dice),
+                         "fp_per_image": _d(*fp)}}
+    text = sentence(entry, "IoU ≥ 0.3")
+    assert text.startswith(f"iw-bce vs bce ({seeds} seed{'s' * (seeds != 1)}): strict (IoU ≥ 0.3) avg recall")
+    assert says in text, text

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainables.environment import print_machine
+
 
 def _sampler_throughput(cache, ids, patch, batch, iw: bool, seconds: float) -> float:
     from trainables.data.sampler import PatchSampler
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="a prepared cache (default: a fresh phantom)")
     parser.add_argument("--seconds", type=float, default=None, help="time per sampler-alone measurement")
     args = parser.parse_args(argv)
+    print_machine()
 
     import numpy as np
     import torch

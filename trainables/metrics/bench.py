@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.environment import print_machine
 from trainables.metrics.froc import LUNA_FP_RATES
 from trainables.metrics.records import CaseRecords, RecordSet
 
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    print_machine()
     shared = args.shared or Path(os.environ.get("IW_SHARED_DIR", _PROJECT_ROOT.parent / "shared"))
     shared = shared if (shared / "fixtures" / "paper-records").is_dir() else None
 

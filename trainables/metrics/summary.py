@@ -319,7 +319,7 @@ def _group_bounds(
     return groups
 
 
-def _restrict(recordset: RecordSet, lo: float, hi: float) -> RecordSet:
+def restrict_to_size(recordset: RecordSet, lo: float, hi: float) -> RecordSet:
     """The authors' ``get_size_df``: lesions of the group, components of the group's size, components linked
     (``hit_obj``) to a lesion of the group. Every case stays (all images count in FP/image)."""
     out: RecordSet = {}
@@ -363,7 +363,7 @@ def size_groups(
     groups = _group_bounds(whole.les_diameter, cutoffs_mm, terciles)
     out: dict[str, dict] = {}
     for name, lo, hi in groups:
-        objs = object_arrays(_restrict(recordset, lo, hi))
+        objs = object_arrays(restrict_to_size(recordset, lo, hi))
         if protocol == "paper2020":
             ids = [c for c, k in zip(whole.case_ids, whole.n_records) if k > 0]
             summary = _paper2020(objs, ids=ids, thresholds=paper2020_thresholds(whole))

@@ -68,3 +68,8 @@ def one_line(env: dict[str, Any]) -> str:
     mem = f", {env['memory_gib']:g} GiB" if env.get("memory_gib") else ""
     gpu = env.get("gpu") or "no GPU"
     return f"{env.get('cores')} cores ({env.get('cpu')}){mem}, {gpu}; {env.get('os')}; Python {env.get('python')}, {versions}"
+
+
+def print_machine() -> None:
+    """The first line of every benchmark: which machine and versions its figures were measured on."""
+    print(f"# machine: {one_line(describe())}", flush=True)
