@@ -24,6 +24,9 @@ def register(sub) -> None:
     _common(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the study folder); "
                    "on a cluster an http:// tracking server")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the search space, print every trial, the trial-epochs and a wall-time estimate "
+                   "from a short timing of one training step here; start and write nothing")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("resume", help="continue an interrupted study (finished stages are skipped)")
@@ -88,6 +91,12 @@ def cmd_launch(args) -> int:
 
     space = Path(args.space) if args.space else Path(str(builtin_path("demo")))
     cfg = load_config(space, data_path=args.data)
+    if args.dry_run:
+        from study.plan import describe_plan, plan
+
+        print(f"study {args.name or cfg.name} from {space} (dry run: nothing is started or written)")
+        print(describe_plan(cfg, plan(cfg, num_cpus=args.num_cpus)))
+        return 0
     study_dir = StudyDir.of(args.storage, args.name or cfg.name)
     if study_dir.root.exists() and any(study_dir.root.iterdir()):
         if study_dir.exists():

@@ -33,12 +33,18 @@ class PhantomConfig:
     cases: int = 16
     seed: int = 0
     shape: tuple[int, int, int] = (48, 64, 64)
+    contrast: tuple[float, float] = (0.14, 0.40)  # lesion brightness above the organ: (smallest, largest)
+    noise: float = 0.05
 
     def check(self, err) -> None:
         if self.cases < 4:
             err("cases", "needs at least 4 cases (train, val and holdout must be non-empty)")
         if any(s < 8 for s in self.shape):
             err("shape", "every side must be at least 8 voxels")
+        if not 0 < self.contrast[0] <= self.contrast[1]:
+            err("contrast", "must be [small, large] with 0 < small <= large")
+        if not 0 <= self.noise < 1:
+            err("noise", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,11 @@ class EvaluationConfig:
     seed: int = 0
     strict: StrictRuleConfig = field(default_factory=StrictRuleConfig)
     size_cutoff_mm: float | None = None  # None: terciles of the hold-out lesion diameters
+    threshold: str = "paper"  # paper: p > 0.5; calibrated: also a threshold chosen on validation (object Dice)
 
     def check(self, err) -> None:
+        if self.threshold not in ("paper", "calibrated"):
+            err("threshold", "must be 'paper' (p > 0.5) or 'calibrated' (chosen on validation, shown beside it)")
         if self.n_boot < 10:
             err("n_boot", "must be >= 10")
         if self.size_cutoff_mm is not None and self.size_cutoff_mm <= 0:

@@ -79,7 +79,8 @@ def stage_data(ctx: StudyContext) -> None:
         if not manifest.is_file():
             log(f"data: generating the phantom dataset ({d.phantom.cases} cases, seed {d.phantom.seed})")
             manifest = make_phantom(phantom_dir, n_cases=d.phantom.cases, seed=d.phantom.seed,
-                                    shape=tuple(d.phantom.shape))
+                                    shape=tuple(d.phantom.shape), contrast=tuple(d.phantom.contrast),
+                                    noise=d.phantom.noise)
         cache = prepare_cache(manifest, ctx.cache_dir(), preset="none")
     elif d.source == "manifest":
         log(f"data: preparing {d.path} with preset {d.preset}")
@@ -262,11 +263,13 @@ def stage_holdout(ctx: StudyContext) -> None:
     res = ctx.cfg.resources
     task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, resources=res.custom or None,
                       max_retries=max(1, ctx.cfg.failure.max_failures))(holdout_records)
+    thresholds = calibrated_thresholds(ctx) if ev.threshold == "calibrated" else {}
     pending = {}
     for r in results:
         label = trial_label(r.spec)
         out_dir = ctx.dir.holdout_dir / trial_folder(r.spec)
-        pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules)
+        pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules,
+                                     calibrated=thresholds.get(label))
     log(f"holdout: whole-volume inference of {len(pending)} configuration(s) on the hold-out cases")
     paths = {}
     for label, ref in pending.items():
@@ -276,6 +279,19 @@ def stage_holdout(ctx: StudyContext) -> None:
     write_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     _log_holdout_metrics(ctx, summary)
     ctx.state.mark_done("holdout", configurations=len(results))
+
+
+def calibrated_thresholds(ctx: StudyContext) -> dict[str, float]:
+    """Trial label -> the threshold its sweep twin (same configuration and seed, trained on train only) chose
+    on the validation split (``val_threshold``); the retrained model is judged on the hold-out with it."""
+    from study.tuner import outcomes
+
+    out = {}
+    for r in outcomes(ctx.dir.ray_dir, SWEEP):
+        t = r.measured("val_threshold")
+        if r.status == "TERMINATED" and t is not None:
+            out[trial_label(r.spec)] = t
+    return out
 
 
 def _json_default(o: Any) -> Any:
@@ -292,6 +308,7 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
     from study.verdict import build_verdict
     from trainables.data import open_cache
     from trainables.metrics import load_records, size_groups, summarize
+    from trainables.metrics.io import read_records
 
     ev = ctx.cfg.evaluation
     configs: dict[str, Any] = {}
@@ -310,6 +327,13 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
             "strict": summarize(rec_strict, protocol="luna16", n_boot=0, seed=ev.seed),
             "records": paths[label],
         }
+        if "any_calibrated" in paths[label]:
+            cal_any, cal_meta = read_records(paths[label]["any_calibrated"])
+            cal_strict = load_records(paths[label]["strict_calibrated"])
+            configs[label]["calibrated"] = {
+                "threshold": cal_meta.get("threshold"),
+                "luna16": summarize(cal_any, protocol="luna16", n_boot=ev.n_boot, seed=ev.seed),
+                "strict": summarize(cal_strict, protocol="luna16", n_boot=0, seed=ev.seed)}
     # size groups: the same cut-offs for every configuration (clinical cut-off or terciles of hold-out lesions)
     any_set = next(iter(records_any.values()))
     diam = np.array([rec["diameter"] for cr in any_set.values() for rec in cr.records if rec["is_tum"]])
@@ -440,10 +464,16 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
+    from study.plan import step_line
+    from study.space import study_payload
     from trainables.environment import describe
+    from trainables.step import step_seconds
 
     tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
     ctx.state.record_environment(describe())
+    step = step_seconds(study_payload(ctx.cfg, ""), ctx.cfg.trials[0].as_dict())
+    ctx.state.data.setdefault("step_seconds", []).append(round(step, 4))
+    log(step_line(ctx.cfg, step))
     t0 = time.perf_counter()
     try:
         for i, stage in enumerate(STAGES, 1):

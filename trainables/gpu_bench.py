@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 
 from trainables.environment import print_machine
 from trainables.losses import PAPER_CONFIGS, get_loss
-from trainables.step import Precision, configure_backends, train_step
+from trainables.step import Precision, configure_backends, time_steps
 from trainables.trainable import build_optimizer
 from trainables.unet import UNet3D, count_parameters
 from trainables.weights import label_components, weights_from_labels
@@ -59,23 +58,11 @@ def time_config(
     x, y, w = (t.to(device) for t in synthetic_batch(size, batch))
     w = w if cfg["iw"] else None
     precision = Precision.for_device(device, amp)
-    scaler = precision.scaler()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        train_step(model, opt, scaler, loss_fn, x, y, w, precision)
-    sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        loss = train_step(model, opt, scaler, loss_fn, x, y, w, precision)
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = time_steps(model, opt, loss_fn, x, y, w, precision, iters=iters, warmup=warmup)
+    with torch.no_grad():
+        loss = float(loss_fn(model(x).float(), y, w))
     ms = 1000 * statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"config": name, "amp": amp, "amp_dtype": precision.name if amp else None,

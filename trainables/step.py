@@ -83,3 +83,53 @@ def train_step(model, optimizer, scaler, loss_fn, image, target, weight, precisi
     scaler.step(optimizer)
     scaler.update()
     return value
+
+
+def time_steps(model, optimizer, loss_fn, image, target, weight, precision: Precision, *,
+               iters: int, warmup: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of :func:`train_step` after ``warmup`` untimed ones (GPU synced)."""
+    import time
+
+    scaler = precision.scaler()
+
+    def sync() -> None:
+        if image.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def step_seconds(study: dict, trial: dict, *, iters: int = 3, warmup: int = 1) -> float:
+    """Median seconds of one training step of ``trial`` under the frozen ``study`` config on this machine's
+    CPU, with the threads a trial gets (random data of the patch size: the step's cost does not depend on it)."""
+    import statistics
+
+    from trainables.evaluate import build_model
+    from trainables.losses import get_loss
+    from trainables.trainable import build_optimizer
+
+    t = study["training"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(float(study["resources"]["cpu"]))))
+    try:
+        torch.manual_seed(0)
+        model = build_model(study)
+        opt = build_optimizer(model, t["optimizer"])
+        shape = (int(t["batch_size"]), 1, *map(int, t["patch_size"]))
+        image = torch.rand(shape)
+        target = (torch.rand(shape) > 0.97).float()
+        weight = torch.ones(shape) if trial["iw"] else None
+        times = time_steps(model, opt, get_loss(trial["loss"], **trial["params"]), image, target, weight,
+                           Precision.for_device("cpu", False), iters=iters, warmup=warmup)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)

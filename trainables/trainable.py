@@ -36,7 +36,15 @@ import numpy as np
 import torch
 
 from trainables.data import PatchSampler, open_cache
-from trainables.evaluate import STATE_FILE, build_model, load_state, predict_records, task_device
+from trainables.evaluate import (
+    CALIBRATION_THRESHOLDS,
+    STATE_FILE,
+    build_model,
+    calibrate_threshold,
+    load_state,
+    predict_records,
+    task_device,
+)
 from trainables.losses import get_loss
 from trainables.metrics import save_records, summarize
 from trainables.naming import config_name, trial_label
@@ -184,7 +192,9 @@ def run_trial(config: Mapping[str, Any], *, state: Mapping[str, Any] | None, rep
                 metrics["resumed_from_epoch"] = start_epoch  # the driver tags the MLflow run with it
             with tempfile.TemporaryDirectory() as ckpt_dir:
                 if val_ids and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs):
-                    val_metrics, val_records = _validate(model, cache, val_ids, study, device, precision, ckpt_dir)
+                    val_metrics, val_records = _validate(
+                        model, cache, val_ids, study, device, precision, ckpt_dir,
+                        calibrate=epoch + 1 == epochs and study["evaluation"].get("threshold") == "calibrated")
                     metrics.update(val_metrics)
                 metrics["epoch_seconds"] = time.perf_counter() - t0
                 metrics["train_seconds"] = train_seconds
@@ -205,12 +215,16 @@ def run_trial(config: Mapping[str, Any], *, state: Mapping[str, Any] | None, rep
                 report(metrics, ckpt_dir)
 
 
-def _validate(model, cache, val_ids, study, device, precision, out_dir):
-    """Whole-volume validation: records under the ``any`` rule (saved), luna16 summary -> (metrics, records)."""
-    records = predict_records(
-        model, cache, val_ids, inference=study["inference"], rules={"any": ("any", None)},
-        device=device, precision=precision,
-    )["any"]
+def _validate(model, cache, val_ids, study, device, precision, out_dir, *, calibrate: bool):
+    """Whole-volume validation: records under the ``any`` rule (saved), luna16 summary -> (metrics, records).
+
+    ``calibrate``: also choose the binarisation threshold that maximises the validation object Dice
+    (``val_threshold``; ``evaluation.threshold: calibrated``), from the same logits.
+    """
+    thresholds = CALIBRATION_THRESHOLDS if calibrate else (0.5,)
+    by_t = predict_records(model, cache, val_ids, inference=study["inference"], rules={"any": ("any", None)},
+                           device=device, precision=precision, thresholds=thresholds)
+    records = by_t[0.5]["any"]
     save_records(Path(out_dir) / VAL_RECORDS_FILE, records, meta={"splits": list(study["data"]["val"])})
     n_boot = int(study["validation"]["n_boot"])
     summary = summarize(records, protocol="luna16", n_boot=n_boot, seed=0)
@@ -224,6 +238,8 @@ def _validate(model, cache, val_ids, study, device, precision, out_dir):
     }
     if summary.get("pred_positive_fraction") is not None:
         out["val_pred_positive_fraction"] = float(summary["pred_positive_fraction"])
+    if calibrate:
+        out["val_threshold"] = calibrate_threshold({t: r["any"] for t, r in by_t.items()})
     return out, records
 
 

@@ -408,3 +408,29 @@ def test_load_accepts_a_valid_minimal_record(tmp_path):
     rs = load_records(path)
     assert set(rs) == {"c", "d"} and rs["c"].records[0]["self_logit"] == math.inf
     assert rs["d"].records == []
+
+
+def test_binarisation_threshold_and_calibration():
+    """p > threshold decides the components; the calibrated threshold maximises object Dice (smallest on ties)."""
+    from scipy.special import logit as to_logit
+
+    from trainables.evaluate import calibrate_threshold
+    from trainables.metrics import volume_records_multi
+
+    gt = np.zeros((1, 8, 8), np.uint8)
+    gt[0, 2:4, 2:4] = 1                      # a 4-voxel lesion
+    p = np.full((1, 8, 8), 0.01)
+    p[0, 2:4, 2:4] = 0.97                    # the lesion, confidently
+    p[0, 1:5, 1:5][p[0, 1:5, 1:5] < 0.5] = 0.75  # a halo of 12 voxels at p = 0.75 around it
+    logits = to_logit(p)
+    rules = {"any": ("any", None)}
+    at = {t: {"c": volume_records_multi(logits, gt, (1, 1, 1), rules=rules, threshold=t)["any"]}
+          for t in (0.5, 0.7, 0.8, 0.9, 0.98)}
+    dice = {t: next(r["hit_dice"] for r in recs["c"].records if r["is_tum"]) for t, recs in at.items()}
+    assert dice[0.5] == dice[0.7] == pytest.approx(2 * 4 / (16 + 4))  # the halo is foreground
+    assert dice[0.8] == dice[0.9] == pytest.approx(1.0)                # the halo is not
+    assert dice[0.98] == 0.0                                           # nothing is foreground
+    assert at[0.5]["c"].n_pred_positive == 16 and at[0.8]["c"].n_pred_positive == 4
+    assert calibrate_threshold(at) == 0.8
+    with pytest.raises(ValueError, match="threshold"):
+        volume_records_multi(logits, gt, (1, 1, 1), rules=rules, threshold=1.0)

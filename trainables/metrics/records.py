@@ -142,7 +142,7 @@ class _Overlaps:
         return self.pair_inter / union
 
 
-def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool) -> _Overlaps:
+def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool, threshold: float = 0.5) -> _Overlaps:
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.shape != gt.shape:
@@ -153,7 +153,9 @@ def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool) -> _Overlaps:
         pred = pred.astype(np.float32)
     if np.isnan(pred).any():
         raise ValueError("pred contains NaN")
-    pred_fg = pred > 0 if is_logit else pred > 0.5
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    pred_fg = pred > math.log(threshold / (1.0 - threshold)) if is_logit else pred > threshold
     gt_fg = gt > 0.5
     gt_lab, n_gt = label_components(gt_fg)
     pred_lab, n_pred = label_components(pred_fg)
@@ -306,6 +308,7 @@ def volume_records_multi(
     *,
     is_logit: bool = True,
     rules: Mapping[str, tuple[str, float | None]],
+    threshold: float = 0.5,
 ) -> dict[str, CaseRecords]:
     """Records of one volume under several hit rules, labelling the volume once.
 
@@ -317,6 +320,8 @@ def volume_records_multi(
         is_logit: whether ``pred`` holds logits.
         rules: name -> ``(rule, hit_threshold)``, e.g. ``{"any": ("any", None), "strict": ("iou", 0.3)}``;
             ``rule`` in :data:`HIT_RULES`, ``hit_threshold`` None = the rule's default.
+        threshold: the probability above which a voxel is foreground (the paper: 0.5; a calibrated one is chosen
+            on validation). Confidences stay the components' max logits.
 
     Returns:
         name -> :class:`CaseRecords` (records: lesions first, then components, each in label order).
@@ -324,7 +329,7 @@ def volume_records_multi(
     checked = {name: (r, _check_rule(r, t)) for name, (r, t) in rules.items()}
     pred = np.asarray(pred)
     sp = _check_spacing(spacing, pred.ndim)
-    ov = _overlaps(pred, gt, is_logit)
+    ov = _overlaps(pred, gt, is_logit, threshold)
     return {name: _records_from_overlaps(ov, r, t, sp) for name, (r, t) in checked.items()}
 
 

@@ -1,0 +1,109 @@
+"""What a study will run and roughly how long it takes here: ``study launch --dry-run`` and the first lines of a
+launch.
+
+The estimate times a few training steps of the study's own step function on this machine (random data of the
+patch size; a step's cost does not depend on the data) and one forward pass of an inference window, then
+multiplies by the trial-epochs of the sweep and the retrain and divides by the trials that run at once. It
+leaves out Ray's start (about 10 s), data preparation and the hold-out inference, and trials that share the
+machine slow each other down: read it as the order of magnitude, measured, not as a promise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from study.config import StudyConfig
+from study.space import study_payload
+
+
+def winners_per_seed(cfg: StudyConfig) -> int:
+    """How many configurations the selection keeps (each retrained once per seed)."""
+    if cfg.selection.mode == "top-k":
+        return min(cfg.selection.k, len({(t.loss, t.iw, str(t.params)) for t in cfg.trials}))
+    return len({(t.loss, t.iw) for t in cfg.trials})
+
+
+def _windows_per_case(cfg: StudyConfig) -> int | None:
+    if cfg.data.source != "phantom":
+        return None
+    shape, win, stride = cfg.data.phantom.shape, cfg.inference.window, cfg.inference.stride
+    return math.prod(max(1, math.ceil((max(n, w) - w) / s) + 1) for n, w, s in zip(shape, win, stride))
+
+
+def _forward_seconds(cfg: StudyConfig) -> float:
+    import torch
+
+    from trainables.evaluate import build_model
+
+    payload = study_payload(cfg, "")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    try:
+        model = build_model(payload).eval()
+        x = torch.rand((1, 1, *cfg.inference.window))
+        with torch.inference_mode():
+            model(x)
+            t0 = time.perf_counter()
+            model(x)
+            return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True) -> dict[str, Any]:
+    """Trials, trial-epochs and (``measure``) the measured step time and the wall-time estimate."""
+    from trainables.step import step_seconds
+
+    t, seeds = cfg.training, len(cfg.search.seeds)
+    n_sweep, n_retrain = len(cfg.trials), winners_per_seed(cfg) * seeds
+    out: dict[str, Any] = {
+        "trials": [s.label for s in cfg.trials],
+        "sweep_trial_epochs": n_sweep * t.epochs,
+        "retrain_trial_epochs": n_retrain * cfg.epochs_retrain,
+        "retrain_trials": n_retrain,
+        "iterations_per_epoch": t.iterations,
+    }
+    cpus = num_cpus or os.cpu_count() or 1
+    per_trial = max(cfg.resources.cpu, 1e-9)
+    parallel = max(1, min(n_sweep, int(cpus // per_trial) or 1, cfg.max_concurrent_trials or n_sweep))
+    out["parallel_trials"] = parallel
+    if not measure:
+        return out
+    payload = study_payload(cfg, "")
+    step = step_seconds(payload, cfg.trials[0].as_dict())
+    out["step_seconds"] = step
+    steps = (out["sweep_trial_epochs"] + out["retrain_trial_epochs"]) * t.iterations
+    val_seconds = 0.0
+    windows = _windows_per_case(cfg)
+    if windows is not None:
+        n_val_cases = max(1, round(cfg.data.phantom.cases / 4))
+        validations = sum(1 for e in range(t.epochs) if (e + 1) % cfg.validation.every == 0 or e + 1 == t.epochs)
+        val_seconds = n_sweep * validations * n_val_cases * windows * _forward_seconds(cfg)
+    out["validation_seconds"] = val_seconds
+    out["estimate_seconds"] = (steps * step + val_seconds) / parallel
+    return out
+
+
+def step_line(cfg: StudyConfig, step: float) -> str:
+    t = cfg.training
+    return (f"training step on this machine: {1000 * step:.0f} ms (batch {t.batch_size} × "
+            f"{'×'.join(map(str, t.patch_size))}, U-Net width {cfg.model.width:g}, "
+            f"{int(cfg.resources.cpu)} thread(s) per trial)")
+
+
+def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
+    lines = [f"{len(p['trials'])} sweep trial(s):"]
+    lines += [f"  {label}" for label in p["trials"]]
+    lines.append(f"trial-epochs: sweep {p['sweep_trial_epochs']}, retrain {p['retrain_trial_epochs']} "
+                 f"({p['retrain_trials']} retrained winner trial(s)), {p['iterations_per_epoch']} iterations each")
+    if "step_seconds" in p:
+        lines.append(step_line(cfg, p["step_seconds"]))
+        val = (f", of which validation ≈ {p['validation_seconds'] / 60 / p['parallel_trials']:.1f} min"
+               if p["validation_seconds"] else " (validation not estimated: data outside the phantom)")
+        lines.append(f"estimated wall time here: ≈ {p['estimate_seconds'] / 60:.1f} min with "
+                     f"{p['parallel_trials']} trial(s) at once{val}; plus Ray start, data and hold-out "
+                     "inference")
+    return "\n".join(lines)
