@@ -185,7 +185,9 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
     blocks.append(("h2", "Figures"))
     captions = {"froc": "FROC curves with 95 % bootstrap bands (paper Fig. 4)",
                 "size_groups": "Recall and object Dice by lesion size (paper Fig. 3)",
-                "diameters": "Lesion diameters by split (paper Fig. 2)"}
+                "diameters": "Lesion diameters by split (paper Fig. 2)",
+                "curves": "Sweep trials per epoch: training loss, validation avg recall and object Dice "
+                          "(validation every validation.every epochs): flat curves at the end = converged"}
     for key, path in figures.items():
         blocks.append(("img", Path(path).name, captions.get(key, key)))
     blocks.append(("h2", "Reproducibility"))
@@ -244,8 +246,8 @@ def render_html(blocks: list[tuple], title: str) -> str:
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_figures(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups
+def write_figures(summary: dict[str, Any], out_dir: Path, curves: dict[str, list] | None = None) -> dict[str, str]:
+    from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups, plot_training_curves
 
     configs = summary["configs"]
     figures = {"froc": str(plot_froc({k: c["luna16"] for k, c in configs.items()}, out_dir / "froc.png",
@@ -258,16 +260,21 @@ def write_figures(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
         cut = summary.get("size_cutoffs_mm") or []
         figures["diameters"] = str(plot_diameters(diam, out_dir / "diameters.png",
                                                   cutoff_mm=cut[0] if len(cut) == 1 else None))
+    if curves:
+        figures["curves"] = str(plot_training_curves(curves, out_dir / "curves.png"))
     return figures
 
 
 def write_report(summary: dict[str, Any], out_dir: Path, *, study_name: str,
-                 cfg: StudyConfig | None = None) -> list[Path]:
-    """Write report.md, report.html and the PNG figures into ``out_dir``; return the files."""
+                 cfg: StudyConfig | None = None, curves: dict[str, list] | None = None) -> list[Path]:
+    """Write report.md, report.html and the PNG figures into ``out_dir``; return the files.
+
+    ``curves``: sweep trial label -> its per-epoch results (training loss, validation metrics), drawn as the
+    convergence figure."""
     from study.layout import write_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(summary, out_dir)
+    figures = write_figures(summary, out_dir, curves)
     blocks = build_blocks(summary, figures, study_name=study_name, cfg=cfg)
     md, page = out_dir / "report.md", out_dir / "report.html"
     write_atomic(md, render_markdown(blocks))

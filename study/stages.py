@@ -427,9 +427,11 @@ def size_group_names(n: int) -> list[str]:
 
 def stage_report(ctx: StudyContext) -> None:
     from study.report import write_report
+    from study.tuner import outcomes
 
     summary = json.loads((ctx.dir.holdout_dir / "summary.json").read_text())
-    files = write_report(summary, ctx.dir.report_dir, study_name=ctx.dir.name, cfg=ctx.cfg)
+    curves = {trial_label(r.spec): r.history for r in outcomes(ctx.dir.ray_dir, SWEEP) if r.history}
+    files = write_report(summary, ctx.dir.report_dir, study_name=ctx.dir.name, cfg=ctx.cfg, curves=curves)
     mlc = tracking.client(ctx.state.tracking_uri)
     root = ctx.state.mlflow_ids()["study_run_id"]
     for f in files:

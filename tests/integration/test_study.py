@@ -189,8 +189,10 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "sweep: already done, skipped" in res.stdout
     report = study / "report" / "report.md"
-    assert report.is_file() and "Table 2 analogue" in report.read_text()
-    for png in ("froc.png", "size_groups.png", "diameters.png"):
+    text = report.read_text()
+    assert "Table 2 analogue" in text and text.index("## Verdict") < text.index("## Hold-out results")
+    assert "- iw-dice vs dice (1 seed): strict (IoU ≥ 0.3) avg recall" in text
+    for png in ("froc.png", "size_groups.png", "diameters.png", "curves.png"):
         assert (study / "report" / png).stat().st_size > 1000
 
     holdout = _runs(study, "holdout")

@@ -69,3 +69,15 @@ def test_status_json_of_a_fresh_study(tmp_path, capsys):
     status = yaml.safe_load(capsys.readouterr().out)
     assert status["not_started"]["sweep"] == len(cfg.trials)
     assert not any(v["done"] for v in status["stages"].values())
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
+    storage = tmp_path / "studies"
+    assert main(["launch", "--dry-run", "--storage", str(storage)]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(Path(str(builtin_path("demo"))))
+    assert f"{len(cfg.trials)} sweep trial(s):" in out and all(f"  {t.label}\n" in out for t in cfg.trials)
+    sweep = len(cfg.trials) * cfg.training.epochs
+    assert f"trial-epochs: sweep {sweep}, retrain {sweep} " in out  # 4 configurations x 2 seeds, retrained
+    assert "training step on this machine:" in out and "estimated wall time here:" in out
+    assert not storage.exists()

@@ -39,3 +39,12 @@ def test_plots_from_fixture_summaries(tmp_path, paper_records_dir):
         )
     )
     _check_png(plot_diameters(diam, tmp_path / "d2.png"))
+
+
+def test_training_curves_figure(tmp_path):
+    from trainables.metrics.plots import plot_training_curves
+
+    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), **({"val_avg_recall": 0.1 * e, "val_obj_dice": 0.5}
+                                                        if e % 2 else {})} for e in range(6)]
+    path = plot_training_curves({"dice/s0": rows, "iw-dice/s0": rows, "dice/s1": rows}, tmp_path / "c.png")
+    _check_png(path)

@@ -2,7 +2,8 @@
 
 * :func:`plot_froc`: FROC curves of several configurations with their bands (Fig. 4),
 * :func:`plot_size_groups`: avg recall and object Dice per lesion-size group (Fig. 3),
-* :func:`plot_diameters`: histogram of lesion diameters (Fig. 2).
+* :func:`plot_diameters`: histogram of lesion diameters (Fig. 2),
+* :func:`plot_training_curves`: training loss and validation metrics per epoch (convergence).
 
 The report (``study.report``) draws its figures with these functions.
 """
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 
 from trainables.metrics.froc import LUNA_FP_RATES
 
-__all__ = ["plot_froc", "plot_size_groups", "plot_diameters"]
+__all__ = ["plot_froc", "plot_size_groups", "plot_diameters", "plot_training_curves"]
 
 _IW_PREFIX = "iw-"
 
@@ -153,4 +154,49 @@ def plot_diameters(
     ax.set_xlabel("equivalent diameter (mm)")
     ax.set_ylabel("lesions")
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike, *,
+                         title: str | None = None) -> Path:
+    """Training loss and validation avg recall / object Dice per epoch of every sweep trial (convergence).
+
+    Args:
+        curves: trial label (``iw-dice/s0``) -> one row per epoch with ``epoch`` (0-based; drawn 1-based as the
+            console prints it), ``train_loss`` and, at validated epochs, ``val_avg_recall``, ``val_obj_dice``.
+            A configuration and its ``iw-`` variant share a colour; iw solid, plain dashed; seeds alike.
+        path: PNG to write.
+    """
+    names = list(curves)
+    configs = [n.rsplit("/", 1)[0] for n in names]
+    colours = _colours(configs)
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
+    panels = (("train_loss", "training loss (mean of the epoch)"), ("val_avg_recall", "validation avg recall (any)"),
+              ("val_obj_dice", "validation object Dice"))
+    seen = set()
+    for name, config in zip(names, configs):
+        rows = curves[name]
+        style = "-" if config.startswith(_IW_PREFIX) else "--"
+        for ax, (key, _label) in zip(axes, panels):
+            pts = [(r["epoch"] + 1, r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, style, marker="o" if key != "train_loss" else None, ms=3, lw=1.2,
+                        color=colours[_family(config)], alpha=0.8,
+                        label=config if config not in seen and ax is axes[0] else None)
+        seen.add(config)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, (key, label) in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "train_loss":
+            ax.set_yscale("log")
+    n_seeds = len(names) // max(1, len(set(configs)))
+    fig.legend(loc="lower center", ncol=min(6, len(set(configs))), bbox_to_anchor=(0.5, -0.08), frameon=False)
+    fig.suptitle(title or f"Sweep trials ({len(names)}: {len(set(configs))} configurations × ~{n_seeds} seeds)")
+    fig.tight_layout()
     return _save(fig, path)
