@@ -138,8 +138,8 @@ def readme_block(summary: dict[str, Any], state: dict[str, Any], *, study_name: 
     if len(machines) > 1:
         lines.append(f"The study ran on {len(machines)} different machines (resumed elsewhere): "
                      + " | ".join(sorted(machines)) + ".")
-    if seconds and None not in seconds:
-        per = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items())
+    if any(x is not None for x in seconds):
+        per = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items() if v.get("seconds") is not None)
         lines.append(f"Wall time of the stages: {total / 60:.1f} min ({per}).")
     return "\n".join(lines) + "\n\n" + render_markdown([holdout_table_block(summary)])
 
@@ -152,6 +152,8 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
     blocks.extend(verdict_blocks(summary))
     if cfg is not None:
         t = cfg.training
+        if cfg.description:
+            blocks.append(("p", f"Study: {cfg.description}"))
         blocks.append(("p", (
             f"Data: {cfg.data.source}{'' if cfg.data.path is None else ' ' + str(cfg.data.path)}. "
             f"Protocol: {t.epochs} epochs × {t.iterations} iterations (retrain: {cfg.epochs_retrain} epochs), "

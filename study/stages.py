@@ -426,10 +426,18 @@ def size_group_names(n: int) -> list[str]:
 
 
 def stage_report(ctx: StudyContext) -> None:
-    from study.report import write_report
+    from study.report import strict_rule_name, write_report
     from study.tuner import outcomes
+    from study.verdict import sentence
 
-    summary = json.loads((ctx.dir.holdout_dir / "summary.json").read_text())
+    summary_file = ctx.dir.holdout_dir / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    strict = strict_rule_name(summary.get("strict_rule") or ("iou", 0.3))
+    entries = (summary.get("verdict") or {}).get("entries") or []
+    if any(e.get("sentence") != sentence(e, strict) for e in entries):  # written by an older version
+        for e in entries:
+            e["sentence"] = sentence(e, strict)
+        write_atomic(summary_file, json.dumps(summary, indent=2, default=_json_default))
     curves = {trial_label(r.spec): r.history for r in outcomes(ctx.dir.ray_dir, SWEEP) if r.history}
     files = write_report(summary, ctx.dir.report_dir, study_name=ctx.dir.name, cfg=ctx.cfg, curves=curves)
     mlc = tracking.client(ctx.state.tracking_uri)

@@ -7,7 +7,9 @@ bootstrap of :func:`trainables.metrics.bootstrap.hierarchical_bootstrap` (seeds,
 *resolved* when its interval excludes 0 (SPEC §9).
 
 The sentence of a loss never claims a gain from the `any` rule alone: a recall gain that the strict rule does not
-confirm is reported as what it is (lenient rule only, over-segmentation when FPs rise or Dice falls).
+confirm is reported as what it is (lenient rule only, over-segmentation when FPs rise or Dice falls). Size groups
+whose strict-rule difference is resolved are named after the overall verdict (iw may help small lesions and
+hurt large ones at once).
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def sentence(entry: dict[str, Any], strict_name: str) -> str:
         verdict = "recall gain under the lenient rule only, not confirmed under the strict rule: not resolved"
     else:
         verdict = "not resolved (the strict-rule CI spans 0)"
+    groups = [f"{name} lesions: strict avg recall {_fmt(g['avg_recall_strict'])}, object Dice {_fmt(g['obj_dice'])}"
+              for name, g in (entry.get("size_groups") or {}).items() if resolved(g["avg_recall_strict"])]
+    by_size = f" By size, resolved under the strict rule: {'; '.join(groups)}." if groups else ""
     note = "" if entry["n_seeds"] > 1 else " One seed: the interval covers the hold-out cases, not training luck."
-    return f"{head}: {numbers}: {verdict}.{note}"
+    return f"{head}: {numbers}: {verdict}.{by_size}{note}"
 
 
 def build_verdict(configs: dict[str, dict[str, Any]], pairs: list[tuple[str, int, str, str]], *,

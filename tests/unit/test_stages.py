@@ -186,9 +186,23 @@ def test_epoch_history_keeps_one_result_per_epoch_and_the_last_measured_value():
      "not resolved (the strict-rule CI spans 0). One seed: the interval covers the hold-out cases"),
 ])
 def test_verdict_sentences_follow_the_intervals(strict, lenient, dice, fp, seeds, says):
+    """The sentence is generated from the intervals alone (a gain only under the strict rule)."""
     entry = {"plain": "bce", "iw": "iw-bce", "n_seeds": seeds,
              "metrics": {"avg_recall_strict": _d(*strict), "avg_recall": _d(*lenient), "obj_dice": _d(*dice),
                          "fp_per_image": _d(*fp)}}
     text = sentence(entry, "IoU ≥ 0.3")
     assert text.startswith(f"iw-bce vs bce ({seeds} seed{'s' * (seeds != 1)}): strict (IoU ≥ 0.3) avg recall")
     assert says in text, text
+
+
+def test_verdict_sentence_names_resolved_size_groups():
+    entry = {"plain": "bce", "iw": "iw-bce", "n_seeds": 3,
+             "metrics": {"avg_recall_strict": _d(-0.11, -0.22, -0.01), "avg_recall": _d(0.2, 0.06, 0.36),
+                         "obj_dice": _d(-0.24, -0.42, -0.09), "fp_per_image": _d(37.8, 32.0, 44.0)},
+             "size_groups": {"<6.0 mm": {"avg_recall_strict": _d(0.15, 0.03, 0.26), "obj_dice": _d(-0.01, -0.2, 0.2)},
+                             ">=6.0 mm": {"avg_recall_strict": _d(-0.05, -0.1, 0.02), "obj_dice": _d(0, -0.1, 0.1)}}}
+    text = sentence(entry, "IoU ≥ 0.3")
+    assert "fewer lesions found under the strict rule" in text
+    assert ("By size, resolved under the strict rule: <6.0 mm lesions: strict avg recall +0.15 [+0.03, +0.26], "
+            "object Dice -0.01 [-0.20, +0.20].") in text
+    assert ">=6.0 mm" not in text  # its strict interval spans 0
