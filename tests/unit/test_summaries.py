@@ -15,11 +15,10 @@ from trainables.metrics import (
     LUNA_FP_RATES,
     CaseRecords,
     froc_curve,
-    paired_bootstrap,
     size_groups,
     summarize,
 )
-from trainables.metrics.bootstrap import case_weights, replicate_metric
+from trainables.metrics.bootstrap import case_weights, hierarchical_bootstrap, replicate_metric
 from trainables.metrics.froc import interp_rows, object_arrays
 
 INF = math.inf
@@ -255,14 +254,14 @@ def test_subsampling_option_draws_distinct_cases_and_uses_their_count():
     assert s["avg_recall_ci_low"] <= s["avg_recall_ci_high"]
 
 
-def test_paired_bootstrap_of_a_set_with_itself_is_zero():
+def test_one_pair_bootstrap_of_a_set_with_itself_is_zero():
+    """With one (a, b) pair the hierarchical bootstrap is the paired case-level bootstrap."""
     rs = random_set()
-    out = paired_bootstrap(rs, rs, n_boot=200)
-    assert out["diff"] == 0 and out["ci_low"] == 0 and out["ci_high"] == 0 and out["p_value"] == 1
-    assert out["a"] == out["b"] == pytest.approx(summarize(rs, n_boot=0)["avg_recall"])
+    out = hierarchical_bootstrap([(rs, rs)], n_boot=200)
+    assert out["delta"] == 0 and out["ci_low"] == 0 and out["ci_high"] == 0 and out["per_seed"] == [0.0]
 
 
-def test_paired_bootstrap_detects_a_better_configuration():
+def test_one_pair_bootstrap_detects_a_better_configuration():
     a = random_set(seed=5, detect=0.3)
     b = {
         cid: CaseRecords(
@@ -275,23 +274,25 @@ def test_paired_bootstrap_detects_a_better_configuration():
         )
         for cid, c in a.items()
     }  # b finds them all
-    out = paired_bootstrap(a, b, n_boot=300, seed=1)
+    out = hierarchical_bootstrap([(a, b)], n_boot=300, seed=1)
     sa, sb = summarize(a, n_boot=0), summarize(b, n_boot=0)
-    assert out["diff"] == pytest.approx(sb["avg_recall"] - sa["avg_recall"])
-    assert out["diff"] > 0 and out["ci_low"] > 0 and out["p_value"] < 0.01
-    assert paired_bootstrap(a, b, n_boot=300, seed=1) == out
-    d = paired_bootstrap(a, b, metric="obj_dice", n_boot=100)
-    assert d["diff"] == pytest.approx(sb["obj_dice"] - sa["obj_dice"])
+    assert out["delta"] == pytest.approx(sb["avg_recall"] - sa["avg_recall"])
+    assert out["delta"] > 0 and out["ci_low"] > 0
+    assert hierarchical_bootstrap([(a, b)], n_boot=300, seed=1) == out
+    d = hierarchical_bootstrap([(a, b)], metric="obj_dice", n_boot=100)
+    assert d["delta"] == pytest.approx(sb["obj_dice"] - sa["obj_dice"])
+    f = hierarchical_bootstrap([(a, b)], metric="fp_per_image", n_boot=100)
+    assert f["delta"] == pytest.approx(sb["fp_per_image"] - sa["fp_per_image"])
 
 
-def test_paired_bootstrap_needs_the_same_cases():
+def test_one_pair_bootstrap_needs_the_same_cases():
     a = random_set(5)
     b = dict(a)
     b["other"] = b.pop("case000")
-    with pytest.raises(RecordsError, match="same cases.*only in a \\['case000'\\]"):
-        paired_bootstrap(a, b)
+    with pytest.raises(RecordsError, match="other cases than pair 0"):
+        hierarchical_bootstrap([(a, b)])
     with pytest.raises(ValueError, match="unknown metric"):
-        paired_bootstrap(a, a, metric="dice")
+        hierarchical_bootstrap([(a, a)], metric="dice")
 
 
 # ---------------------------------------------------------------- size groups

@@ -5,7 +5,7 @@ FROC under the ``luna16`` and ``paper2020`` protocols, object Dice, size groups,
 (:mod:`.bootstrap`), JSON in the authors' format or ours (:mod:`.io`), figures (:mod:`.plots`).
 """
 
-from trainables.metrics.bootstrap import PAIRED_METRICS, paired_bootstrap
+from trainables.metrics.bootstrap import VERDICT_METRICS, hierarchical_bootstrap
 from trainables.metrics.froc import LUNA_FP_RATES
 from trainables.metrics.io import load_records, read_records, save_records
 from trainables.metrics.records import (
@@ -24,14 +24,14 @@ __all__ = [
     "DEFAULT_HIT_THRESHOLDS",
     "HIT_RULES",
     "LUNA_FP_RATES",
-    "PAIRED_METRICS",
+    "VERDICT_METRICS",
     "PROTOCOLS",
     "CaseRecords",
     "RecordSet",
     "equivalent_diameter",
     "froc_curve",
     "load_records",
-    "paired_bootstrap",
+    "hierarchical_bootstrap",
     "read_records",
     "save_records",
     "size_groups",

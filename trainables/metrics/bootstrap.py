@@ -1,4 +1,4 @@
-"""Case-level resampling: bootstrap weights, percentile intervals, paired comparison of two configurations.
+"""Case-level resampling: bootstrap weights, percentile intervals, the verdict's hierarchical comparison.
 
 A replicate is a vector of case multiplicities (how many times each case is drawn); every metric of a
 replicate is computed from the per-object records weighted by those multiplicities, so no record set is ever
@@ -15,10 +15,8 @@ from trainables.errors import RecordsError
 from trainables.metrics.froc import LUNA_FP_RATES, ObjectArrays, luna_events, luna_recall_at, object_arrays
 from trainables.metrics.records import RecordSet
 
-__all__ = ["PAIRED_METRICS", "VERDICT_METRICS", "case_weights", "hierarchical_bootstrap", "percentile_ci",
-           "replicate_metric", "paired_bootstrap"]
+__all__ = ["VERDICT_METRICS", "case_weights", "hierarchical_bootstrap", "percentile_ci", "replicate_metric"]
 
-PAIRED_METRICS = ("avg_recall", "obj_dice")
 #: what the iw-vs-plain verdict compares (SPEC §9): detection, delineation and its price in false positives
 VERDICT_METRICS = ("avg_recall", "obj_dice", "fp_per_image")
 
@@ -74,70 +72,6 @@ def replicate_metric(objs: ObjectArrays, weights: np.ndarray, metric: str) -> np
         with np.errstate(invalid="ignore", divide="ignore"):
             return (weights @ n_fp) / weights.sum(axis=1)
     raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(VERDICT_METRICS)}")
-
-
-def paired_bootstrap(
-    a: RecordSet,
-    b: RecordSet,
-    *,
-    metric: str = "avg_recall",
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-) -> dict:
-    """Paired case-level bootstrap of ``metric(b) - metric(a)`` on the same cases (luna16 definitions).
-
-    Each replicate draws the cases once, with replacement, and evaluates both record sets on that draw.
-
-    Args:
-        a, b: record sets of two configurations on the same case ids.
-        metric: ``"avg_recall"`` or ``"obj_dice"``.
-        n_boot: replicates; seed: of ``numpy.random.default_rng``; ci: interval mass.
-
-    Returns:
-        ``{"metric", "a", "b", "diff", "ci_low", "ci_high", "p_value", "n_boot", "n_valid", "seed", "ci"}``:
-        ``a``, ``b``, ``diff`` on the full case set; the percentile CI of the replicate differences;
-        ``p_value`` = two-sided bootstrap sign proportion ``min(1, 2 min(P(d <= 0), P(d >= 0)))``.
-
-    Raises:
-        RecordsError: the two record sets do not cover the same cases.
-    """
-    if metric not in PAIRED_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(PAIRED_METRICS)}")
-    ids_a, ids_b = set(a), set(b)
-    if ids_a != ids_b:
-        only_a, only_b = sorted(ids_a - ids_b), sorted(ids_b - ids_a)
-        raise RecordsError(
-            "paired bootstrap needs the same cases in both record sets: "
-            f"{len(only_a)} only in a {only_a[:3]}, {len(only_b)} only in b {only_b[:3]}"
-        )
-    if not ids_a:
-        raise RecordsError("paired bootstrap: no cases")
-    oa, ob = object_arrays(a), object_arrays(b)  # same sorted case order
-    full = np.ones((1, oa.n_cases))
-    va, vb = float(replicate_metric(oa, full, metric)[0]), float(replicate_metric(ob, full, metric)[0])
-    w = case_weights(oa.n_cases, n_boot, np.random.default_rng(seed))
-    d = replicate_metric(ob, w, metric) - replicate_metric(oa, w, metric)
-    d = d[np.isfinite(d)]
-    lo, hi = percentile_ci(d, ci)
-    p = float(min(1.0, 2.0 * min(np.mean(d <= 0), np.mean(d >= 0)))) if d.size else None
-
-    def num(x: float) -> float | None:
-        return x if np.isfinite(x) else None
-
-    return {
-        "metric": metric,
-        "a": num(va),
-        "b": num(vb),
-        "diff": num(vb - va),
-        "ci_low": lo,
-        "ci_high": hi,
-        "p_value": p,
-        "n_boot": int(n_boot),
-        "n_valid": int(d.size),
-        "seed": seed,
-        "ci": ci,
-    }
 
 
 def hierarchical_bootstrap(
