@@ -53,10 +53,18 @@ def _forward_seconds(cfg: StudyConfig) -> float:
         torch.set_num_threads(threads)
 
 
-def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True) -> dict[str, Any]:
-    """Trials, trial-epochs and (``measure``) the measured step time and the wall-time estimate."""
+def measured_step(cfg: StudyConfig) -> float | None:
+    """Seconds of one training step of the study's first trial on this machine's CPU; None for GPU trials (a
+    CPU timing says nothing about them, and the paper's 128³ width-1.0 step takes minutes on a CPU head)."""
     from trainables.step import step_seconds
 
+    if cfg.resources.gpu > 0:
+        return None
+    return step_seconds(study_payload(cfg, ""), cfg.trials[0].as_dict())
+
+
+def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True) -> dict[str, Any]:
+    """Trials, trial-epochs and (``measure``, CPU trials) the measured step time and the wall-time estimate."""
     t, seeds = cfg.training, len(cfg.search.seeds)
     n_sweep, n_retrain = len(cfg.trials), winners_per_seed(cfg) * seeds
     out: dict[str, Any] = {
@@ -70,10 +78,9 @@ def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True)
     per_trial = max(cfg.resources.cpu, 1e-9)
     parallel = max(1, min(n_sweep, int(cpus // per_trial) or 1, cfg.max_concurrent_trials or n_sweep))
     out["parallel_trials"] = parallel
-    if not measure:
+    step = measured_step(cfg) if measure else None
+    if step is None:
         return out
-    payload = study_payload(cfg, "")
-    step = step_seconds(payload, cfg.trials[0].as_dict())
     out["step_seconds"] = step
     steps = (out["sweep_trial_epochs"] + out["retrain_trial_epochs"]) * t.iterations
     val_seconds = 0.0
@@ -87,7 +94,10 @@ def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True)
     return out
 
 
-def step_line(cfg: StudyConfig, step: float) -> str:
+def step_line(cfg: StudyConfig, step: float | None) -> str:
+    if step is None:
+        return ("training step: GPU trials, not timed on this machine (`python -m trainables.gpu_bench` on the "
+                "GPU node gives the step time)")
     t = cfg.training
     return (f"training step on this machine: {1000 * step:.0f} ms (batch {t.batch_size} × "
             f"{'×'.join(map(str, t.patch_size))}, U-Net width {cfg.model.width:g}, "
@@ -99,7 +109,9 @@ def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
     lines += [f"  {label}" for label in p["trials"]]
     lines.append(f"trial-epochs: sweep {p['sweep_trial_epochs']}, retrain {p['retrain_trial_epochs']} "
                  f"({p['retrain_trials']} retrained winner trial(s)), {p['iterations_per_epoch']} iterations each")
-    if "step_seconds" in p:
+    if "step_seconds" not in p:
+        lines.append(step_line(cfg, None))
+    else:
         lines.append(step_line(cfg, p["step_seconds"]))
         val = (f", of which validation ≈ {p['validation_seconds'] / 60 / p['parallel_trials']:.1f} min"
                if p["validation_seconds"] else " (validation not estimated: data outside the phantom)")

@@ -474,15 +474,14 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
-    from study.plan import step_line
-    from study.space import study_payload
+    from study.plan import measured_step, step_line
     from trainables.environment import describe
-    from trainables.step import step_seconds
 
     tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
     ctx.state.record_environment(describe())
-    step = step_seconds(study_payload(ctx.cfg, ""), ctx.cfg.trials[0].as_dict())
-    ctx.state.data.setdefault("step_seconds", []).append(round(step, 4))
+    step = measured_step(ctx.cfg)
+    if step is not None:
+        ctx.state.data.setdefault("step_seconds", []).append(round(step, 4))
     log(step_line(ctx.cfg, step))
     t0 = time.perf_counter()
     try:

@@ -60,9 +60,7 @@ def time_config(
     precision = Precision.for_device(device, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(model, opt, loss_fn, x, y, w, precision, iters=iters, warmup=warmup)
-    with torch.no_grad():
-        loss = float(loss_fn(model(x).float(), y, w))
+    times, loss = time_steps(model, opt, loss_fn, x, y, w, precision, iters=iters, warmup=warmup)
     ms = 1000 * statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"config": name, "amp": amp, "amp_dtype": precision.name if amp else None,

@@ -86,8 +86,9 @@ def train_step(model, optimizer, scaler, loss_fn, image, target, weight, precisi
 
 
 def time_steps(model, optimizer, loss_fn, image, target, weight, precision: Precision, *,
-               iters: int, warmup: int) -> list[float]:
-    """Seconds of each of ``iters`` calls of :func:`train_step` after ``warmup`` untimed ones (GPU synced)."""
+               iters: int, warmup: int) -> tuple[list[float], float]:
+    """Seconds of each of ``iters`` calls of :func:`train_step` after ``warmup`` untimed ones (GPU synced),
+    and the loss of the last step."""
     import time
 
     scaler = precision.scaler()
@@ -99,13 +100,13 @@ def time_steps(model, optimizer, loss_fn, image, target, weight, precision: Prec
     for _ in range(warmup):
         train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
     sync()
-    times = []
+    times, loss = [], float("nan")
     for _ in range(iters):
         t0 = time.perf_counter()
-        train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
+        loss = train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
         sync()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, loss
 
 
 def step_seconds(study: dict, trial: dict, *, iters: int = 3, warmup: int = 1) -> float:
@@ -128,7 +129,7 @@ def step_seconds(study: dict, trial: dict, *, iters: int = 3, warmup: int = 1) -
         image = torch.rand(shape)
         target = (torch.rand(shape) > 0.97).float()
         weight = torch.ones(shape) if trial["iw"] else None
-        times = time_steps(model, opt, get_loss(trial["loss"], **trial["params"]), image, target, weight,
+        times, _ = time_steps(model, opt, get_loss(trial["loss"], **trial["params"]), image, target, weight,
                            Precision.for_device("cpu", False), iters=iters, warmup=warmup)
     finally:
         torch.set_num_threads(threads)

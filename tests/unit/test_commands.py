@@ -81,3 +81,14 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
     assert f"trial-epochs: sweep {sweep}, retrain {sweep} " in out  # 4 configurations x 2 seeds, retrained
     assert "training step on this machine:" in out and "estimated wall time here:" in out
     assert not storage.exists()
+
+
+def test_gpu_trials_are_not_timed_on_the_cpu():
+    """A CPU timing says nothing about GPU trials (and the paper's step takes minutes on a CPU head)."""
+    from study.config import config_from_dict
+    from study.plan import describe_plan, plan
+
+    cfg = config_from_dict({"search": {"losses": {"bce": {}}}, "resources": {"cpu": 4, "gpu": 1}})
+    p = plan(cfg)
+    assert "step_seconds" not in p and p["sweep_trial_epochs"] == 100
+    assert "GPU trials, not timed on this machine" in describe_plan(cfg, p)

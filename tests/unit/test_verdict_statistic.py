@@ -56,6 +56,7 @@ def test_the_interval_covers_a_known_effect_about_95_percent_of_the_time():
                                      n_boot=300, seed=r)
         covered += res["ci_low"] <= effect <= res["ci_high"]
         centres.append(res["delta"])
+    print(f"coverage of the 95 % interval: {covered}/{reps}; mean estimate {np.mean(centres):.3f} (true {effect})")
     assert 0.88 <= covered / reps <= 0.99, covered / reps
     assert np.mean(centres) == pytest.approx(effect, abs=0.02)  # the estimate is unbiased
 
