@@ -1,7 +1,8 @@
 """``study data ...``: make the phantom, prepare a cache from a manifest, LUNA16 or LiTS.
 
 Every handler returns an exit code; bad input raises :class:`trainables.errors.DataError` (exit code 2 with its
-message, printed by :mod:`study.cli`). Heavy imports happen inside the handlers.
+message, printed by :mod:`study.cli`). Heavy imports happen inside the handlers; the preset table (numpy only)
+is read when the parser is built.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from trainables.data.preprocess import PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,9 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="cache folder")
     p.add_argument(
         "--preset",
-        choices=("none", "luna16", "lits"),
+        choices=tuple(PRESETS),
         default="none",
-        help="intensity preset (SPEC §5): none = min-max, ROI optional; luna16 / lits need the roi column",
+        help="intensity preset (SPEC §5): "
+        + "; ".join(f"{name} = {preset.doc}" for name, preset in PRESETS.items()).replace("%", "%%")
+        + " (an ROI preset needs the manifest's roi column)",
     )
     _common(p)
     p.set_defaults(func=_prepare)

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from trainables.errors import UserError
+from trainables.io_utils import write_text_atomic
 
 STAGES = ("data", "sweep", "select", "retrain", "holdout", "report")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -39,13 +40,6 @@ def check_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise UserError(f"study name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
     return name
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def now() -> str:
@@ -113,7 +107,7 @@ class StudyState:
             raise UserError(f"{path}: cannot read the study state ({exc})") from None
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
     @property
     def study_id(self) -> str:
@@ -149,7 +143,7 @@ class StudyState:
 def write_frozen_config(study_dir: StudyDir, config_dict: dict[str, Any]) -> None:
     text = "# Frozen config of this study (written by `study launch`; `study resume` runs exactly this).\n"
     text += yaml.safe_dump(config_dict, sort_keys=False)
-    write_atomic(study_dir.config_file, text)
+    write_text_atomic(study_dir.config_file, text)
 
 
 def read_frozen_config(study_dir: StudyDir) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 
 from study.cli import main
 from tests.helpers import snapshot
-from trainables.data import SPLITS, Cache, open_cache, prepare_cache
+from trainables.data import SPLITS, Cache, prepare_cache
 from trainables.data.io import write_image
 from trainables.errors import DataError
 from trainables.weights import label_components
@@ -90,9 +90,8 @@ def test_prepare_writes_the_documented_format(tmp_path):
     assert isinstance(cache, Cache) and cache.root == (tmp_path / "cache").resolve()
     assert cache.case_ids("train") == ["a", "b"] and cache.case_ids(["val", "holdout"]) == ["c", "d"]
     case = cache.load("a")
-    assert (
-        isinstance(case.image, np.memmap) and case.spacing == pytest.approx(SPACING) and case.split == "train"
-    )
+    assert isinstance(case.image, np.memmap) and case.spacing == pytest.approx(SPACING)
+    assert case.meta["split"] == "train"
     np.testing.assert_array_equal(case.mask, mask)
     assert not isinstance(cache.load("a", mmap=False).image, np.memmap)
     assert SPLITS == ("train", "val", "holdout")
@@ -102,14 +101,14 @@ def test_crop_to_roi_box(tmp_path):
     manifest = make_dataset(tmp_path / "ds")
     prepare_cache(manifest, tmp_path / "cache", preset="luna16", progress=False)
     # a smaller margin is seen only with a larger image; here check the crop box is recorded and consistent
-    meta = open_cache(tmp_path / "cache").meta("b")
+    meta = Cache(tmp_path / "cache").meta("b")
     box = meta["crop_box"]
     assert [b - a for a, b in box] == meta["shape"]
 
 
 def test_cache_errors(tmp_path):
     with pytest.raises(DataError, match=r"no data cache at .*cache\.json is missing"):
-        open_cache(tmp_path / "nothing")
+        Cache(tmp_path / "nothing")
     manifest = make_dataset(tmp_path / "ds")
     cache = prepare_cache(manifest, tmp_path / "cache", progress=False)
     with pytest.raises(DataError, match="unknown split 'test'"):
@@ -118,7 +117,7 @@ def test_cache_errors(tmp_path):
         cache.load("zz")
     (tmp_path / "cache" / "cases" / "c" / "labels.npy").unlink()
     with pytest.raises(DataError, match="incomplete: case c lacks labels.npy"):
-        open_cache(tmp_path / "cache")
+        Cache(tmp_path / "cache")
 
 
 def test_empty_split_on_read(tmp_path):
@@ -377,5 +376,5 @@ def test_interrupt_during_a_case_leaves_no_half_case(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "cases").iterdir()) == ["a"]  # b's temporary folder was removed
     assert not (out / "cache.json").exists()
     with pytest.raises(DataError, match="cache.json is missing"):
-        open_cache(out)
+        Cache(out)
     assert prepare_cache(manifest, out, progress=False).case_ids() == ["a", "b", "c", "d"]

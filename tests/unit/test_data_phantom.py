@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from study.cli import main
-from trainables.data import make_phantom, open_cache, prepare_cache
+from trainables.data import Cache, make_phantom, prepare_cache
 from trainables.data.io import read_image
 from trainables.data.manifest import read_manifest
 from trainables.data.phantom import make_phantom_case, phantom_splits
@@ -125,6 +125,6 @@ def test_cli_phantom_and_prepare(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "[3/3] phantom_002 (holdout)" in err and "prepared 3 case(s)" in err
-    cache = open_cache(tmp_path / "cache")
+    cache = Cache(tmp_path / "cache")
     assert cache.case_ids("val") == ["phantom_001"]
     assert main(["data", "phantom", "--out", str(tmp_path / "x"), "--cases", "2"]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainables.data import Batch, PatchSampler, open_cache, prepare_cache
+from trainables.data import Batch, Cache, PatchSampler, prepare_cache
 from trainables.data.io import write_image
 from trainables.data.sampler import centered_box, crop_padded
 from trainables.errors import DataError
@@ -46,7 +46,7 @@ def cache(tmp_path_factory):
         meta = json.loads((folder / "meta.json").read_text())
         meta["image_min"] = IMAGE_MIN
         (folder / "meta.json").write_text(json.dumps(meta))
-    return open_cache(root / "cache")
+    return Cache(root / "cache")
 
 
 def _sampler(cache, **kw) -> PatchSampler:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from trainables.data import PatchSampler, make_phantom, open_cache, prepare_cache
+    from trainables.data import Cache, PatchSampler, make_phantom, prepare_cache
     from trainables.losses import get_loss
     from trainables.unet import CPU_PRESET_WIDTH, UNet3D
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="iw-bench-") as tmp:
         if args.cache is not None:
-            cache = open_cache(args.cache)
+            cache = Cache(args.cache)
         else:
             manifest = make_phantom(Path(tmp) / "phantom", n_cases=8 if args.quick else 12, seed=0)
             cache = prepare_cache(manifest, Path(tmp) / "cache", progress=False)

@@ -33,9 +33,9 @@ import numpy as np
 from trainables.data.io import (
     Geometry,
     as_binary,
-    check_same_grid,
-    read_geometry,
+    read_case_geometry,
     read_image,
+    read_on_grid,
     write_json_atomic,
 )
 from trainables.data.manifest import SPLITS, check_splits, read_manifest
@@ -66,14 +66,6 @@ class Case:
     def spacing(self) -> tuple[float, float, float]:
         """Voxel spacing (z, y, x) in mm."""
         return tuple(float(s) for s in self.meta["spacing"])
-
-    @property
-    def split(self) -> str:
-        return self.meta["split"]
-
-    @property
-    def n_lesions(self) -> int:
-        return int(self.meta["n_lesions"])
 
 
 class Cache:
@@ -132,10 +124,6 @@ class Cache:
     def case_dir(self, case_id: str) -> Path:
         return self.root / "cases" / case_id
 
-    def split_of(self, case_id: str) -> str:
-        self._check_id(case_id)
-        return self._splits[case_id]
-
     def case_ids(self, splits: str | Sequence[str] | None = None) -> list[str]:
         """Sorted case ids of the given split(s) (all cases when None); raise if a split is unknown or empty."""
         if splits is None:
@@ -187,11 +175,6 @@ class Cache:
             raise DataError(f"case {case_id} is not in the data cache {self.root}")
 
 
-def open_cache(root: str | Path) -> Cache:
-    """Open a prepared cache (see :class:`Cache`)."""
-    return Cache(root)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # sources: where a case's raw arrays come from
 
@@ -239,13 +222,7 @@ class FileCaseSource:
     def preflight(self) -> None:
         if self.roi_required and self.roi is None:
             raise DataError(f"case {self.case_id}: no ROI mask given, but the preset needs one")
-        ref = read_geometry(self.image, case_id=self.case_id, role="image")
-        for role, path in (("mask", self.mask), ("roi", self.roi)):
-            if path is not None:
-                geom = read_geometry(path, case_id=self.case_id, role=role)
-                check_same_grid(
-                    ref, geom, case_id=self.case_id, ref_path=self.image, other_path=path, other_role=role
-                )
+        read_case_geometry(self.image, {"mask": self.mask, "roi": self.roi}, case_id=self.case_id)
 
     def load(self) -> LoadedCase:
         image, geom = read_image(self.image, case_id=self.case_id, role="image")
@@ -261,10 +238,7 @@ class FileCaseSource:
         return LoadedCase(image=image, mask=mask, roi=roi, geometry=geom)
 
     def _binary(self, path: Path, role: str, ref: Geometry) -> np.ndarray:
-        arr, geom = read_image(path, case_id=self.case_id, role=role)
-        check_same_grid(
-            ref, geom, case_id=self.case_id, ref_path=self.image, other_path=path, other_role=role
-        )
+        arr = read_on_grid(path, ref, case_id=self.case_id, ref_path=self.image, role=role)
         return as_binary(arr, case_id=self.case_id, role=role, path=path)
 
 

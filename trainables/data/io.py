@@ -11,8 +11,6 @@ file (image, mask, roi) and the path.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainables.errors import DataError
+from trainables.io_utils import write_text_atomic
 
 #: file endings SimpleITK reads for us (anything else is still tried, SimpleITK decides)
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
@@ -63,29 +62,46 @@ def _where(case_id: str | None, role: str) -> str:
 
 def read_geometry(path: str | Path, *, case_id: str | None = None, role: str = "image") -> Geometry:
     """Read only the header of a 3D image (cheap: no voxel data is read)."""
+
+    def header(name: str):
+        reader = _sitk().ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        return reader
+
+    reader = _read(path, header, case_id=case_id, role=role)
+    return _geometry(reader, reader.GetNumberOfComponents(), path=Path(path), case_id=case_id, role=role)
+
+
+def read_image(
+    path: str | Path, *, case_id: str | None = None, role: str = "image", dtype: Any = None
+) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D image: ``(array [z, y, x], geometry)``; ``dtype`` casts the array when given."""
     sitk = _sitk()
+    img = _read(path, sitk.ReadImage, case_id=case_id, role=role)
+    geom = _geometry(img, img.GetNumberOfComponentsPerPixel(), path=Path(path), case_id=case_id, role=role)
+    arr = sitk.GetArrayFromImage(img)
+    if arr.ndim == 4:
+        arr = arr[0]
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    return arr, geom
+
+
+def _read(path: str | Path, read, *, case_id: str | None, role: str):
+    """``read(str(path))``, a SimpleITK call; a missing or unreadable file becomes a :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{_where(case_id, role)} file not found: {path}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        return read(str(path))
     except RuntimeError as exc:
         raise DataError(f"{_where(case_id, role)} file cannot be read: {path} ({_short(exc)})") from None
-    return _geometry(
-        reader.GetSize(),
-        reader.GetSpacing(),
-        reader.GetOrigin(),
-        reader.GetDirection(),
-        reader.GetNumberOfComponents(),
-        path=path,
-        case_id=case_id,
-        role=role,
-    )
 
 
-def _geometry(size, spacing, origin, direction, n_components, *, path, case_id, role) -> Geometry:
+def _geometry(src, n_components: int, *, path, case_id, role) -> Geometry:
+    """Geometry of ``src``, a SimpleITK image or an image file reader that has read the header."""
+    size, spacing, origin, direction = src.GetSize(), src.GetSpacing(), src.GetOrigin(), src.GetDirection()
     if n_components != 1:
         raise DataError(
             f"{_where(case_id, role)} file {path} has {n_components} components per voxel; "
@@ -106,36 +122,6 @@ def _geometry(size, spacing, origin, direction, n_components, *, path, case_id, 
         origin=tuple(float(o) for o in origin),
         direction=tuple(float(v) for v in direction),
     )
-
-
-def read_image(
-    path: str | Path, *, case_id: str | None = None, role: str = "image", dtype: Any = None
-) -> tuple[np.ndarray, Geometry]:
-    """Read a 3D image: ``(array [z, y, x], geometry)``; ``dtype`` casts the array when given."""
-    sitk = _sitk()
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{_where(case_id, role)} file not found: {path}")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise DataError(f"{_where(case_id, role)} file cannot be read: {path} ({_short(exc)})") from None
-    geom = _geometry(
-        img.GetSize(),
-        img.GetSpacing(),
-        img.GetOrigin(),
-        img.GetDirection(),
-        img.GetNumberOfComponentsPerPixel(),
-        path=path,
-        case_id=case_id,
-        role=role,
-    )
-    arr = sitk.GetArrayFromImage(img)
-    if arr.ndim == 4:
-        arr = arr[0]
-    if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
-    return arr, geom
 
 
 def write_image(
@@ -197,6 +183,29 @@ def check_same_grid(
         )
 
 
+def read_case_geometry(
+    image: str | Path, others: dict[str, str | Path | None], *, case_id: str | None
+) -> Geometry:
+    """Headers of a case: the image's geometry, after checking that every file of ``others`` (role -> path,
+    e.g. ``{"mask": ..., "roi": None}``; None is skipped) lies on its voxel grid (:func:`check_same_grid`)."""
+    ref = read_geometry(image, case_id=case_id, role="image")
+    for role, path in others.items():
+        if path is not None:
+            geom = read_geometry(path, case_id=case_id, role=role)
+            check_same_grid(ref, geom, case_id=case_id, ref_path=image, other_path=path, other_role=role)
+    return ref
+
+
+def read_on_grid(
+    path: str | Path, ref: Geometry, *, case_id: str | None, ref_path: str | Path, role: str
+) -> np.ndarray:
+    """Voxels of the case file ``path`` (``[z, y, x]``), after checking it lies on the grid ``ref`` of the
+    image ``ref_path`` (:func:`check_same_grid`)."""
+    arr, geom = read_image(path, case_id=case_id, role=role)
+    check_same_grid(ref, geom, case_id=case_id, ref_path=ref_path, other_path=path, other_role=role)
+    return arr
+
+
 def as_binary(array: np.ndarray, *, case_id: str | None, role: str, path: str | Path) -> np.ndarray:
     """Return ``array`` as uint8 0/1; raise when it holds any value other than 0 and 1."""
     if array.dtype == np.bool_:
@@ -212,17 +221,8 @@ def as_binary(array: np.ndarray, *, case_id: str | None, role: str, path: str | 
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as JSON (indent 1, a final newline), atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def _fmt(values) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from trainables.data.cache import Cache, LoadedCase, build_cache
-from trainables.data.io import check_same_grid, read_geometry, read_image
+from trainables.data.io import read_case_geometry, read_image, read_on_grid
 from trainables.data.manifest import SPLITS
 from trainables.errors import DataError
 
@@ -100,27 +100,12 @@ class LitsCaseSource:
         return {"image": str(self.image), "mask": str(self.segmentation), "roi": str(self.segmentation)}
 
     def preflight(self) -> None:
-        geom = read_geometry(self.image, case_id=self.case_id, role="image")
-        seg = read_geometry(self.segmentation, case_id=self.case_id, role="segmentation")
-        check_same_grid(
-            geom,
-            seg,
-            case_id=self.case_id,
-            ref_path=self.image,
-            other_path=self.segmentation,
-            other_role="segmentation",
-        )
+        read_case_geometry(self.image, {"segmentation": self.segmentation}, case_id=self.case_id)
 
     def load(self) -> LoadedCase:
         image, geom = read_image(self.image, case_id=self.case_id, role="image")
-        seg, seg_geom = read_image(self.segmentation, case_id=self.case_id, role="segmentation")
-        check_same_grid(
-            geom,
-            seg_geom,
-            case_id=self.case_id,
-            ref_path=self.image,
-            other_path=self.segmentation,
-            other_role="segmentation",
+        seg = read_on_grid(
+            self.segmentation, geom, case_id=self.case_id, ref_path=self.image, role="segmentation"
         )
         values = np.unique(seg)
         bad = values[~np.isin(values, (0, LIVER_LABEL, TUMOUR_LABEL))]

@@ -50,7 +50,7 @@ import numpy as np
 from scipy import ndimage
 
 from trainables.data.cache import Cache, LoadedCase, build_cache
-from trainables.data.io import Geometry, check_same_grid, read_geometry, read_image
+from trainables.data.io import Geometry, read_case_geometry, read_image, read_on_grid
 from trainables.errors import DataError
 
 LUNA_SPLITS = {**dict.fromkeys(range(0, 6), "train"), 6: "val", 7: "val", 8: "holdout", 9: "holdout"}
@@ -480,16 +480,7 @@ class LunaCaseSource:
         return {"image": str(self.image), "mask": str(self.db.path), "roi": str(self.lungs)}
 
     def preflight(self) -> None:
-        geom = read_geometry(self.image, case_id=self.case_id, role="image")
-        lung_geom = read_geometry(self.lungs, case_id=self.case_id, role="lung mask")
-        check_same_grid(
-            geom,
-            lung_geom,
-            case_id=self.case_id,
-            ref_path=self.image,
-            other_path=self.lungs,
-            other_role="lung mask",
-        )
+        geom = read_case_geometry(self.image, {"lung mask": self.lungs}, case_id=self.case_id)
         if self.case_id not in self.db.series_uids:
             raise DataError(
                 f"case {self.case_id} ({self.image}): series UID not found in the LIDC-IDRI database "
@@ -499,15 +490,7 @@ class LunaCaseSource:
 
     def load(self) -> LoadedCase:
         image, geom = read_image(self.image, case_id=self.case_id, role="image")
-        seg, seg_geom = read_image(self.lungs, case_id=self.case_id, role="lung mask")
-        check_same_grid(
-            geom,
-            seg_geom,
-            case_id=self.case_id,
-            ref_path=self.image,
-            other_path=self.lungs,
-            other_role="lung mask",
-        )
+        seg = read_on_grid(self.lungs, geom, case_id=self.case_id, ref_path=self.image, role="lung mask")
         scan = self.db.scan(self.case_id)
         if scan is None:
             raise DataError(

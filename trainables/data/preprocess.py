@@ -30,19 +30,35 @@ ROI_MARGIN = 5
 
 @dataclass(frozen=True)
 class Preset:
-    """How a raw image becomes a cached [0, 1] image."""
+    """How a raw image becomes a cached [0, 1] image; ``doc``: one line for the command line's help."""
 
     name: str
     roi_required: bool
     clip: tuple[float, float] | None
     mask_outside_roi: bool
     margin: int = ROI_MARGIN
+    doc: str = ""
 
 
+#: the presets by name; the command line (``study data prepare --preset``) and the config read this table
 PRESETS: dict[str, Preset] = {
-    "none": Preset("none", roi_required=False, clip=None, mask_outside_roi=False),
-    "luna16": Preset("luna16", roi_required=True, clip=(-1000.0, 300.0), mask_outside_roi=True),
-    "lits": Preset("lits", roi_required=True, clip=(-300.0, 300.0), mask_outside_roi=True),
+    "none": Preset(
+        "none", roi_required=False, clip=None, mask_outside_roi=False, doc="min-max, ROI optional"
+    ),
+    "luna16": Preset(
+        "luna16",
+        roi_required=True,
+        clip=(-1000.0, 300.0),
+        mask_outside_roi=True,
+        doc="lung ROI required, clip [-1000, 300] HU",
+    ),
+    "lits": Preset(
+        "lits",
+        roi_required=True,
+        clip=(-300.0, 300.0),
+        mask_outside_roi=True,
+        doc="liver ROI required, clip [-300, 300] HU",
+    ),
 }
 
 

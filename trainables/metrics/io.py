@@ -10,7 +10,7 @@ Two formats are read:
        "cases": {case_id: {"n_voxels": int | null, "n_pred_positive": int | null, "records": [record, ...]}}}
 
 Both use JSON's non-standard ``Infinity`` / ``-Infinity`` (Python's ``json`` default) for the infinite
-confidences. NaN is rejected in both directions. Writes are atomic (temporary file + ``os.replace``).
+confidences. NaN is rejected in both directions. Writes are atomic (:func:`trainables.io_utils.write_text_atomic`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trainables.errors import RecordsError
+from trainables.io_utils import json_default, write_text_atomic
 from trainables.metrics.records import REQUIRED_FIELDS, CaseRecords, RecordSet
 
 __all__ = [
@@ -40,16 +38,6 @@ __all__ = [
 FORMAT_NAME = "iw-records"
 FORMAT_VERSION = 1
 _NUMERIC_FIELDS = ("diameter", "hit_dice", "hit_logit", "self_logit")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _check_record(rec: Any, where: str) -> None:
@@ -96,17 +84,7 @@ def save_records(path: str | os.PathLike, recordset: RecordSet, meta: dict | Non
             for cid, c in recordset.items()
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, default=_json_default, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(doc, default=json_default, allow_nan=True))
 
 
 def _optional_int(value: Any, where: str) -> int | None:
