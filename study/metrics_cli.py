@@ -1,8 +1,14 @@
-"""``study metrics``: summaries of per-object records files (the authors' format or ours).
+"""``study metrics`` and ``study compare``: the command line of the metric layer.
 
-    study metrics PATH [--protocol luna16|paper2020] [--json] [--n-boot N] [--seed S]
+    study metrics PATH [--protocol NAME] [--json] [--n-boot N] [--seed S]
+    study compare A B [--rule any|strict] [--json] [--n-boot N] [--seed S]
 
-PATH is a records ``.json`` or a folder searched recursively for ``*.json`` (one row per file, sorted by path).
+``metrics``: summaries of per-object records files (the authors' format or ours). PATH is a records ``.json``
+or a folder searched recursively for ``*.json`` (one row per file, sorted by path). The protocols, their help
+lines, which of them take ``--n-boot`` / ``--seed`` and which report a CI come from the registry
+:data:`trainables.metrics.summary.PROTOCOLS` (one record per protocol).
+``compare``: B − A with hierarchical-bootstrap CIs (:func:`compare_records`), the study's verdict test.
+
 A malformed file stops the command with ``error: <file>: <what is wrong>`` and exit code 2.
 """
 
@@ -17,7 +23,6 @@ from typing import Any
 from study.tables import fmt, text_table
 from trainables.errors import RecordsError
 
-_PROTOCOLS = ("luna16", "paper2020")
 _JSON_KEYS = (
     "protocol",
     "n_images",
@@ -34,7 +39,14 @@ _JSON_KEYS = (
 )
 
 
+def _takers(protocols: dict, option: str) -> str:
+    """``luna16`` / ``a or b``: the protocols whose record takes ``option``."""
+    return " or ".join(name for name, record in protocols.items() if option in record.options) or "no protocol"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from trainables.metrics.summary import DEFAULT_PROTOCOL, PROTOCOLS
+
     p = subparsers.add_parser(
         "metrics",
         help="detection summaries (avg recall, object Dice, FP/image) of records files",
@@ -44,13 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=Path, metavar="PATH", help="records .json file, or a folder of *.json files")
     p.add_argument(
         "--protocol",
-        choices=_PROTOCOLS,
-        default="luna16",
-        help="luna16 (default: 7 FP rates, all images, bootstrap CI) or paper2020 (Table 2 exactly)",
+        choices=list(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="; ".join(
+            f"{name}{' (default)' if name == DEFAULT_PROTOCOL else ''}: {record.doc}"
+            for name, record in PROTOCOLS.items()
+        ).replace("%", "%%"),
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line and file instead of a table")
-    p.add_argument("--n-boot", type=int, default=1000, help="luna16 bootstrap replicates (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="luna16 bootstrap seed (default 0)")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help=f"{_takers(PROTOCOLS, 'n_boot')} bootstrap replicates (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help=f"{_takers(PROTOCOLS, 'seed')} bootstrap seed (default 0)")
     p.set_defaults(func=run_metrics)
 
     p = subparsers.add_parser(
@@ -93,9 +109,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _table(rows: list[tuple[str, dict]], protocol: str) -> str:
+def _table(rows: list[tuple[str, dict]], with_ci: bool) -> str:
     head = ["file", "images", "lesions", "avg recall", "± std"]
-    if protocol == "luna16":
+    if with_ci:
         head.append("95% CI")
     head += ["obj DSC", "± std", "FP/img", "pos frac"]
     lines = [head]
@@ -107,7 +123,7 @@ def _table(rows: list[tuple[str, dict]], protocol: str) -> str:
             fmt(s["avg_recall"]),
             fmt(s["avg_recall_std"]),
         ]
-        if protocol == "luna16":
+        if with_ci:
             lo, hi = s.get("avg_recall_ci_low"), s.get("avg_recall_ci_high")
             row.append("-" if lo is None else f"[{lo:.3f}, {hi:.3f}]")
         row += [
@@ -122,7 +138,9 @@ def _table(rows: list[tuple[str, dict]], protocol: str) -> str:
 
 def run_metrics(args: argparse.Namespace) -> int:
     from trainables.metrics import load_records, summarize
+    from trainables.metrics.summary import get_protocol
 
+    record = get_protocol(args.protocol)
     if args.n_boot < 0:
         raise RecordsError(f"--n-boot must be >= 0, got {args.n_boot}")
     rows = []
@@ -135,15 +153,8 @@ def run_metrics(args: argparse.Namespace) -> int:
             print(json.dumps(_clean({"file": name, **{k: summary.get(k) for k in _JSON_KEYS}})), flush=True)
         rows.append((name, summary))
     if not args.json:
-        print(
-            f"protocol: {args.protocol}"
-            + (
-                f" (bootstrap n={args.n_boot}, seed={args.seed})"
-                if args.protocol == "luna16"
-                else " (50 subsamples of 80 %, seed 42)"
-            )
-        )
-        print(_table(rows, args.protocol))
+        print(f"protocol: {record.name} ({record.describe_resampling(n_boot=args.n_boot, seed=args.seed)})")
+        print(_table(rows, record.reports_ci))
     return 0
 
 

@@ -160,3 +160,35 @@ def test_compare_refuses_other_cases_and_other_rules(tmp_path, capsys):
     assert main(["compare", str(a), str(strict)]) == 2
     err = capsys.readouterr().err
     assert str(a) in err and str(strict) in err and "different hit rules" in err
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+
+
+def test_a_registered_protocol_reaches_summaries_and_the_cli(capsys, tmp_path):
+    from trainables.metrics import PROTOCOLS, Protocol, register_protocol, size_groups
+
+    def toy(objs, *, n_boot=1000, whole_cases=None):
+        return {"protocol": "toy", "n_images": objs.n_cases, "n_lesions": int(objs.les_case.size), "n_boot": n_boot,
+                "whole_cases": whole_cases, **dict.fromkeys(("avg_recall", "avg_recall_std", "obj_dice",
+                                                           "obj_dice_std", "fp_per_image", "pred_positive_fraction"))}
+
+    register_protocol(Protocol("toy", toy, doc="counts only", options=("n_boot",), resampling="none ({n_boot})",
+                               group_kwargs=lambda whole: {"whole_cases": whole.n_cases}))
+    try:
+        rs = _rs([[True], [False, True]], [1, 0])
+        assert summarize(rs, "toy", n_boot=7, seed=3)["n_boot"] == 7  # seed: not one of its options
+        groups = size_groups(rs, cutoffs_mm=4.0, protocol="toy", n_boot=0)
+        assert [g["whole_cases"] for g in groups.values()] == [2, 2] and groups["<4 mm"]["n_lesions"] == 0
+        with pytest.raises(TypeError, match="unknown summary options"):
+            size_groups(rs, cutoffs_mm=4.0, protocol="toy", boot=0)
+        path = tmp_path / "r.json"
+        save_records(path, rs)
+        rc, out, _ = run(capsys, path, "--protocol", "toy", "--n-boot", "5")
+        assert rc == 0 and out.startswith("protocol: toy (none (5))") and "95% CI" not in out
+        with pytest.raises(SystemExit):
+            main(["metrics", "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "{luna16,paper2020,toy}" in help_text and "toy: counts only" in help_text
+    finally:
+        PROTOCOLS.pop("toy")

@@ -434,3 +434,30 @@ def test_binarisation_threshold_and_calibration():
     assert calibrate_threshold(at) == 0.8
     with pytest.raises(ValueError, match="threshold"):
         volume_records_multi(logits, gt, (1, 1, 1), rules=rules, threshold=1.0)
+
+
+# ---------------------------------------------------------------- the hit-rule registry
+
+
+def test_hit_rule_records_drive_validation_and_matching(merged):
+    assert list(rec_mod.HIT_RULES) == ["any", "fraction", "iou", "one-to-one"] and "iou" in rec_mod.HIT_RULES
+    assert dict(rec_mod.DEFAULT_HIT_THRESHOLDS) == {"any": None, "fraction": 0.5, "iou": 0.3, "one-to-one": None}
+    assert [r.name for r in rec_mod.HIT_RULES.values() if r.strict] == ["fraction", "iou", "one-to-one"]
+    assert rec_mod.HIT_RULES["one-to-one"].threshold_optional and not rec_mod.HIT_RULES["iou"].threshold_optional
+    assert rec_mod.HIT_RULES["iou"].title(0.3) == "IoU ≥ 0.3" and rec_mod.HIT_RULES["any"].title() == "any"
+    # a rule added by one function and one record: only the exact-size components may hit
+    rule = rec_mod.register_hit_rule(rec_mod.HitRule(
+        name="toy-same-size", doc="a component of its size overlaps it", takes_threshold=False, strict=False,
+        pairs=lambda ov, t: ov.size_gt[ov.pair_g] == ov.size_pred[ov.pair_p], assign=rec_mod._best_per_object))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            rec_mod.register_hit_rule(rule)
+        with pytest.raises(ValueError, match="takes no hit_threshold"):
+            volume_records(*merged, SP, hit_rule="toy-same-size", hit_threshold=0.5)
+        pred, gt = merged
+        les, comp = _split(volume_records(pred, gt, SP, hit_rule="toy-same-size"))
+        any_les, _ = _split(volume_records(pred, gt, SP, hit_rule="any"))
+        assert sum(r["hit_dice"] > 0 for r in les.values()) == 1 < sum(r["hit_dice"] > 0 for r in any_les.values())
+        assert "toy-same-size" in rec_mod.DEFAULT_HIT_THRESHOLDS
+    finally:
+        rec_mod.HIT_RULES.pop("toy-same-size")

@@ -1,14 +1,25 @@
 """Benchmark of the metric layer: numbers measured side by side in one run (no timed tests).
 
-    python -m trainables.metrics.bench [--quick] [--shared DIR] [--threads N]
+    python -m trainables.metrics.bench [--quick] [--shared DIR] [--threads N] [--only SECTION ...]
 
-1. records of a 512x512x300 volume with ~20 lesions (target <= 5 s), labelling back ends side by side;
-2. luna16 summary with 1000 bootstrap replicates over 200 cases (target <= 1 s);
-3. paper2020 on the largest fixture, vectorised vs a plain per-threshold loop over the records (ratio);
-4. sliding-window inference vs MONAI's at the same settings, same model and volume (ratio, target <= 1.0).
+Sections (``--only``; all by default), after the machine (:func:`trainables.environment.print_machine`):
+
+1. ``records``: records of a 512x512x300 volume with ~20 lesions (target <= 5 s), labelling back ends side by
+   side;
+2. ``luna16``: luna16 summary with 1000 bootstrap replicates over 200 cases (target <= 1 s);
+3. ``paper2020``: paper2020 on the largest fixture, vectorised vs a plain per-threshold loop over the records
+   (ratio);
+4. ``interp``: ``froc.interp_rows`` before/after: the previous offset-trick implementation
+   (:func:`_interp_rows_offset_trick_previous`, kept here only as the reference) vs the current per-row one on
+   the bootstrap curves of section 2 and on random curves with ties, repeated and out-of-range targets (ratio;
+   the outputs must be bit-identical, else the run stops), plus a per-row ``np.interp`` for scale (it rounds
+   differently: how many entries differ and by how much);
+5. ``sliding``: sliding-window inference vs MONAI's at the same settings, same model and volume (ratio, target
+   <= 1.0).
 
 The fixtures are read from ``--shared`` / ``$IW_SHARED_DIR`` (default: ``../shared`` beside the project root).
-Times are the best of a few repeats.
+Times are the best of a few repeats. The module also holds the reference implementations the benchmark compares
+against (:func:`paper2020_loop`, :func:`_interp_rows_offset_trick_previous`) and the synthetic inputs.
 """
 
 from __future__ import annotations
@@ -22,10 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from trainables.environment import print_machine
-from trainables.metrics.froc import LUNA_FP_RATES
+from trainables.metrics.froc import LUNA_FP_RATES, interp_at_counts, interp_rows
 from trainables.metrics.records import CaseRecords, RecordSet
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: the sections of the benchmark, in the order they run
+_SECTIONS = ("records", "luna16", "paper2020", "interp", "sliding")
 
 
 def paper2020_loop(recordset: RecordSet) -> tuple[float, float]:
@@ -199,6 +212,96 @@ def bench_paper2020(shared: Path | None, repeats: int) -> None:
     )
 
 
+def _interp_rows_offset_trick_previous(x: np.ndarray, y: np.ndarray, targets) -> np.ndarray:
+    """The PREVIOUS ``froc.interp_rows`` (replaced by a per-row ``searchsorted``), kept only as the
+    benchmark's reference: one ``searchsorted`` on the flattened rows shifted by ``r * span`` so that rows never
+    interleave, then a loop correcting the counts where the rounding of the shift moved them. The two differ
+    only in how the counts are found; both end in :func:`trainables.metrics.froc.interp_at_counts`."""
+    x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(targets, dtype=np.float64)
+    n_rows, n_pts = x.shape
+    if n_rows == 0:
+        return np.zeros((0, t.size))
+    # one searchsorted on the flattened rows: shift row r by r * span so rows never interleave
+    lo_all = min(float(x.min()), float(t.min()))
+    span = max(float(x.max()), float(t.max())) - lo_all + 1.0
+    off = (np.arange(n_rows, dtype=np.float64) * span)[:, None]
+    flat = ((x - lo_all) + off).ravel()
+    q = (t[None, :] - lo_all) + off
+    j = np.searchsorted(flat, q.ravel(), side="right").reshape(n_rows, t.size)
+    # points with x <= t per row, up to the rounding of the shift
+    j = np.clip(j - np.arange(n_rows)[:, None] * n_pts, 0, n_pts)
+    rows = np.arange(n_rows)[:, None]
+    tt = np.broadcast_to(t[None, :], j.shape)
+    while True:  # rounding of the shift may let a point x > t through, or keep out a point x == t
+        dec = (j > 0) & (x[rows, np.maximum(j - 1, 0)] > tt)
+        inc = (j < n_pts) & (x[rows, np.minimum(j, n_pts - 1)] <= tt)
+        if not (dec.any() or inc.any()):
+            break
+        j = j - dec + inc
+    return interp_at_counts(x, y, t, j)
+
+
+def _bootstrap_curves(n_cases: int, n_boot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The luna16 curves of ``n_boot`` bootstrap replicates of :func:`synthetic_recordset` and the targets
+    the summary reads them at (the 7 FP rates and the band grid)."""
+    from trainables.metrics.bootstrap import case_weights
+    from trainables.metrics.froc import luna_curves, luna_events, object_arrays
+    from trainables.metrics.summary import BAND_FPS_GRID
+
+    objs = object_arrays(synthetic_recordset(n_cases))
+    w = case_weights(objs.n_cases, n_boot, np.random.default_rng(0))
+    fps, recall = luna_curves(luna_events(objs), w, w @ objs.lesions_per_case(), w.sum(axis=1))
+    return fps, recall, np.concatenate([LUNA_FP_RATES, BAND_FPS_GRID])
+
+
+def _random_curves(n_rows: int, n_pts: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-decreasing rows with many ties (repeated x), and targets that repeat, hit points exactly, fall
+    below the first point and beyond the last."""
+    rng = np.random.default_rng(seed)
+    steps = rng.choice([0.0, 0.0, 0.25, 1.0 / 3.0, 0.1], size=(n_rows, n_pts - 1)) * rng.integers(
+        1, 4, (n_rows, 1)
+    )
+    x = np.concatenate([np.zeros((n_rows, 1)), np.cumsum(steps, axis=1)], axis=1)
+    y = np.concatenate([np.zeros((n_rows, 1)), np.cumsum(rng.random((n_rows, n_pts - 1)), axis=1)], axis=1)
+    exact = rng.choice(x.ravel(), 20)
+    targets = np.concatenate(
+        [[-0.5, -1e-3], exact, exact[:5], rng.uniform(0, 1.5 * x.max(), 30), [x.max() + 1]]
+    )
+    return x, y, targets
+
+
+def bench_interp(repeats: int) -> None:
+    n_boot = 1000
+    cases = {
+        f"bootstrap curves (200 cases, {n_boot} replicates)": _bootstrap_curves(200, n_boot),
+        "random curves (ties, repeated / out-of-range targets)": _random_curves(2000, 300),
+    }
+    for name, (x, y, t) in cases.items():
+        ok = np.isfinite(y).all(axis=1)
+        x, y = x[ok], y[ok]
+        t_old, old = _best(lambda x=x, y=y, t=t: _interp_rows_offset_trick_previous(x, y, t), repeats)
+        t_new, new = _best(lambda x=x, y=y, t=t: interp_rows(x, y, t), repeats)
+        if old.shape != new.shape or old.tobytes() != new.tobytes():
+            raise AssertionError(f"interp_rows differs from the previous implementation on {name}")
+        t_np, ref = _best(
+            lambda x=x, y=y, t=t: np.stack([np.interp(t, xr, yr) for xr, yr in zip(x, y)]), repeats
+        )
+        inside = (
+            t >= x[:, :1]
+        )  # np.interp is flat below the first point, interp_rows extends the first segment
+        differ = (ref != new) & inside
+        print(
+            f"interp    {name}: {x.shape[0]}x{x.shape[1]} points, {t.size} targets: previous offset trick "
+            f"{t_old * 1e3:.2f} ms, per-row searchsorted {t_new * 1e3:.2f} ms, ratio new/previous "
+            f"{t_new / t_old:.2f}, outputs bit-identical ({new.size} values)"
+        )
+        print(
+            f"          np.interp per row {t_np * 1e3:.2f} ms: differs in {int(differ.sum())} of "
+            f"{int(inside.sum())} in-range values, max |diff| {np.abs(ref - new)[inside].max():.1e} (rounding)"
+        )
+
+
 def bench_sliding_window(shape: tuple[int, int, int], repeats: int) -> None:
     import torch
     from monai.inferers import sliding_window_inference as monai_swi
@@ -252,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the shared folder with fixtures/paper-records (default: $IW_SHARED_DIR or ../shared)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=_SECTIONS,
+        default=list(_SECTIONS),
+        metavar="SECTION",
+        help=f"run only these sections ({', '.join(_SECTIONS)}; default all)",
+    )
     args = parser.parse_args(argv)
     print_machine()
     shared = args.shared or Path(os.environ.get("IW_SHARED_DIR", _PROJECT_ROOT.parent / "shared"))
@@ -261,10 +372,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else 3
-    bench_records((150, 256, 256) if args.quick else (300, 512, 512), repeats)
-    bench_luna16(repeats, shared)
-    bench_paper2020(shared, repeats)
-    bench_sliding_window((64, 112, 112) if args.quick else (96, 160, 160), repeats)
+    sections = {
+        "records": lambda: bench_records((150, 256, 256) if args.quick else (300, 512, 512), repeats),
+        "luna16": lambda: bench_luna16(repeats, shared),
+        "paper2020": lambda: bench_paper2020(shared, repeats),
+        "interp": lambda: bench_interp(repeats),
+        "sliding": lambda: bench_sliding_window((64, 112, 112) if args.quick else (96, 160, 160), repeats),
+    }
+    for name in _SECTIONS:
+        if name in args.only:
+            sections[name]()
     return 0
 
 

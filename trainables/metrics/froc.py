@@ -5,6 +5,10 @@ non-decreasing, that starts at the anchor ``(0, 0)`` and has one point per thres
 to the lowest. Many curves (bootstrap replicates) are stacked as ``(R, P)`` arrays and computed at once: the
 objects are sorted by confidence once, each replicate weights every object by the multiplicity of its case,
 and the counts per threshold are cumulative sums of those weights.
+
+Holds: :class:`ObjectArrays` / :func:`object_arrays` (a record set as flat arrays), :func:`interp_rows` (many
+curves read at the same FP rates), the luna16 curves (:func:`luna_events`, :func:`luna_curves`,
+:func:`luna_recall_at`), the paper2020 thresholds and counts, and ``LUNA_FP_RATES``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ __all__ = [
     "ObjectArrays",
     "object_arrays",
     "interp_rows",
+    "interp_at_counts",
     "LunaEvents",
     "luna_events",
     "luna_curves",
@@ -102,42 +107,41 @@ def object_arrays(recordset: RecordSet, case_ids: Iterable[str] | None = None) -
 
 
 def interp_rows(x: np.ndarray, y: np.ndarray, targets: Sequence[float]) -> np.ndarray:
-    """Row-wise ``np.interp(targets, x[r], y[r])`` for many curves at once.
+    """Row-wise linear interpolation of many curves at the same ``targets``.
+
+    Per row, the segment is found with ``np.searchsorted`` (:func:`interp_at_counts` does the rest): the same
+    points and segments as ``np.interp(targets, x[r], y[r])``, whose own formula rounds differently (the two
+    agree to a few ulp; the summaries keep this formula, bit for bit).
 
     Args:
         x: (R, P), every row non-decreasing (ties allowed, as ``np.interp``: the last of equal x is used).
         y: (R, P) values.
-        targets: (G,) query points, each >= ``x[:, 0]``.
+        targets: (G,) query points, each >= ``x[:, 0]`` (below it the first segment is extended).
 
     Returns:
         (R, G); flat beyond the last point of each row (``np.interp``'s right extrapolation).
     """
     x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(targets, dtype=np.float64)
+    if x.shape[0] == 0:
+        return np.zeros((0, t.size))
+    return interp_at_counts(x, y, t, np.stack([np.searchsorted(row, t, side="right") for row in x]))
+
+
+def interp_at_counts(x: np.ndarray, y: np.ndarray, targets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`interp_rows` given ``counts`` (R, G): how many points of row r have ``x <= targets[g]``.
+
+    Value ``y0 + (t - x0) / (x1 - x0) * (y1 - y0)`` on the segment that ends at the first point beyond t; the
+    last value where every point is <= t.
+    """
+    x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     t = np.asarray(targets, dtype=np.float64)
-    n_rows, n_pts = x.shape
-    if n_rows == 0:
-        return np.zeros((0, t.size))
-    # one searchsorted on the flattened rows: shift row r by r * span so rows never interleave
-    lo_all = min(float(x.min()), float(t.min()))
-    span = max(float(x.max()), float(t.max())) - lo_all + 1.0
-    off = (np.arange(n_rows, dtype=np.float64) * span)[:, None]
-    flat = ((x - lo_all) + off).ravel()
-    q = (t[None, :] - lo_all) + off
-    j = np.searchsorted(flat, q.ravel(), side="right").reshape(n_rows, t.size)
-    # points with x <= t per row, up to the rounding of the shift
-    j = np.clip(j - np.arange(n_rows)[:, None] * n_pts, 0, n_pts)
-    rows = np.arange(n_rows)[:, None]
-    tt = np.broadcast_to(t[None, :], j.shape)
-    while True:  # rounding of the shift may let a point x > t through, or keep out a point x == t
-        dec = (j > 0) & (x[rows, np.maximum(j - 1, 0)] > tt)
-        inc = (j < n_pts) & (x[rows, np.minimum(j, n_pts - 1)] <= tt)
-        if not (dec.any() or inc.any()):
-            break
-        j = j - dec + inc
-    j = np.maximum(j, 1)
+    n_pts = x.shape[1]
+    j = np.maximum(counts, 1)
     lo = j - 1
     hi = np.minimum(j, n_pts - 1)
+    rows = np.arange(x.shape[0])[:, None]
     x0, x1 = x[rows, lo], x[rows, hi]
     y0, y1 = y[rows, lo], y[rows, hi]
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -1,4 +1,8 @@
-"""Per-object records of one predicted volume (SPEC §7).
+"""Per-object records of one predicted volume (SPEC §7), and the hit-rule registry.
+
+Holds :func:`volume_records` / :func:`volume_records_multi` (volume -> :class:`CaseRecords`), the record
+types (:class:`CaseRecords`, ``RecordSet``, ``REQUIRED_FIELDS``), :func:`equivalent_diameter`, and the hit rules:
+one :class:`HitRule` record per rule in ``HIT_RULES`` (name -> record, :func:`register_hit_rule`).
 
 A *record* describes either a ground-truth lesion (``is_tum: True``) or a connected component of the binarised
 prediction (``is_tum: False``), with the fields of the authors' ``prc_records.json`` so that their files and ours
@@ -23,11 +27,16 @@ field             meaning
                   component touching many lesions shows up here)
 ================  ==========================================================================================
 
-Hit rules (``HIT_RULES``), applied when records are made from volumes:
+Hit rules, applied when records are made from volumes. A rule is a :class:`HitRule` record: which overlapping
+(lesion, component) pairs may hit (``pairs``, a function of the overlaps and the threshold), how the hits are
+assigned (``assign``: :func:`_best_per_object` or :func:`_greedy_one_to_one`), whether it takes a
+``hit_threshold`` and its default, whether a study may show it as its strict rule, a one-line doc and the label
+reports give it. Adding a rule = one ``pairs``
+function (or an ``assign`` one) + one record; validation (here and in the study config) reads the record.
 
 * ``"any"`` (default, the paper's): every overlapping (lesion, component) pair is a hit. A lesion takes the
-  overlapping component of best Dice; a component overlapping any lesion is never a false positive; one component
-  can hit several lesions.
+  overlapping component of best Dice (ties: the more confident component, then the lower label); a component
+  overlapping any lesion is never a false positive; one component can hit several lesions.
 * ``"fraction"``: a pair counts only if at least ``hit_threshold`` (default 0.5) of the **component** lies inside
   that lesion. Otherwise as ``"any"``.
 * ``"iou"``: a pair counts only if IoU >= ``hit_threshold`` (default 0.3). Otherwise as ``"any"``.
@@ -46,17 +55,19 @@ the per-component max logit from one sort of the predicted foreground. No per-ob
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import expit, logit
 
-from trainables.weights import label_components
+from trainables.registry import Registry
 
 __all__ = [
+    "HitRule",
     "HIT_RULES",
     "DEFAULT_HIT_THRESHOLDS",
+    "register_hit_rule",
+    "get_hit_rule",
     "REQUIRED_FIELDS",
     "CaseRecords",
     "RecordSet",
@@ -65,14 +76,6 @@ __all__ = [
     "volume_records_multi",
 ]
 
-HIT_RULES = ("any", "fraction", "iou", "one-to-one")
-#: threshold used when ``hit_threshold`` is None (``one-to-one``: None = any overlap)
-DEFAULT_HIT_THRESHOLDS: dict[str, float | None] = {
-    "any": None,
-    "fraction": 0.5,
-    "iou": 0.3,
-    "one-to-one": None,
-}
 #: fields every record must carry (the summaries read nothing else)
 REQUIRED_FIELDS = ("is_tum", "diameter", "hit_dice", "hit_logit", "self_logit")
 
@@ -105,20 +108,6 @@ def equivalent_diameter(n_voxels: np.ndarray | float, spacing: Sequence[float]) 
     return np.cbrt(6.0 * volume / math.pi)
 
 
-def _check_rule(rule: str, threshold: float | None) -> float | None:
-    if rule not in HIT_RULES:
-        raise ValueError(f"unknown hit rule {rule!r}; expected one of {', '.join(HIT_RULES)}")
-    if rule == "any":
-        if threshold is not None:
-            raise ValueError("hit rule 'any' takes no hit_threshold (any voxel of overlap is a hit)")
-        return None
-    if threshold is None:
-        threshold = DEFAULT_HIT_THRESHOLDS[rule]
-    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
-        raise ValueError(f"hit_threshold of rule {rule!r} must be in (0, 1], got {threshold}")
-    return None if threshold is None else float(threshold)
-
-
 @dataclass(frozen=True)
 class _Overlaps:
     """Everything the hit rules need, from one labelling of each mask (internal)."""
@@ -143,6 +132,11 @@ class _Overlaps:
 
 
 def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool, threshold: float = 0.5) -> _Overlaps:
+    # imported here so that the registries (read by the command line) do not load scipy
+    from scipy.special import expit, logit
+
+    from trainables.weights import label_components
+
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.shape != gt.shape:
@@ -215,32 +209,182 @@ def _best_per_group(group: np.ndarray, keys: Sequence[np.ndarray], n_groups: int
     return best
 
 
+# ------------------------------------------------------------------------------------------------ hit rules
+# pairs(ov, threshold) -> (n_pairs,) bool: the overlapping pairs that may hit
+
+
+def _all_pairs(ov: _Overlaps, threshold: float | None) -> np.ndarray:
+    return np.ones(ov.pair_inter.size, dtype=bool)
+
+
+def _component_fraction_pairs(ov: _Overlaps, threshold: float | None) -> np.ndarray:
+    return ov.pair_inter / ov.size_pred[ov.pair_p] >= threshold
+
+
+def _iou_pairs(ov: _Overlaps, threshold: float | None) -> np.ndarray:
+    return ov.iou >= threshold
+
+
+def _iou_pairs_if_threshold(ov: _Overlaps, threshold: float | None) -> np.ndarray:
+    return _all_pairs(ov, threshold) if threshold is None else _iou_pairs(ov, threshold)
+
+
+# assign(g, p, dice, conf, n_gt, n_pred) -> (lesion -> pair, component -> pair), -1 = none; the pair arrays are
+# those of the allowed pairs
+
+
+def _best_per_object(g, p, d, c, n_gt: int, n_pred: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every object takes its best allowed pair; a component may hit several lesions."""
+    # lesion: best Dice, ties to the more confident component, then the lower label
+    les = _best_per_group(g, (d, c, -p), n_gt)
+    # component: best Dice, ties to the lower lesion label
+    comp = _best_per_group(p, (d, -g), n_pred)
+    return les, comp
+
+
+def _greedy_one_to_one(g, p, d, c, n_gt: int, n_pred: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy over the pairs (not voxels), best Dice first; every object matched at most once."""
+    les = np.full(n_gt, -1, dtype=np.int64)
+    comp = np.full(n_pred, -1, dtype=np.int64)
+    for k in np.lexsort((p, g, -c, -d)):
+        if les[g[k]] < 0 and comp[p[k]] < 0:
+            les[g[k]] = comp[p[k]] = k
+    return les, comp
+
+
+@dataclass(frozen=True)
+class HitRule:
+    """One hit rule: which overlapping (lesion, component) pairs may hit, and how hits are assigned.
+
+    Attributes:
+        name: registry key (``volume_records(hit_rule=name)``, ``evaluation.strict.rule`` of a study).
+        pairs: ``(overlaps, threshold) -> (n_pairs,) bool``, the pairs that may hit.
+        assign: :func:`_best_per_object` (every object takes its best allowed pair) or
+            :func:`_greedy_one_to_one`.
+        doc: one line that completes "a lesion is hit when ..." (``study catalog``, error messages).
+        takes_threshold: whether it accepts a ``hit_threshold`` (then in (0, 1]); False = giving one is an error.
+        strict: whether a study may show it as its strict rule beside ``any`` (``evaluation.strict.rule``).
+        default_threshold: the threshold used when ``hit_threshold`` is None; None = no threshold (for a rule
+            that takes one: optional, e.g. ``one-to-one`` without a threshold matches on any overlap).
+        label: how reports name it, ``str.format``-ted with ``threshold`` (e.g. ``"IoU ≥ {threshold:g}"``).
+    """
+
+    name: str
+    pairs: Callable[[_Overlaps, float | None], np.ndarray]
+    assign: Callable[..., tuple[np.ndarray, np.ndarray]]
+    doc: str
+    takes_threshold: bool
+    strict: bool
+    default_threshold: float | None = None
+    label: str = ""
+
+    @property
+    def threshold_optional(self) -> bool:
+        """Takes a threshold but works without one (no default)."""
+        return self.takes_threshold and self.default_threshold is None
+
+    def check_threshold(self, threshold: float | None) -> float | None:
+        """The threshold to use (the default when None); ValueError if the rule cannot take ``threshold``."""
+        if not self.takes_threshold:
+            if threshold is not None:
+                raise ValueError(
+                    f"hit rule {self.name!r} takes no hit_threshold (a lesion is hit when {self.doc})"
+                )
+            return None
+        if threshold is None:
+            threshold = self.default_threshold
+        if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"hit_threshold of rule {self.name!r} must be in (0, 1], got {threshold}")
+        return None if threshold is None else float(threshold)
+
+    def title(self, threshold: float | None = None) -> str:
+        """``label`` with ``threshold`` (the default when None) filled in; the name when there is no label."""
+        t = self.default_threshold if threshold is None else threshold
+        return self.label.format(threshold=t) if self.label else self.name
+
+
+#: hit rule name -> :class:`HitRule`, in registration order (a dict)
+HIT_RULES: Registry[HitRule] = Registry("hit rule")
+#: add a :class:`HitRule` (its name must be new); returns it
+register_hit_rule = HIT_RULES.register
+#: the record of a hit rule by name; ValueError naming the registered ones if unknown
+get_hit_rule = HIT_RULES.lookup
+
+
+register_hit_rule(
+    HitRule(
+        name="any",
+        pairs=_all_pairs,
+        assign=_best_per_object,
+        doc="a component overlaps it by any voxel (the paper's rule)",
+        takes_threshold=False,
+        strict=False,
+    )
+)
+register_hit_rule(
+    HitRule(
+        name="fraction",
+        pairs=_component_fraction_pairs,
+        assign=_best_per_object,
+        doc="at least hit_threshold of a component's voxels lie inside it",
+        takes_threshold=True,
+        strict=True,
+        default_threshold=0.5,
+        label="component share ≥ {threshold:g}",
+    )
+)
+register_hit_rule(
+    HitRule(
+        name="iou",
+        pairs=_iou_pairs,
+        assign=_best_per_object,
+        doc="its IoU with a component is at least hit_threshold",
+        takes_threshold=True,
+        strict=True,
+        default_threshold=0.3,
+        label="IoU ≥ {threshold:g}",
+    )
+)
+register_hit_rule(
+    HitRule(
+        name="one-to-one",
+        pairs=_iou_pairs_if_threshold,
+        assign=_greedy_one_to_one,
+        doc="it is matched to a component one-to-one, greedily by Dice (IoU >= hit_threshold if given, "
+        "else any overlap)",
+        takes_threshold=True,
+        strict=True,
+        label="one-to-one",
+    )
+)
+
+
+class _DefaultThresholds(Mapping[str, float | None]):
+    """Read-only view name -> ``HIT_RULES[name].default_threshold`` (kept for older callers)."""
+
+    def __getitem__(self, name: str) -> float | None:
+        return HIT_RULES[name].default_threshold
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(HIT_RULES)
+
+    def __len__(self) -> int:
+        return len(HIT_RULES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: threshold used when ``hit_threshold`` is None (``one-to-one``: None = any overlap); a view of ``HIT_RULES``
+DEFAULT_HIT_THRESHOLDS: Mapping[str, float | None] = _DefaultThresholds()
+
+
 def _match(ov: _Overlaps, rule: str, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Matched pair index per lesion and per component (-1 = none) under a hit rule."""
-    n_gt, n_pred = ov.size_gt.size, ov.size_pred.size
-    dice = ov.dice
-    if rule == "any":
-        valid = np.ones(dice.size, dtype=bool)
-    elif rule == "fraction":
-        valid = ov.pair_inter / ov.size_pred[ov.pair_p] >= threshold
-    elif rule == "iou" or (rule == "one-to-one" and threshold is not None):
-        valid = ov.iou >= threshold
-    else:
-        valid = np.ones(dice.size, dtype=bool)
-    idx = np.flatnonzero(valid)
-    g, p, d, c = ov.pair_g[idx], ov.pair_p[idx], dice[idx], ov.conf[ov.pair_p[idx]]
-
-    if rule != "one-to-one":
-        # lesion: best Dice, ties to the more confident component, then the lower label
-        les = _best_per_group(g, (d, c, -p), n_gt)
-        # component: best Dice, ties to the lower lesion label
-        comp = _best_per_group(p, (d, -g), n_pred)
-    else:
-        les = np.full(n_gt, -1, dtype=np.int64)
-        comp = np.full(n_pred, -1, dtype=np.int64)
-        for k in np.lexsort((p, g, -c, -d)):  # greedy over pairs (not voxels), best Dice first
-            if les[g[k]] < 0 and comp[p[k]] < 0:
-                les[g[k]] = comp[p[k]] = k
+    record = HIT_RULES[rule]
+    idx = np.flatnonzero(record.pairs(ov, threshold))
+    g, p, d, c = ov.pair_g[idx], ov.pair_p[idx], ov.dice[idx], ov.conf[ov.pair_p[idx]]
+    les, comp = record.assign(g, p, d, c, ov.size_gt.size, ov.size_pred.size)
     # back to indices into the full pair arrays
     for sel in (les, comp):
         hit = sel >= 0
@@ -248,49 +392,44 @@ def _match(ov: _Overlaps, rule: str, threshold: float | None) -> tuple[np.ndarra
     return les, comp
 
 
+def _take(values: np.ndarray, index: np.ndarray, fill: float) -> np.ndarray:
+    """``values[index]``, ``fill`` where ``index < 0`` (no match); dtype of ``values``."""
+    out = np.full(index.shape, fill, dtype=values.dtype)
+    hit = index >= 0
+    out[hit] = values[index[hit]]
+    return out
+
+
+def _names(prefix: str, labels: np.ndarray) -> list[str | None]:
+    """``prefix_<label + 1>`` per 0-based label, None where ``label < 0``."""
+    return [None if k < 0 else f"{prefix}_{k + 1}" for k in labels.tolist()]
+
+
 def _records_from_overlaps(ov: _Overlaps, rule: str, threshold: float | None, spacing) -> CaseRecords:
+    """One record per object, lesions first, then components (fields: module docstring)."""
     les, comp = _match(ov, rule, threshold)
-    dice = ov.dice
-    d_gt = equivalent_diameter(ov.size_gt, spacing)
-    d_pred = equivalent_diameter(ov.size_pred, spacing)
-    n_overlap = np.bincount(ov.pair_p, minlength=ov.size_pred.size)
-    records: list[dict] = []
-    for i in range(ov.size_gt.size):
-        k = les[i]
-        hit = k >= 0
-        p = int(ov.pair_p[k]) if hit else -1
-        records.append(
-            {
-                "obj": f"tum_{i + 1}",
-                "is_tum": True,
-                "diameter": float(d_gt[i]),
-                "volume_vox": int(ov.size_gt[i]),
-                "hit_dice": float(dice[k]) if hit else 0.0,
-                "hit_logit": float(ov.conf[p]) if hit else -math.inf,
-                "hit_max": float(ov.stat[p]) if hit else 0.0,
-                "hit_obj": f"pred_{p + 1}" if hit else None,
-                "self_logit": math.inf,
-                "self_stat": 1.0,
-            }
-        )
-    for j in range(ov.size_pred.size):
-        k = comp[j]
-        hit = k >= 0
-        records.append(
-            {
-                "obj": f"pred_{j + 1}",
-                "is_tum": False,
-                "diameter": float(d_pred[j]),
-                "volume_vox": int(ov.size_pred[j]),
-                "hit_dice": float(dice[k]) if hit else 0.0,
-                "hit_logit": math.inf if hit else -math.inf,
-                "hit_max": 1.0 if hit else 0.0,
-                "hit_obj": f"tum_{int(ov.pair_g[k]) + 1}" if hit else None,
-                "self_logit": float(ov.conf[j]),
-                "self_stat": float(ov.stat[j]),
-                "n_overlap": int(n_overlap[j]),
-            }
-        )
+    n_gt, n_pred = ov.size_gt.size, ov.size_pred.size
+    comp_of_les = _take(ov.pair_p, les, -1)  # 0-based component hitting each lesion, -1 = none
+    les_of_comp = _take(ov.pair_g, comp, -1)  # 0-based lesion hit by each component, -1 = none
+    comp_hits = comp >= 0
+    sizes = np.concatenate([ov.size_gt, ov.size_pred])
+    columns = {
+        "obj": _names("tum", np.arange(n_gt)) + _names("pred", np.arange(n_pred)),
+        "is_tum": [True] * n_gt + [False] * n_pred,
+        "diameter": equivalent_diameter(sizes, spacing).tolist(),
+        "volume_vox": sizes.tolist(),
+        "hit_dice": _take(ov.dice, np.concatenate([les, comp]), 0.0).tolist(),
+        "hit_logit": np.r_[
+            _take(ov.conf, comp_of_les, -math.inf), np.where(comp_hits, math.inf, -math.inf)
+        ].tolist(),
+        "hit_max": np.r_[_take(ov.stat, comp_of_les, 0.0), np.where(comp_hits, 1.0, 0.0)].tolist(),
+        "hit_obj": _names("pred", comp_of_les) + _names("tum", les_of_comp),
+        "self_logit": np.r_[np.full(n_gt, math.inf), ov.conf].tolist(),
+        "self_stat": np.r_[np.ones(n_gt), ov.stat].tolist(),
+    }
+    records = [dict(zip(columns, row)) for row in zip(*columns.values())]
+    for record, n in zip(records[n_gt:], np.bincount(ov.pair_p, minlength=n_pred).tolist()):
+        record["n_overlap"] = n
     return CaseRecords(records=records, n_voxels=ov.n_voxels, n_pred_positive=int(ov.size_pred.sum()))
 
 
@@ -326,7 +465,7 @@ def volume_records_multi(
     Returns:
         name -> :class:`CaseRecords` (records: lesions first, then components, each in label order).
     """
-    checked = {name: (r, _check_rule(r, t)) for name, (r, t) in rules.items()}
+    checked = {name: (r, get_hit_rule(r).check_threshold(t)) for name, (r, t) in rules.items()}
     pred = np.asarray(pred)
     sp = _check_spacing(spacing, pred.ndim)
     ov = _overlaps(pred, gt, is_logit, threshold)

@@ -1,29 +1,17 @@
-"""Summaries of per-object records under named protocols (SPEC §7), object Dice and size groups.
+"""Detection summaries of record sets: the metric-protocol registry, ``summarize``, FROC curves, size groups.
 
-Protocols (``PROTOCOLS``; adding one = one function + one entry):
+Holds:
 
-``luna16`` (default)
-    Thresholds = the distinct confidences (max logit) of the objects. At threshold t a lesion is detected iff it
-    is hit (``hit_dice > 0``) and ``hit_logit >= t``; a component is a false positive iff it hits no lesion
-    (``hit_dice <= 0``) and ``self_logit >= t`` (ties: ``>=`` on both sides, i.e. the operating point "keep
-    the components of confidence >= t"; the lowest threshold keeps every component). Recall = detected / all
-    lesions; FP/image = false positives / **all** images of the record set (empty ones included). The curve is
-    anchored at (0, 0) and read by linear interpolation (``np.interp``) at FP/image {1/8, 1/4, 1/2, 1, 2, 4, 8},
-    flat beyond its last point; ``avg_recall`` = mean of the 7. Uncertainty: a seeded case-level bootstrap with
-    replacement (percentile CI; ``avg_recall_std`` = standard deviation of the replicates), or, with
-    ``subsample=f``, ``int(f n)`` cases without replacement whose FP/image is divided by their own count.
-    Object Dice = mean (std over lesions) of ``hit_dice`` over the lesions detected at the lowest threshold.
-
-``paper2020``
-    The fixture README's six steps exactly (what produced Table 2): thresholds
-    ``concat(linspace(-0.1, 10, 101), linspace(10, m + 1, 100))``; kept = ``self_logit >= t``; TP = kept
-    lesions with ``hit_dice > 0`` and ``hit_logit >= t``; FP = kept non-hitting components with
-    ``self_logit > t`` (strict); 50 cumulative shuffles by ``RandomState(42)`` keeping ``int(0.8 n_ids)`` ids;
-    FP/image divided by ``n_ids`` of the whole file; mean (± std) of the 7-point average over the subsamples;
-    object DSC over lesions with ``hit_dice > 0`` and ``hit_logit >= -0.1``. ``ids`` = the sorted case ids
-    that have at least one record (the authors' ``df.id.unique()``; a case with an empty record list is
-    absent from their table). Reading step 1 as "every key of the file" misses Table 2 on LUNA16 dl, gdl,
-    iwasl (by up to 0.014); this reading matches all 19 files.
+* :class:`Protocol` records in the registry ``PROTOCOLS`` (name -> record; :func:`register_protocol`). A record
+  names the summary function and what the rest of the code asks about the protocol (its one-line doc, the
+  :func:`summarize` options it takes, whether it reports a CI, how it resamples, what a size group inherits
+  from the whole record set). Adding a protocol = one function + one record; :func:`summarize`,
+  :func:`size_groups` and ``study metrics`` (choices, help, table columns) read the record.
+* the protocols: ``luna16`` (the default; :func:`_luna16`) and ``paper2020`` (the fixture README's six steps,
+  what produced Table 2; :func:`_paper2020`). Their exact rules are in their docstrings (SPEC §7).
+* :func:`froc_curve` (the luna16 curve of a record set), :func:`size_groups` / :func:`restrict_to_size`
+  (summaries per lesion-size group, the authors' ``get_size_df``), ``CLINICAL_CUTOFFS_MM`` and the FP/image
+  grid of the plotting band ``BAND_FPS_GRID``.
 
 Undefined values (no lesion, no detected lesion, no diagnostics) are ``None``.
 """
@@ -31,7 +19,8 @@ Undefined values (no lesion, no detected lesion, no diagnostics) are ``None``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,14 +38,21 @@ from trainables.metrics.froc import (
     paper2020_thresholds,
 )
 from trainables.metrics.records import CaseRecords, RecordSet
+from trainables.registry import Registry
 
 __all__ = [
+    "Protocol",
     "PROTOCOLS",
+    "DEFAULT_PROTOCOL",
+    "SUMMARY_OPTIONS",
+    "register_protocol",
+    "get_protocol",
     "CLINICAL_CUTOFFS_MM",
     "BAND_FPS_GRID",
     "summarize",
     "froc_curve",
     "size_groups",
+    "restrict_to_size",
 ]
 
 #: "small" lesion cut-offs (equivalent diameter, mm): paper text (LUNA16 10, LiTS 12, metastases 5) and the
@@ -68,6 +64,56 @@ BAND_FPS_GRID: np.ndarray = 2.0 ** np.linspace(-3.0, 3.0, 49)
 _PAPER_N_SUBSAMPLES = 50
 _PAPER_SEED = 42
 _PAPER_FRACTION = 0.8
+
+#: the protocol of :func:`summarize` / :func:`size_groups` / ``study metrics`` when none is given
+DEFAULT_PROTOCOL = "luna16"
+#: the resampling options of :func:`summarize`; a protocol takes some of them (``Protocol.options``)
+SUMMARY_OPTIONS: tuple[str, ...] = ("n_boot", "seed", "subsample", "ci")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One metric protocol: its summary function and everything the rest of the code asks about it.
+
+    Attributes:
+        name: registry key (``summarize(..., protocol=name)``, ``study metrics --protocol name``).
+        summarize_fn: ``(ObjectArrays, **options) -> summary dict``; ``options`` are those named in
+            ``options`` plus, for a size group, ``group_kwargs(whole)``.
+        doc: one line, what it reports (``study metrics --help``, ``study catalog``).
+        options: the :data:`SUMMARY_OPTIONS` it takes; the others are fixed by the protocol and ignored.
+        reports_ci: whether it reports a percentile CI of avg recall (``avg_recall_ci_low/high``).
+        resampling: how it resamples, for headers; ``str.format`` fields ``{n_boot}`` and ``{seed}``.
+        group_kwargs: what a size group inherits from the whole record set: ``whole ObjectArrays -> extra
+            keyword arguments of summarize_fn``; None = nothing (the group is summarised on its own).
+    """
+
+    name: str
+    summarize_fn: Callable[..., dict]
+    doc: str
+    options: tuple[str, ...] = ()
+    reports_ci: bool = False
+    resampling: str = ""
+    group_kwargs: Callable[[ObjectArrays], dict] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.options) - set(SUMMARY_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"protocol {self.name!r}: unknown options {unknown}; expected some of {SUMMARY_OPTIONS}"
+            )
+
+    def describe_resampling(self, **values) -> str:
+        """``resampling`` with ``{n_boot}`` / ``{seed}`` filled in."""
+        return self.resampling.format(**values)
+
+    def take(self, options: Mapping[str, object]) -> dict:
+        """The entries of ``options`` this protocol takes (``options`` keys must be :data:`SUMMARY_OPTIONS`)."""
+        unknown = sorted(set(options) - set(SUMMARY_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"unknown summary options {unknown}; expected some of {', '.join(SUMMARY_OPTIONS)}"
+            )
+        return {k: v for k, v in options.items() if k in self.options}
 
 
 def _num(x: float | np.floating | None) -> float | None:
@@ -107,6 +153,19 @@ def _common(objs: ObjectArrays, n_images: int) -> dict:
 def _luna16(
     objs: ObjectArrays, *, n_boot: int = 1000, seed: int = 0, subsample: float | None = None, ci: float = 0.95
 ) -> dict:
+    """The ``luna16`` protocol (the default).
+
+    Thresholds = the distinct confidences (max logit) of the objects. At threshold t a lesion is detected iff it
+    is hit (``hit_dice > 0``) and ``hit_logit >= t``; a component is a false positive iff it hits no lesion
+    (``hit_dice <= 0``) and ``self_logit >= t`` (ties: ``>=`` on both sides, i.e. the operating point "keep
+    the components of confidence >= t"; the lowest threshold keeps every component). Recall = detected / all
+    lesions; FP/image = false positives / **all** images of the record set (empty ones included). The curve is
+    anchored at (0, 0) and read by linear interpolation (``np.interp``) at FP/image {1/8, 1/4, 1/2, 1, 2, 4, 8},
+    flat beyond its last point; ``avg_recall`` = mean of the 7. Uncertainty: a seeded case-level bootstrap with
+    replacement (percentile CI; ``avg_recall_std`` = standard deviation of the replicates), or, with
+    ``subsample=f``, ``int(f n)`` cases without replacement whose FP/image is divided by their own count.
+    Object Dice = mean (std over lesions) of ``hit_dice`` over the lesions detected at the lowest threshold.
+    """
     n = objs.n_cases
     n_rates = len(LUNA_FP_RATES)
     targets = np.concatenate([LUNA_FP_RATES, BAND_FPS_GRID])
@@ -161,9 +220,22 @@ def _luna16(
 def _paper2020(
     objs: ObjectArrays, *, ids: Sequence[str] | None = None, thresholds: np.ndarray | None = None
 ) -> dict:
-    """``ids`` / ``thresholds`` default to the file's own (size groups pass the whole file's)."""
+    """The ``paper2020`` protocol: the fixture README's six steps exactly (what produced Table 2).
+
+    Thresholds ``concat(linspace(-0.1, 10, 101), linspace(10, m + 1, 100))``; kept = ``self_logit >= t``; TP =
+    kept lesions with ``hit_dice > 0`` and ``hit_logit >= t``; FP = kept non-hitting components with
+    ``self_logit > t`` (strict); 50 cumulative shuffles by ``RandomState(42)`` keeping ``int(0.8 n_ids)`` ids;
+    FP/image divided by ``n_ids`` of the whole file; mean (± std) of the 7-point average over the subsamples;
+    object DSC over lesions with ``hit_dice > 0`` and ``hit_logit >= -0.1``. ``ids`` = the sorted case ids that
+    have at least one record (the authors' ``df.id.unique()``; a case with an empty record list is absent from
+    their table). Reading step 1 as "every key of the file" misses Table 2 on LUNA16 dl, gdl, iwasl (by up to
+    0.014); this reading matches all 19 files.
+
+    ``ids`` / ``thresholds`` default to the file's own (size groups pass the whole file's:
+    :func:`_paper2020_group_kwargs`).
+    """
     if ids is None:
-        ids = [c for c, k in zip(objs.case_ids, objs.n_records) if k > 0]
+        ids = _paper2020_ids(objs)
     ids = sorted(ids)
     th = paper2020_thresholds(objs) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     n_ids = len(ids)
@@ -230,8 +302,43 @@ def _paper2020(
     return out
 
 
-#: protocol name -> function(ObjectArrays, **options) -> summary dict
-PROTOCOLS: dict[str, Callable[..., dict]] = {"luna16": _luna16, "paper2020": _paper2020}
+def _paper2020_ids(objs: ObjectArrays) -> list[str]:
+    """The case ids with at least one record (the authors' ``df.id.unique()``)."""
+    return [c for c, k in zip(objs.case_ids, objs.n_records) if k > 0]
+
+
+def _paper2020_group_kwargs(whole: ObjectArrays) -> dict:
+    """A size group keeps the whole record set's ids (FP/image denominator) and thresholds."""
+    return {"ids": _paper2020_ids(whole), "thresholds": paper2020_thresholds(whole)}
+
+
+#: protocol name -> :class:`Protocol`, in registration order (a dict; the CLI lists them in this order)
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+#: add a :class:`Protocol` (its name must be new); returns it
+register_protocol = PROTOCOLS.register
+#: the record of a protocol by name; ValueError naming the registered ones if unknown
+get_protocol = PROTOCOLS.lookup
+
+
+register_protocol(
+    Protocol(
+        name="luna16",
+        summarize_fn=_luna16,
+        doc="recall at 1/8 to 8 FP/image (7 rates, all images) averaged, with a case-level bootstrap CI",
+        options=SUMMARY_OPTIONS,
+        reports_ci=True,
+        resampling="bootstrap n={n_boot}, seed={seed}",
+    )
+)
+register_protocol(
+    Protocol(
+        name="paper2020",
+        summarize_fn=_paper2020,
+        doc="the paper's Table 2 exactly (the fixture README's six steps: 50 subsamples of 80 %)",
+        resampling=f"{_PAPER_N_SUBSAMPLES} subsamples of {_PAPER_FRACTION * 100:g} %, seed {_PAPER_SEED}",
+        group_kwargs=_paper2020_group_kwargs,
+    )
+)
 
 
 def _objects(recordset: RecordSet) -> ObjectArrays:
@@ -240,14 +347,9 @@ def _objects(recordset: RecordSet) -> ObjectArrays:
     return object_arrays(recordset)
 
 
-def _check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-
-
 def summarize(
     recordset: RecordSet,
-    protocol: str = "luna16",
+    protocol: str = DEFAULT_PROTOCOL,
     *,
     n_boot: int = 1000,
     seed: int = 0,
@@ -258,8 +360,9 @@ def summarize(
 
     Args:
         recordset: case id -> :class:`CaseRecords` (every evaluated image, empty ones included).
-        protocol: ``"luna16"`` or ``"paper2020"`` (module docstring). ``paper2020`` fixes its own resampling
-            (50 subsamples, seed 42); ``n_boot``, ``seed``, ``subsample`` and ``ci`` apply to ``luna16``.
+        protocol: a name in :data:`PROTOCOLS` (``"luna16"``, ``"paper2020"``). ``n_boot``, ``seed``,
+            ``subsample`` and ``ci`` go to the protocols whose record lists them in ``options`` (``luna16``);
+            the others fix their own resampling (``paper2020``: 50 subsamples, seed 42).
         n_boot: bootstrap replicates (0 = no resampling; the CI keys are then None).
         seed: seed of ``numpy.random.default_rng`` for the replicates.
         subsample: None = bootstrap with replacement; a fraction (e.g. 0.8) = subsampling without replacement.
@@ -274,11 +377,11 @@ def summarize(
         ``resampling, n_boot, seed, ci``; luna16 adds ``obj_dice_ci_low, obj_dice_ci_high, n_boot_valid`` (the
         replicates with at least one lesion).
     """
-    _check_protocol(protocol)
+    record = get_protocol(protocol)
     objs = _objects(recordset)
-    if protocol == "luna16":
-        return _luna16(objs, n_boot=n_boot, seed=seed, subsample=subsample, ci=ci)
-    return PROTOCOLS[protocol](objs)
+    return record.summarize_fn(
+        objs, **record.take({"n_boot": n_boot, "seed": seed, "subsample": subsample, "ci": ci})
+    )
 
 
 def froc_curve(recordset: RecordSet, case_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -340,7 +443,7 @@ def size_groups(
     *,
     cutoffs_mm: float | Sequence[float] | None = None,
     terciles: bool = False,
-    protocol: str = "luna16",
+    protocol: str = DEFAULT_PROTOCOL,
     **summary_kwargs,
 ) -> dict[str, dict]:
     """Summaries restricted to lesions of one size group each (equivalent diameter, mm).
@@ -352,23 +455,22 @@ def size_groups(
     A group keeps, as the authors' ``get_size_df``: its lesions, the predicted components whose own diameter
     falls in the group, and the components linked to its lesions. Hence a false-positive component (hitting no
     lesion) is charged to the group of **its own size**, and a component linked to a lesion of another group
-    is not a false positive of this group. Every image stays in the FP/image denominator; under ``paper2020``
-    ``n_ids`` and the thresholds are those of the whole record set.
+    is not a false positive of this group. Every image stays in the FP/image denominator; what else a group
+    inherits from the whole record set is the protocol's ``group_kwargs`` (``paper2020``: ``n_ids`` and the
+    thresholds). ``summary_kwargs``: options of :func:`summarize`, passed to the protocols that take them.
 
     Returns:
         group name -> summary (as :func:`summarize`) plus ``bounds_mm`` ([low, high], None = open).
     """
-    _check_protocol(protocol)
+    record = get_protocol(protocol)
+    options = record.take(summary_kwargs)
     whole = _objects(recordset)
     groups = _group_bounds(whole.les_diameter, cutoffs_mm, terciles)
+    inherited = record.group_kwargs(whole) if record.group_kwargs is not None else {}
     out: dict[str, dict] = {}
     for name, lo, hi in groups:
         objs = object_arrays(restrict_to_size(recordset, lo, hi))
-        if protocol == "paper2020":
-            ids = [c for c, k in zip(whole.case_ids, whole.n_records) if k > 0]
-            summary = _paper2020(objs, ids=ids, thresholds=paper2020_thresholds(whole))
-        else:
-            summary = PROTOCOLS[protocol](objs, **summary_kwargs)
+        summary = record.summarize_fn(objs, **options, **inherited)
         summary["bounds_mm"] = [None if math.isinf(lo) else lo, None if math.isinf(hi) else hi]
         out[name] = summary
     return out
