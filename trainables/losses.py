@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -52,8 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainables.registry import Registry
+
 __all__ = [
+    "LOSSES",
     "LOSS_NAMES",
+    "LossParam",
+    "LossRecord",
     "PAPER_CONFIGS",
     "asl_loss",
     "bce_loss",
@@ -61,6 +67,10 @@ __all__ = [
     "focal_loss",
     "gdl_loss",
     "get_loss",
+    "loss_record",
+    "register_loss",
+    "number",
+    "choice",
     "canonical_params",
     "loss_params",
     "supports_iw",
@@ -100,7 +110,7 @@ def focal_loss(
         gamma: focusing exponent, ``>= 0`` (0 gives alpha-balanced BCE). Paper: 2.
         alpha: weight of the positive class, in ``(0, 1)``; negatives get ``1 - alpha``. Paper: 0.75.
     """
-    _check_focal_params(gamma, alpha)
+    _check_params("focal", gamma=gamma, alpha=alpha)
     target, weight = _check_inputs("focal", logits, target, weight)
     log_p = F.logsigmoid(logits)  # log p
     log_not_p = F.logsigmoid(-logits)  # log(1 - p)
@@ -123,7 +133,7 @@ def wce_loss(
 
     ``s`` is floored at ``n * eps`` (module docstring), so ``r <= 1/eps``.
     """
-    _check_wce_params(pos_weight)
+    _check_params("wce", pos_weight=pos_weight)
     target, weight = _check_inputs("wce", logits, target, weight)
     n = float(logits.numel())
     if pos_weight == "prediction":
@@ -169,7 +179,7 @@ def asl_loss(
         beta: ``> 0``; weight of recall over precision. Paper: 1.5.
         form: ``"squared"`` or ``"fbeta"``.
     """
-    _check_asl_params(beta, form)
+    _check_params("asl", beta=beta, form=form)
     target, weight = _check_inputs("asl", logits, target, weight)
     p = torch.sigmoid(logits)
     w = 1.0 if weight is None else weight
@@ -202,63 +212,153 @@ def gdl_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Te
 
 
 # --------------------------------------------------------------------------------------------------------------
-# registry
+# helpers
 
 
-_LOSSES: dict[str, LossFn] = {
-    "bce": bce_loss,
-    "focal": focal_loss,
-    "wce": wce_loss,
-    "dice": dice_loss,
-    "asl": asl_loss,
-    "gdl": gdl_loss,
-}
-_SUPPORTS_IW: dict[str, bool] = {
-    "bce": True,
-    "focal": True,
-    "wce": False,
-    "dice": True,
-    "asl": True,
-    "gdl": False,
-}
-_PARAMS: dict[str, dict[str, Any]] = {  # accepted parameters and their defaults
-    "bce": {},
-    "focal": {"gamma": 2.0, "alpha": 0.75},
-    "wce": {"pos_weight": "prediction"},
-    "dice": {},
-    "asl": {"beta": 1.5, "form": "squared"},
-    "gdl": {},
-}
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
-#: The registered loss names, in the paper's order.
-LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 
-#: The ten configurations of the paper's grid (Tab. 2), the one place they are named. ``iw`` = train with the
-#: inverse-weight map (only where ``supports_iw``); ``params`` = the paper's values, written out.
+def _check_params(name: str, **params: Any) -> None:
+    """Validate the parameters of a direct call ``focal_loss(..., alpha=...)`` against the record."""
+    loss_record(name).check(params)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registry: one record per loss
+
+
+@dataclass(frozen=True)
+class LossParam:
+    """One parameter of a loss: its name, default, the values it accepts and a one-line doc.
+
+    ``accepts(value)`` says whether a value is valid; ``expect`` completes "must be ..." in the error message.
+    Build with :func:`number` or :func:`choice`.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    accepts: Callable[[Any], bool]
+    expect: str
+
+    def check(self, loss: str, value: Any) -> None:
+        if not self.accepts(value):
+            raise ValueError(f"{loss}: {self.name} must be {self.expect}, got {value!r}")
+
+    def canonical(self, value: Any) -> Any:
+        """Numbers as floats (``2`` and ``2.0`` are one value), everything else as given."""
+        return float(value) if isinstance(self.default, float) and _is_real(value) else value
+
+
+def number(name: str, default: float, doc: str, *, ge: float | None = None, gt: float | None = None,
+           lt: float | None = None) -> LossParam:
+    """A finite real parameter with optional bounds (``ge`` / ``gt`` below, ``lt`` above)."""
+    def accepts(v: Any) -> bool:
+        return _is_real(v) and (ge is None or v >= ge) and (gt is None or v > gt) and (lt is None or v < lt)
+
+    if gt is not None and lt is not None:
+        expect = f"a number in ({gt:g}, {lt:g})"
+    else:
+        bounds = [f">= {ge:g}" if ge is not None else "", f"> {gt:g}" if gt is not None else "",
+                  f"< {lt:g}" if lt is not None else ""]
+        expect = " ".join(["a finite number", *filter(None, bounds)])
+    return LossParam(name, float(default), doc, accepts, expect)
+
+
+def choice(name: str, default: str, doc: str, options: tuple[str, ...]) -> LossParam:
+    """A parameter taking one of ``options``."""
+    return LossParam(name, default, doc, lambda v: isinstance(v, str) and v in options, f"one of {options}")
+
+
+@dataclass(frozen=True)
+class LossRecord:
+    """Everything the study knows about a loss: config validation, trial labels, MLflow params, the CLI's
+    ``study catalog`` and the README's table all read this record.
+
+    ``fn(logits, target, weight=None, **params)``; ``iw``: whether it takes the inverse-weight map;
+    ``params``: its parameters in their order; ``paper``: one of the paper's six (its named configurations
+    in :data:`PAPER_CONFIGS` are made from these records).
+    """
+
+    name: str
+    fn: LossFn
+    iw: bool
+    doc: str
+    params: tuple[LossParam, ...] = ()
+    paper: bool = False
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        """ValueError for a parameter the loss does not take (listing the accepted ones) or a bad value."""
+        accepted = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            listed = ", ".join(f"{p.name}={p.default!r}" for p in self.params) or "none"
+            raise ValueError(f"loss {self.name!r} got unknown parameter(s) {unknown}; "
+                             f"accepted (with defaults): {listed}")
+        for key, value in params.items():
+            accepted[key].check(self.name, value)
+
+
+#: name -> record, in registration order (the paper's six first). Add a loss with :func:`register_loss`.
+LOSSES: Registry[LossRecord] = Registry("loss")
+
+
+def register_loss(record: LossRecord) -> LossRecord:
+    """Add a loss to the registry (its name must be new, its defaults valid); returns the record."""
+    record.check(record.defaults())
+    return LOSSES.register(record)
+
+
+def loss_record(name: str) -> LossRecord:
+    """The record of loss ``name``; ValueError listing the known losses otherwise."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}") from None
+
+
+register_loss(LossRecord("bce", bce_loss, iw=True, paper=True, doc="binary cross-entropy, mean over voxels"))
+register_loss(LossRecord(
+    "focal", focal_loss, iw=True, paper=True, doc="focal loss (Lin et al.) with the RetinaNet alpha",
+    params=(number("gamma", 2.0, "focusing exponent (0: alpha-balanced BCE)", ge=0),
+            number("alpha", 0.75, "weight of the lesion class; background gets 1 - alpha", gt=0, lt=1)),
+))
+register_loss(LossRecord(
+    "wce", wce_loss, iw=False, paper=True, doc="cross-entropy with the adaptive positive weight (n - s) / s",
+    params=(choice("pos_weight", "prediction", "s = sum of p (authors) or of y", _WCE_POS_WEIGHTS),),
+))
+register_loss(LossRecord("dice", dice_loss, iw=True, paper=True, doc="soft Dice, squared denominators, per sample"))
+register_loss(LossRecord(
+    "asl", asl_loss, iw=True, paper=True, doc="asymmetric similarity loss (recall over precision by beta)",
+    params=(number("beta", 1.5, "weight of recall over precision", gt=0),
+            choice("form", "squared", "denominator: squared (authors) or fbeta (paper text)", _ASL_FORMS)),
+))
+register_loss(LossRecord("gdl", gdl_loss, iw=False, paper=True,
+                         doc="generalised Dice over [lesion, background], weights 1 / (1 + (sum y)^2)"))
+
+#: The paper's six losses, in the paper's order.
+LOSS_NAMES: tuple[str, ...] = tuple(name for name, rec in LOSSES.items() if rec.paper)
+
+#: The ten configurations of the paper's grid (Tab. 2), made from the paper's records: each loss, and its
+#: ``iw-`` variant where the loss takes iw; ``params`` = the paper's values (the defaults), written out.
 PAPER_CONFIGS: dict[str, dict[str, Any]] = {
-    "bce": {"loss": "bce", "iw": False, "params": {}},
-    "iw-bce": {"loss": "bce", "iw": True, "params": {}},
-    "focal": {"loss": "focal", "iw": False, "params": {"gamma": 2.0, "alpha": 0.75}},
-    "iw-focal": {"loss": "focal", "iw": True, "params": {"gamma": 2.0, "alpha": 0.75}},
-    "wce": {"loss": "wce", "iw": False, "params": {"pos_weight": "prediction"}},
-    "dice": {"loss": "dice", "iw": False, "params": {}},
-    "iw-dice": {"loss": "dice", "iw": True, "params": {}},
-    "asl": {"loss": "asl", "iw": False, "params": {"beta": 1.5, "form": "squared"}},
-    "iw-asl": {"loss": "asl", "iw": True, "params": {"beta": 1.5, "form": "squared"}},
-    "gdl": {"loss": "gdl", "iw": False, "params": {}},
+    ("iw-" if iw else "") + name: {"loss": name, "iw": iw, "params": LOSSES[name].defaults()}
+    for name in LOSS_NAMES for iw in ((False, True) if LOSSES[name].iw else (False,))
 }
 
 
 def supports_iw(name: str) -> bool:
     """Whether loss ``name`` accepts a per-voxel weight map (bce, focal, dice, asl: yes; wce, gdl: no)."""
-    _check_name(name)
-    return _SUPPORTS_IW[name]
+    return loss_record(name).iw
 
 
 def loss_params(name: str) -> dict[str, Any]:
     """The parameters loss ``name`` accepts, with their defaults (a fresh dict)."""
-    _check_name(name)
-    return dict(_PARAMS[name])
+    return loss_record(name).defaults()
 
 
 def canonical_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -268,81 +368,27 @@ def canonical_params(name: str, params: Mapping[str, Any] | None = None) -> dict
     ``focal: {gamma: 2}`` and the paper's ``focal`` (gamma 2.0, alpha 0.75) all become
     ``{"alpha": 0.75, "gamma": 2.0}``. Raises ValueError like :func:`get_loss` for unknown or invalid values.
     """
+    record = loss_record(name)
     params = dict(params or {})
-    get_loss(name, **params)  # validates the name, the keys and the values
-    out = {}
-    for key, default in sorted(_PARAMS[name].items()):
-        value = params.get(key, default)
-        if isinstance(default, float) and _is_real(value):
-            value = float(value)
-        out[key] = value
-    return out
+    record.check(params)
+    return {p.name: p.canonical(params.get(p.name, p.default)) for p in sorted(record.params, key=lambda p: p.name)}
 
 
 def get_loss(name: str, **params: Any) -> Callable[..., Tensor]:
     """The loss ``name`` with ``params`` bound: ``loss(logits, target, weight=None) -> scalar tensor``.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists :data:`LOSS_NAMES`), a parameter the loss does not take
-            (the message lists the accepted ones), or a value out of range (alpha in (0, 1), gamma >= 0,
-            beta > 0, pos_weight in {"prediction", "target"}, form in {"squared", "fbeta"}).
+        ValueError: unknown ``name`` (the message lists the registered losses), a parameter the loss does not
+            take (the message lists the accepted ones), or a value out of range (the record's bounds: alpha in
+            (0, 1), gamma >= 0, beta > 0, pos_weight in {"prediction", "target"}, form in {"squared", "fbeta"}).
     """
-    _check_name(name)
-    accepted = _PARAMS[name]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        listed = ", ".join(f"{key}={value!r}" for key, value in accepted.items()) or "none"
-        raise ValueError(
-            f"loss {name!r} got unknown parameter(s) {unknown}; accepted (with defaults): {listed}"
-        )
-    _VALIDATORS[name](**{**accepted, **params})
-    return partial(_LOSSES[name], **params)
+    record = loss_record(name)
+    record.check(params)
+    return partial(record.fn, **params)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# validation and helpers
-
-
-def _check_name(name: str) -> None:
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_focal_params(gamma: float, alpha: float) -> None:
-    if not _is_real(gamma) or gamma < 0:
-        raise ValueError(f"focal: gamma must be a finite number >= 0, got {gamma!r}")
-    if not _is_real(alpha) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"focal: alpha must be a number in (0, 1), got {alpha!r}")
-
-
-def _check_wce_params(pos_weight: str) -> None:
-    if pos_weight not in _WCE_POS_WEIGHTS:
-        raise ValueError(f"wce: pos_weight must be one of {_WCE_POS_WEIGHTS}, got {pos_weight!r}")
-
-
-def _check_asl_params(beta: float, form: str) -> None:
-    if not _is_real(beta) or beta <= 0:
-        raise ValueError(f"asl: beta must be a finite number > 0, got {beta!r}")
-    if form not in _ASL_FORMS:
-        raise ValueError(f"asl: form must be one of {_ASL_FORMS}, got {form!r}")
-
-
-def _no_params() -> None:
-    return None
-
-
-_VALIDATORS: Mapping[str, Callable[..., None]] = {
-    "bce": _no_params,
-    "focal": _check_focal_params,
-    "wce": _check_wce_params,
-    "dice": _no_params,
-    "asl": _check_asl_params,
-    "gdl": _no_params,
-}
+# input checks and reductions
 
 
 def _check_inputs(
@@ -361,8 +407,8 @@ def _check_inputs(
         )
     target = target.to(dtype=logits.dtype, device=logits.device)
     if weight is not None:
-        if not _SUPPORTS_IW[name]:
-            iw_names = [key for key, value in _SUPPORTS_IW.items() if value]
+        if not loss_record(name).iw:
+            iw_names = [key for key, rec in LOSSES.items() if rec.iw]
             raise ValueError(
                 f"{name}: this loss takes no weight map (it reweights by class itself); "
                 f"inverse weighting is supported by {', '.join(iw_names)}"
