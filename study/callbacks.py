@@ -20,8 +20,7 @@ from pathlib import Path
 from ray import tune
 
 from study import tracking
-from study.tuner import error_reason
-from trainables.naming import config_name, trial_label
+from trainables.config import TrialConfig
 
 #: what the trainable reports that goes to MLflow (Tune's own bookkeeping keys are left out)
 _LOGGED = ("train_loss", "lr", "epoch_seconds", "train_seconds")
@@ -33,6 +32,7 @@ class StudyCallback(tune.Callback):
         self.stage = stage
         self._runs: dict[str, str] = {}
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
+        self._configs: dict[str, TrialConfig] = {}
         self._client = None
 
     def __getstate__(self):  # pickled into the experiment: no client, no cache
@@ -53,22 +53,28 @@ class StudyCallback(tune.Callback):
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
-            cfg = trial.config
-            run = cfg["run"]
+            cfg = self._cfg(trial)
+            run = cfg.run
             run_id, created = tracking.find_or_create_run(
-                self._mlc(), run["experiment_id"],
-                tags={tracking.TRIAL_ID_TAG: trial.trial_id, tracking.STAGE_TAG: run["stage"],
-                      tracking.STUDY_TAG: run["study_id"]},
-                run_name=f"{run['stage']}:{trial_label(cfg['trial'])}",
-                parent_run_id=run["parent_run_id"],
-                extra_tags={"config": config_name(cfg["trial"]["loss"], cfg["trial"]["iw"]),
-                            "trial_name": str(trial), tracking.KIND_TAG: "trial"},
+                self._mlc(), run.experiment_id,
+                tags={tracking.TRIAL_ID_TAG: trial.trial_id, tracking.STAGE_TAG: run.stage,
+                      tracking.STUDY_TAG: run.study_id},
+                run_name=f"{run.stage}:{cfg.trial.label}",
+                parent_run_id=run.parent_run_id,
+                extra_tags={"config": cfg.trial.config_name, "trial_name": str(trial), tracking.KIND_TAG: "trial"},
             )
             if created:
-                tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg["trial"], cfg["study"], run))
+                tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg))
             self._steps[run_id] = {} if created else tracking.logged_steps(self._mlc(), run_id)
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
+
+    def _cfg(self, trial) -> TrialConfig:
+        """The trial's config, typed (rebuilt once per trial)."""
+        cfg = self._configs.get(trial.trial_id)
+        if cfg is None:
+            cfg = self._configs[trial.trial_id] = TrialConfig.from_dict(trial.config)
+        return cfg
 
     def _safely(self, what: str, fn) -> None:
         """MLflow trouble is reported, never allowed to stop the sweep (the results are in Tune's state)."""
@@ -81,12 +87,12 @@ class StudyCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials)
-        self._print(f"{trial_label(trial.config['trial'])} started ({done}/{len(trials)} trials finished)")
+        self._print(f"{self._cfg(trial).trial.label} started ({done}/{len(trials)} trials finished)")
         self._safely("run creation", lambda: self._run_id(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", 0))
-        parts = [f"{trial_label(trial.config['trial'])} epoch {epoch + 1}/{result.get('epochs', '?')}",
+        parts = [f"{self._cfg(trial).trial.label} epoch {epoch + 1}/{result.get('epochs', '?')}",
                  f"loss {result.get('train_loss', float('nan')):.4f}"]
         if result.get("val_avg_recall") is not None:
             parts += [f"val recall {result['val_avg_recall']:.3f}", f"objDice {result.get('val_obj_dice', 0):.3f}",
@@ -109,7 +115,7 @@ class StudyCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials) + 1
-        self._print(f"{trial_label(trial.config['trial'])} finished ({min(done, len(trials))}/{len(trials)})")
+        self._print(f"{self._cfg(trial).trial.label} finished ({min(done, len(trials))}/{len(trials)})")
 
         def close():
             run_id = self._run_id(trial)
@@ -124,11 +130,11 @@ class StudyCallback(tune.Callback):
         self._safely("closing the run", close)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._print(f"{trial_label(trial.config['trial'])} failed ({error_reason(trial)}); retrying from its last checkpoint")
+        self._print(f"{self._cfg(trial).trial.label} failed ({error_reason(trial)}); retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason = error_reason(trial)
-        self._print(f"{trial_label(trial.config['trial'])} ended in error: {reason}; the study goes on")
+        self._print(f"{self._cfg(trial).trial.label} ended in error: {reason}; the study goes on")
 
         def fail():
             run_id = self._run_id(trial)
@@ -136,3 +142,22 @@ class StudyCallback(tune.Callback):
             self._mlc().set_terminated(run_id, "FAILED")
 
         self._safely("recording the error", fail)
+
+
+def error_reason(trial) -> str | None:
+    """The most telling line of an errored trial's error (our TrialDivergedError message when it diverged)."""
+    if trial.status != "ERROR":
+        return None
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+        else:
+            text = str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001 - a crash may leave no error file; the reason is best effort
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "TrialDivergedError" in ln:
+            return ln[:1000]
+    return (lines[-1] if lines else "trial errored (no error recorded)")[:1000]

@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "study.commands",
     "study.data_cli",
     "study.metrics_cli",
+    "study.catalog",
 )
 
 

@@ -15,8 +15,7 @@ import os
 import time
 from typing import Any
 
-from study.config import StudyConfig
-from study.space import study_payload
+from trainables.config import StudyConfig
 
 
 def winners_per_seed(cfg: StudyConfig) -> int:
@@ -38,11 +37,10 @@ def _forward_seconds(cfg: StudyConfig) -> float:
 
     from trainables.evaluate import build_model
 
-    payload = study_payload(cfg, "")
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    torch.set_num_threads(cfg.resources.threads)
     try:
-        model = build_model(payload).eval()
+        model = build_model(cfg.model).eval()
         x = torch.rand((1, 1, *cfg.inference.window))
         with torch.inference_mode():
             model(x)
@@ -60,7 +58,7 @@ def measured_step(cfg: StudyConfig) -> float | None:
 
     if cfg.resources.gpu > 0:
         return None
-    return step_seconds(study_payload(cfg, ""), cfg.trials[0].as_dict())
+    return step_seconds(cfg, cfg.trials[0])
 
 
 def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True) -> dict[str, Any]:

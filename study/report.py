@@ -72,9 +72,10 @@ def verdict_detail_blocks(summary: dict[str, Any]) -> list[tuple]:
 
 def strict_rule_name(rule: Sequence[Any]) -> str:
     """``IoU ≥ 0.3`` for ``("iou", 0.3)``: the strict hit rule as the report names it."""
+    from trainables.metrics import HIT_RULES
+
     name, thr = rule[0], rule[1]
-    return {"iou": f"IoU ≥ {thr:g}", "fraction": f"component share ≥ {thr:g}",
-            "one-to-one": "one-to-one"}.get(name, str(name))
+    return HIT_RULES[name].title(thr) if name in HIT_RULES else str(name)
 
 
 def holdout_table_block(summary: dict[str, Any]) -> tuple:
@@ -273,12 +274,12 @@ def write_report(summary: dict[str, Any], out_dir: Path, *, study_name: str,
 
     ``curves``: sweep trial label -> its per-epoch results (training loss, validation metrics), drawn as the
     convergence figure."""
-    from study.layout import write_atomic
+    from trainables.io_utils import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = write_figures(summary, out_dir, curves)
     blocks = build_blocks(summary, figures, study_name=study_name, cfg=cfg)
     md, page = out_dir / "report.md", out_dir / "report.html"
-    write_atomic(md, render_markdown(blocks))
-    write_atomic(page, render_html(blocks, f"Study {study_name}"))
+    write_text_atomic(md, render_markdown(blocks))
+    write_text_atomic(page, render_html(blocks, f"Study {study_name}"))
     return [md, page] + [Path(p) for p in figures.values()]

@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from study.config import StudyConfig, TrialSpec
+from trainables.config import StudyConfig, TrialSpec
 
 
 def study_payload(cfg: StudyConfig, cache_dir: str) -> dict[str, Any]:
-    """The frozen study config as the trials see it (plain data, absolute cache path)."""
-    payload = cfg.to_dict()
+    """The frozen study config as the trials see it (plain data, absolute cache path in ``data.cache_dir``)."""
+    payload = cfg.with_cache(cache_dir).to_dict()
     payload.pop("trials", None)
-    payload["data"]["cache_dir"] = cache_dir
     return payload
 
 

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from study import tracking
-from study.config import StudyConfig, TrialSpec
-from study.layout import STAGES, StudyDir, StudyState, write_atomic
+from study.layout import STAGES, StudyDir, StudyState
 from study.tables import fmt, text_table
+from trainables.config import StudyConfig, TrialSpec
 from trainables.errors import DataError, UserError
+from trainables.io_utils import json_default, write_text_atomic
 from trainables.naming import trial_folder, trial_label
 
 SWEEP, RETRAIN = "sweep", "retrain"
@@ -70,7 +71,7 @@ class StudyContext:
 
 
 def stage_data(ctx: StudyContext) -> None:
-    from trainables.data import make_phantom, open_cache, prepare_cache
+    from trainables.data import Cache, make_phantom, prepare_cache
 
     d = ctx.cfg.data
     if d.source == "phantom":
@@ -86,7 +87,7 @@ def stage_data(ctx: StudyContext) -> None:
         log(f"data: preparing {d.path} with preset {d.preset}")
         cache = prepare_cache(d.path, ctx.cache_dir(), preset=d.preset)
     else:
-        cache = open_cache(d.path)
+        cache = Cache(d.path)
     counts = {}
     for key in ("train", "val", "holdout"):
         ids = cache.case_ids(list(getattr(d, key)))
@@ -216,9 +217,9 @@ def stage_select(ctx: StudyContext) -> None:
     if not selection["winners"]:
         raise UserError("select: no sweep trial finished successfully; nothing to retrain "
                         f"(see `study status {ctx.dir.name}`)")
-    write_atomic(ctx.dir.selection_file, json.dumps(selection, indent=2))
+    write_text_atomic(ctx.dir.selection_file, json.dumps(selection, indent=2))
     for w in selection["winners"]:
-        spec = TrialSpec(w["loss"], w["iw"], w["params"], 0)
+        spec = TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=0)
         log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}")
     try:
         mlc = tracking.client(ctx.state.tracking_uri)
@@ -230,7 +231,7 @@ def stage_select(ctx: StudyContext) -> None:
 
 def winner_trials(ctx: StudyContext) -> list[TrialSpec]:
     selection = json.loads(ctx.dir.selection_file.read_text())
-    return [TrialSpec(w["loss"], w["iw"], w["params"], seed)
+    return [TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=seed)
             for w in selection["winners"] for seed in ctx.cfg.search.seeds]
 
 
@@ -249,7 +250,6 @@ def stage_retrain(ctx: StudyContext) -> None:
 def stage_holdout(ctx: StudyContext) -> None:
     import ray
 
-    from study.space import study_payload
     from study.tuner import outcomes
     from trainables.evaluate import holdout_records
 
@@ -259,7 +259,7 @@ def stage_holdout(ctx: StudyContext) -> None:
         raise UserError("holdout: no retrained configuration finished; nothing to evaluate")
     ev = ctx.cfg.evaluation
     rules = {"any": ("any", None), "strict": (ev.strict.rule, ev.strict.threshold)}
-    payload = study_payload(ctx.cfg, ctx.cache_dir())
+    study = ctx.cfg.with_cache(ctx.cache_dir())  # the typed config travels to the task as it is
     res = ctx.cfg.resources
     task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, resources=res.custom or None,
                       max_retries=max(1, ctx.cfg.failure.max_failures))(holdout_records)
@@ -268,7 +268,7 @@ def stage_holdout(ctx: StudyContext) -> None:
     for r in results:
         label = trial_label(r.spec)
         out_dir = ctx.dir.holdout_dir / trial_folder(r.spec)
-        pending[label] = task.remote(r.checkpoint_path, payload, str(out_dir), rules=rules,
+        pending[label] = task.remote(r.checkpoint_path, study, str(out_dir), rules=rules,
                                      calibrated=thresholds.get(label))
     log(f"holdout: whole-volume inference of {len(pending)} configuration(s) on the hold-out cases")
     paths = {}
@@ -276,7 +276,7 @@ def stage_holdout(ctx: StudyContext) -> None:
         paths[label] = ray.get(ref)
         log(f"holdout: records of {label} ready")
     summary = summarize_holdout(ctx, results, paths)
-    write_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    write_text_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
     _log_holdout_metrics(ctx, summary)
     ctx.state.mark_done("holdout", configurations=len(results))
 
@@ -294,19 +294,11 @@ def calibrated_thresholds(ctx: StudyContext) -> dict[str, float]:
     return out
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-
-
 def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str]]) -> dict[str, Any]:
     """Every number of the report, computed from the saved records (cheap; no inference here)."""
     from study.report import strict_rule_name
     from study.verdict import build_verdict
-    from trainables.data import open_cache
+    from trainables.data import Cache
     from trainables.metrics import load_records, size_groups, summarize
     from trainables.metrics.io import read_records
 
@@ -352,7 +344,7 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
     verdict = build_verdict(configs, iw_pairs(configs), cutoffs_mm=cutoffs, group_names=group_names,
                             strict_name=strict_rule_name((ev.strict.rule, ev.strict.threshold)),
                             n_boot=ev.n_boot, seed=ev.seed)
-    cache = open_cache(ctx.cache_dir())
+    cache = Cache(ctx.cache_dir())
     diameters = {}
     for split_name in ("train", "val", "holdout"):
         vals = []
@@ -437,7 +429,7 @@ def stage_report(ctx: StudyContext) -> None:
     if any(e.get("sentence") != sentence(e, strict) for e in entries):  # written by an older version
         for e in entries:
             e["sentence"] = sentence(e, strict)
-        write_atomic(summary_file, json.dumps(summary, indent=2, default=_json_default))
+        write_text_atomic(summary_file, json.dumps(summary, indent=2, default=json_default))
     curves = {trial_label(r.spec): r.history for r in outcomes(ctx.dir.ray_dir, SWEEP) if r.history}
     files = write_report(summary, ctx.dir.report_dir, study_name=ctx.dir.name, cfg=ctx.cfg, curves=curves)
     mlc = tracking.client(ctx.state.tracking_uri)

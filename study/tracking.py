@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainables.config import TrialConfig
 from trainables.errors import UserError
-from trainables.naming import config_name
 
 TRIAL_ID_TAG = "trial_id"
 STAGE_TAG = "stage"
@@ -136,25 +136,26 @@ def logged_steps(mlflow_client, run_id: str) -> dict[str, set[int]]:
     return {key: {m.step for m in mlflow_client.get_metric_history(run_id, key)} for key in keys}
 
 
-def trial_params(trial: Mapping[str, Any], study: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, str]:
+def trial_params(cfg: TrialConfig) -> dict[str, str]:
     """What a researcher compares runs by: loss, iw, the loss's own parameters, seed, data and protocol."""
+    trial, study, run = cfg.trial, cfg.study, cfg.run
     params: dict[str, str] = {
-        "loss": trial["loss"],
-        "iw": str(bool(trial["iw"])).lower(),
-        "config": config_name(trial["loss"], trial["iw"]),
-        "seed": str(trial["seed"]),
-        "stage": run["stage"],
+        "loss": trial.loss,
+        "iw": str(trial.iw).lower(),
+        "config": trial.config_name,
+        "seed": str(trial.seed),
+        "stage": run.stage,
     }
-    params.update({k: str(v) for k, v in sorted(trial["params"].items())})
-    data = study["data"]
-    params["dataset"] = data["source"] if data["source"] == "phantom" else str(data["path"])
-    params["dataset.preset"] = data["preset"]
-    params["splits.train"] = ",".join(run["splits"])
-    params.update(flat_params({"training": study["training"], "model": study["model"],
-                               "inference": study["inference"]}))
-    params["training.epochs"] = str(run["epochs"])
-    if trial["iw"]:
-        clip = study["iw"]["clip"]
+    params.update({k: str(v) for k, v in sorted(trial.params.items())})
+    data = study.data
+    params["dataset"] = data.source if data.source == "phantom" else str(data.path)
+    params["dataset.preset"] = data.preset
+    params["splits.train"] = ",".join(run.splits)
+    plain = study.to_dict()
+    params.update(flat_params({key: plain[key] for key in ("training", "model", "inference")}))
+    params["training.epochs"] = str(run.epochs)
+    if trial.iw:
+        clip = study.iw.clip
         params["iw.clip"] = "null" if clip is None else ",".join(str(c) for c in clip)
     return params
 

@@ -142,28 +142,11 @@ def run_experiment(
     tuner.fit()
 
 
-def error_reason(trial) -> str | None:
-    """The most telling line of an errored trial's error (our TrialDivergedError message when it diverged)."""
-    if trial.status != "ERROR":
-        return None
-    text = ""
-    try:
-        if trial.error_file and Path(trial.error_file).is_file():
-            text = Path(trial.error_file).read_text()
-        else:
-            text = str(trial.get_error() or "")
-    except Exception:  # noqa: BLE001 - a crash may leave no error file; the reason is best effort
-        pass
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "TrialDivergedError" in ln:
-            return ln[:1000]
-    return (lines[-1] if lines else "trial errored (no error recorded)")[:1000]
-
-
 def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
     """Read the experiment's trials from disk (no running Ray needed), sorted by trial id (grid order)."""
     from ray import tune
+
+    from study.callbacks import error_reason
 
     path = storage / name
     if not (path.is_dir() and any(path.glob("experiment_state-*.json"))):

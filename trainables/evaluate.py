@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables.data import Cache, open_cache
+from trainables.config import InferenceConfig, ModelConfig, StudyConfig
+from trainables.data import Cache
 from trainables.inference import sliding_window_inference
 from trainables.metrics import CaseRecords, save_records, volume_records_multi
 from trainables.step import Precision, configure_backends
@@ -24,11 +25,10 @@ from trainables.unet import UNet3D
 STATE_FILE = "state.pt"
 
 
-def build_model(study: Mapping[str, Any]) -> UNet3D:
+def build_model(model: ModelConfig) -> UNet3D:
     """The U-Net described by the study's ``model`` section."""
-    model_cfg = study["model"]
-    return UNet3D(in_channels=int(model_cfg["in_channels"]), out_channels=1, width=float(model_cfg["width"]),
-                  channels_last=model_cfg.get("channels_last"))
+    return UNet3D(in_channels=model.in_channels, out_channels=1, width=model.width,
+                  channels_last=model.channels_last)
 
 
 def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def predict_case_records(
     cache: Cache,
     case_id: str,
     *,
-    inference: Mapping[str, Any],
+    inference: InferenceConfig,
     rules: Mapping[str, tuple[str, float | None]],
     device: torch.device,
     precision: Precision | None = None,
@@ -70,9 +70,9 @@ def predict_case_records(
     logits = sliding_window_inference(
         model,
         np.asarray(case.image),
-        window=tuple(inference["window"]),
-        stride=tuple(inference["stride"]),
-        blending=inference["blending"],
+        window=inference.window,
+        stride=inference.stride,
+        blending=inference.blending,
         device=device,
         amp=None if precision is None else precision.dtype,
     )
@@ -86,7 +86,7 @@ def predict_records(
     cache: Cache,
     case_ids: Sequence[str],
     *,
-    inference: Mapping[str, Any],
+    inference: InferenceConfig,
     rules: Mapping[str, tuple[str, float | None]],
     device: torch.device,
     precision: Precision | None = None,
@@ -122,7 +122,7 @@ def calibrate_threshold(records_by_threshold: Mapping[float, Mapping[str, CaseRe
 
 def holdout_records(
     checkpoint_dir: str,
-    study: Mapping[str, Any],
+    study: StudyConfig,
     out_dir: str,
     *,
     rules: Mapping[str, tuple[str, float | None]],
@@ -131,7 +131,8 @@ def holdout_records(
     """Hold-out records of one retrained configuration, written to ``out_dir/records_<rule>.json`` (p > 0.5)
     and, with a ``calibrated`` threshold, ``out_dir/records_<rule>_calibrated.json`` (p > that threshold).
 
-    Skips the work when every file exists (the stage is resumable per configuration). Returns the paths:
+    ``study`` has ``data.cache_dir`` set (:meth:`StudyConfig.with_cache`). Skips the work when every file exists
+    (the stage is resumable per configuration). Returns the paths:
     ``{rule}`` and ``{rule}_calibrated``.
     """
     out = Path(out_dir)
@@ -139,21 +140,21 @@ def holdout_records(
     paths = {f"{name}{suffix}": str(out / f"records_{name}{suffix}.json") for name in rules for suffix in thresholds}
     if all(Path(p).is_file() for p in paths.values()):
         return paths
-    torch.set_num_threads(max(1, int(float(study["resources"]["cpu"]))))
+    torch.set_num_threads(study.resources.threads)
     device = task_device()
     configure_backends(device)
-    model = build_model(study)
+    model = build_model(study.model)
     model.load_state_dict(load_state(checkpoint_dir)["model"])
     model.to(device)
-    cache = open_cache(study["data"]["cache_dir"])
-    case_ids = cache.case_ids(study["data"]["holdout"])
+    cache = Cache(study.data.cache_dir)
+    case_ids = cache.case_ids(study.data.holdout)
     records = predict_records(
-        model, cache, case_ids, inference=study["inference"], rules=rules, device=device,
-        precision=Precision.for_device(device, bool(study["training"]["amp"])),  # the dtype it was trained in
+        model, cache, case_ids, inference=study.inference, rules=rules, device=device,
+        precision=Precision.for_device(device, study.training.amp),  # the dtype it was trained in
         thresholds=sorted(set(thresholds.values())),
     )
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(checkpoint_dir), "splits": list(study["data"]["holdout"])}
+    meta = {"checkpoint": str(checkpoint_dir), "splits": list(study.data.holdout)}
     for suffix, t in thresholds.items():
         for name, recordset in records[t].items():
             save_records(paths[f"{name}{suffix}"], recordset,

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trainables.config import OptimizerConfig
 from trainables.environment import print_machine
 from trainables.losses import PAPER_CONFIGS, get_loss
 from trainables.step import Precision, configure_backends, time_steps
-from trainables.trainable import build_optimizer
+from trainables.trainer import build_optimizer
 from trainables.unet import UNet3D, count_parameters
 from trainables.weights import label_components, weights_from_labels
 
@@ -53,7 +54,7 @@ def time_config(
     cfg = PAPER_CONFIGS[name]
     torch.manual_seed(0)
     model = UNet3D(width=width).to(device)
-    opt = build_optimizer(model, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0})
+    opt = build_optimizer(model, OptimizerConfig())  # the paper's SGD
     loss_fn = get_loss(cfg["loss"], **cfg["params"])
     x, y, w = (t.to(device) for t in synthetic_batch(size, batch))
     w = w if cfg["iw"] else None

@@ -21,8 +21,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from trainables.config import StudyConfig, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -109,28 +113,28 @@ def time_steps(model, optimizer, loss_fn, image, target, weight, precision: Prec
     return times, loss
 
 
-def step_seconds(study: dict, trial: dict, *, iters: int = 3, warmup: int = 1) -> float:
-    """Median seconds of one training step of ``trial`` under the frozen ``study`` config on this machine's
-    CPU, with the threads a trial gets (random data of the patch size: the step's cost does not depend on it)."""
+def step_seconds(study: StudyConfig, trial: TrialSpec, *, iters: int = 3, warmup: int = 1) -> float:
+    """Median seconds of one training step of ``trial`` under the ``study`` config on this machine's CPU, with
+    the threads a trial gets (random data of the patch size: the step's cost does not depend on it)."""
     import statistics
 
     from trainables.evaluate import build_model
     from trainables.losses import get_loss
-    from trainables.trainable import build_optimizer
+    from trainables.trainer import build_optimizer
 
-    t = study["training"]
+    t = study.training
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(float(study["resources"]["cpu"]))))
+    torch.set_num_threads(study.resources.threads)
     try:
         torch.manual_seed(0)
-        model = build_model(study)
-        opt = build_optimizer(model, t["optimizer"])
-        shape = (int(t["batch_size"]), 1, *map(int, t["patch_size"]))
+        model = build_model(study.model)
+        opt = build_optimizer(model, t.optimizer)
+        shape = (t.batch_size, 1, *t.patch_size)
         image = torch.rand(shape)
         target = (torch.rand(shape) > 0.97).float()
-        weight = torch.ones(shape) if trial["iw"] else None
-        times, _ = time_steps(model, opt, get_loss(trial["loss"], **trial["params"]), image, target, weight,
-                           Precision.for_device("cpu", False), iters=iters, warmup=warmup)
+        weight = torch.ones(shape) if trial.iw else None
+        times, _ = time_steps(model, opt, get_loss(trial.loss, **trial.params), image, target, weight,
+                              Precision.for_device("cpu", False), iters=iters, warmup=warmup)
     finally:
         torch.set_num_threads(threads)
     return statistics.median(times)

@@ -22,7 +22,7 @@ import torch
 
 from study.config import config_from_dict
 from study.space import study_payload
-from trainables.data import PatchSampler, make_phantom, open_cache, prepare_cache
+from trainables.data import Cache, PatchSampler, make_phantom, prepare_cache
 from trainables.evaluate import build_model, predict_records
 from trainables.metrics import summarize
 from trainables.metrics.summary import restrict_to_size
@@ -67,17 +67,15 @@ run_trial(
     ),
 )
 train_s = time.time() - t0
-cache = open_cache(cache_dir)
+cache = Cache(cache_dir)
 val = cache.case_ids(["val"])
-model = build_model(config["study"])
+model = build_model(cfg.model)
 model.load_state_dict(states[-1]["model"])
 rules = {"any": ("any", None), "strict": ("iou", 0.3)}
 
 
 def evaluate(m):
-    rec = predict_records(
-        m, cache, val, inference=config["study"]["inference"], rules=rules, device=torch.device("cpu")
-    )
+    rec = predict_records(m, cache, val, inference=cfg.inference, rules=rules, device=torch.device("cpu"))[0.5]
     a = summarize(rec["any"], "luna16", n_boot=0)
     s = summarize(rec["strict"], "luna16", n_boot=0)
     small = summarize(restrict_to_size(rec["any"], 0, 6.0), "luna16", n_boot=0)

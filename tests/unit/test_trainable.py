@@ -11,7 +11,8 @@ import torch
 
 from study.config import config_from_dict
 from study.space import study_payload
-from trainables.data import PatchSampler, make_phantom, open_cache, prepare_cache
+from trainables.config import TrialConfig
+from trainables.data import Cache, PatchSampler, make_phantom, prepare_cache
 from trainables.evaluate import STATE_FILE, build_model, load_state
 from trainables.losses import get_loss
 from trainables.step import Precision
@@ -64,8 +65,8 @@ def _first_batch_loss(config, weighted: bool) -> float:
     study, trial = config["study"], config["trial"]
     t = study["training"]
     torch.manual_seed(trial["seed"])
-    model = build_model(study)
-    cache = open_cache(study["data"]["cache_dir"])
+    model = build_model(TrialConfig.from_dict(config).study.model)
+    cache = Cache(study["data"]["cache_dir"])
     sampler = PatchSampler(cache, cache.case_ids(["train"]), patch_size=tuple(t["patch_size"]),
                            batch_size=t["batch_size"], iw=True, iw_clip=tuple(study["iw"]["clip"]),
                            lesion_prob=t["lesion_prob"], seed=trial["seed"], num_workers=0)
@@ -111,13 +112,13 @@ def test_optimiser_settings_and_lr_drop(cache_dir):
 
 def test_paper_protocol_drops_lr_at_epoch_80():
     """The paper's schedule (defaults): lr 1e-2 for epochs 0..79, 1e-3 from epoch 80 on."""
-    from trainables.trainable import build_lr_schedule, build_optimizer
+    from trainables.trainer import build_lr_schedule, build_optimizer
 
-    cfg = config_from_dict({"search": {"losses": {"bce": {}}}}).to_dict()["training"]
-    opt = build_optimizer(torch.nn.Linear(1, 1), cfg["optimizer"])
-    sched = build_lr_schedule(opt, cfg["lr_schedule"])
+    cfg = config_from_dict({"search": {"losses": {"bce": {}}}}).training
+    opt = build_optimizer(torch.nn.Linear(1, 1), cfg.optimizer)
+    sched = build_lr_schedule(opt, cfg.lr_schedule)
     lrs = []
-    for _ in range(cfg["epochs"]):
+    for _ in range(cfg.epochs):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()

@@ -1,0 +1,124 @@
+"""Adding a loss touches two places, its function and its record: a toy loss registered here (and nothing else)
+is validated by the config, labelled in ``study launch --dry-run``, logged as MLflow params by the driver's
+callback and listed by ``study catalog``; the README's catalog is what the records say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from study.catalog import markdown
+from study.cli import main
+from study.config import config_from_dict
+from study.space import study_payload
+from trainables.errors import ConfigError
+from trainables.losses import LOSSES, LossRecord, get_loss, number, register_loss
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def toy_l1_loss(logits, target, weight=None, scale: float = 1.0):
+    """``scale * mean(w |sigmoid(x) - y|)``: a loss no module of the project knows."""
+    err = (torch.sigmoid(logits) - target.to(logits.dtype)).abs()
+    return scale * (err if weight is None else err * weight).mean()
+
+
+@pytest.fixture
+def toy():
+    record = register_loss(LossRecord("toy_l1", toy_l1_loss, iw=True, doc="mean absolute error of p",
+                                      params=(number("scale", 1.0, "factor on the loss", gt=0),)))
+    yield record
+    LOSSES.pop("toy_l1")
+
+
+def test_a_registered_loss_is_validated_and_enumerated(toy):
+    cfg = config_from_dict({"search": {"losses": {"toy_l1": {"iw": [False, True], "scale": [1, 2.5]}}}})
+    assert [t.label for t in cfg.trials] == ["toy_l1[scale=1]/s0", "iw-toy_l1[scale=1]/s0",
+                                             "toy_l1[scale=2.5]/s0", "iw-toy_l1[scale=2.5]/s0"]
+    assert cfg.trials[0].params == {"scale": 1.0} and isinstance(cfg.trials[0].params["scale"], float)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"search": {"losses": {"toy_l1": {"scale": -1}}}}, source="s.yaml")
+    assert str(err.value).startswith("s.yaml: search.losses.toy_l1.scale: ") and "> 0" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        config_from_dict({"search": {"losses": {"toy_l1": {"gamma": 2}}}})
+    logits, target = torch.zeros(1, 1, 2, 2, 2), torch.ones(1, 1, 2, 2, 2)
+    assert float(get_loss("toy_l1", scale=2.0)(logits, target)) == pytest.approx(1.0)  # 2 * |0.5 - 1|
+
+
+def test_a_registered_loss_is_labelled_by_launch_dry_run(toy, tmp_path, capsys):
+    space = tmp_path / "toy.yaml"
+    space.write_text(yaml.safe_dump({
+        "model": {"width": 0.125}, "training": {"epochs": 1, "iterations": 1, "patch_size": [16, 16, 16]},
+        "search": {"losses": {"toy_l1": {"iw": [False, True], "scale": 3}}}}))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "  toy_l1[scale=3]/s0" in out and "  iw-toy_l1[scale=3]/s0" in out
+    assert "training step on this machine" in out  # the step was timed with the toy loss
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_registered_loss_reaches_mlflow_params(toy, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from study.callbacks import StudyCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    cfg = config_from_dict({"search": {"losses": {"toy_l1": {"iw": True, "scale": 0.5}}}})
+
+    class _Trial:
+        status, trial_id = "RUNNING", "toy_00000"
+        config = {"trial": cfg.trials[0].as_dict(), "study": study_payload(cfg, "/nowhere"),
+                  "run": {"stage": "sweep", "splits": ["train"], "validate": True, "epochs": 1,
+                          "experiment_id": exp, "parent_run_id": None, "study_id": "s1"}}
+
+    trial = _Trial()
+    StudyCallback("sweep").on_trial_result(0, [trial], trial, {"epoch": 0, "epochs": 1, "train_loss": 0.3})
+    (run,) = client.search_runs([exp])
+    params = run.data.params
+    assert (params["loss"], params["iw"], params["config"], params["scale"]) == ("toy_l1", "true", "iw-toy_l1", "0.5")
+    assert run.info.run_name == "sweep:iw-toy_l1[scale=0.5]/s0"
+
+
+def test_catalog_lists_a_registered_loss(toy, capsys):
+    assert main(["catalog"]) == 0
+    out = capsys.readouterr().out
+    assert "toy_l1" in out and "mean absolute error of p" in out and "scale = 1.0" in out
+
+
+def test_readme_catalog_is_what_the_records_say():
+    text = README.read_text()
+    assert markdown() in text, "README's Catalog is stale: paste `study catalog --markdown` into it"
+
+
+# ---------------------------------------------------------------------------------------------- the house
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside functions."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+    return out
+
+
+def test_the_flow_is_one_way_and_has_no_circle():
+    """search_spaces -> study -> trainables: the worker side never imports the driver, and no two driver
+    modules import each other (the callbacks <-> tuner circle is gone)."""
+    root = README.parent
+    for path in (root / "trainables").rglob("*.py"):
+        assert not {m for m in _imports(path) if m == "study" or m.startswith("study.")}, path
+    graph = {p.stem: {m.split(".")[1] for m in _imports(p) if m.startswith("study.")}
+             for p in (root / "study").glob("*.py")}
+    pairs = sorted((a, b) for a, deps in graph.items() for b in deps if a in graph.get(b, ()) and a < b)
+    assert pairs == [], f"modules importing each other: {pairs}"

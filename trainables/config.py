@@ -1,0 +1,560 @@
+"""The typed study configuration, shared by the driver and the trials (pydantic v2 models).
+
+The driver (``study.config.load_config``) validates a search-space YAML into :class:`StudyConfig`, enumerates
+its trials and freezes it into the study folder; Tune hands each trial the plain dict of a
+:class:`TrialConfig` (``trial`` + ``study`` + ``run``), which the trial rebuilds in one call
+(:meth:`TrialConfig.from_dict`). After that nobody indexes the config by string.
+
+Every value is checked here: types (strict: ``1.5`` is not an integer, ``"1"`` not a number, ``yes`` not a
+boolean), unknown keys, and each section's own rules (its ``check`` method). A failure is a
+:class:`~trainables.errors.ConfigError` naming the file and the dotted key
+(``demo.yaml: training.epochs: must be a positive integer``), which the command line turns into exit 2.
+Defaults are written here, in one place. The registries decide what a name may be: losses
+(:data:`trainables.losses.LOSSES`), hit rules (:data:`trainables.metrics.HIT_RULES`) and presets
+(:data:`trainables.data.preprocess.PRESETS`).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from trainables.errors import ConfigError
+from trainables.naming import config_name, trial_label
+
+Int = StrictInt
+Bool = StrictBool
+Str = StrictStr
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # ints are accepted and become floats
+Size3 = tuple[Int, Int, Int]
+
+Err = Callable[[str, str], typing.NoReturn]
+
+
+class FieldError(ValueError):
+    """A section's rule broken at ``key`` (relative to the section)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class Section(BaseModel):
+    """A frozen config section: unknown keys refused, its ``check(err)`` run after the types are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check(self, err: Err) -> None:
+        """Rules across fields; call ``err(key, message)`` on the first broken one."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        def err(key: str, message: str) -> typing.NoReturn:
+            raise FieldError(key, message)
+
+        self.check(err)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+class PhantomConfig(Section):
+    """The built-in synthetic dataset (generated into the study folder)."""
+
+    cases: Int = 16
+    seed: Int = 0
+    shape: Size3 = (48, 64, 64)
+    contrast: tuple[Float, Float] = (0.14, 0.40)  # lesion brightness above the organ: (smallest, largest)
+    noise: Float = 0.05
+
+    def check(self, err: Err) -> None:
+        if self.cases < 4:
+            err("cases", "needs at least 4 cases (train, val and holdout must be non-empty)")
+        if any(s < 8 for s in self.shape):
+            err("shape", "every side must be at least 8 voxels")
+        if not 0 < self.contrast[0] <= self.contrast[1]:
+            err("contrast", "must be [small, large] with 0 < small <= large")
+        if not 0 <= self.noise < 1:
+            err("noise", "must be in [0, 1)")
+
+
+DATA_SOURCES = ("phantom", "cache", "manifest")
+
+
+class DataConfig(Section):
+    """Where the cases come from and which splits each stage uses.
+
+    ``source``: ``phantom`` (generated, the default), ``cache`` (a folder made by ``study data ...``)
+    or ``manifest`` (a CSV prepared into the study folder with ``preset``).
+    """
+
+    source: Str = "phantom"
+    path: Str | None = None
+    preset: Str = "none"
+    phantom: PhantomConfig = PhantomConfig()
+    train: tuple[Str, ...] = ("train",)
+    val: tuple[Str, ...] = ("val",)
+    holdout: tuple[Str, ...] = ("holdout",)
+    #: set by the driver for the trials (the prepared cache they read); never in a YAML, never frozen
+    cache_dir: Str | None = Field(default=None, exclude=True)
+
+    def check(self, err: Err) -> None:
+        from trainables.data.preprocess import PRESETS
+
+        if self.source not in DATA_SOURCES:
+            err("source", f"unknown source {self.source!r}; known: {', '.join(DATA_SOURCES)}")
+        if self.source in ("cache", "manifest") and not self.path:
+            err("path", f"is required when source is {self.source!r}")
+        if self.source == "phantom" and self.path:
+            err("path", "is only used with source 'cache' or 'manifest'")
+        if self.preset not in PRESETS:
+            err("preset", f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        for key in ("train", "val", "holdout"):
+            if not getattr(self, key):
+                err(key, "needs at least one split name")
+
+
+class ModelConfig(Section):
+    """The authors' U-Net; ``width`` scales every channel count (1.0 = 11,074,306 parameters).
+
+    ``channels_last``: run in ``torch.channels_last_3d`` memory format; null = on CPU only (faster there).
+    """
+
+    width: Float = 1.0
+    in_channels: Int = 1
+    channels_last: Bool | None = None
+
+    def check(self, err: Err) -> None:
+        if not 0 < self.width <= 4:
+            err("width", "must be in (0, 4]")
+
+
+class OptimizerConfig(Section):
+    """SGD as in the paper (Nesterov momentum 0.9, lr 1e-2)."""
+
+    lr: Float = 1e-2
+    momentum: Float = 0.9
+    nesterov: Bool = True
+    weight_decay: Float = 0.0
+
+    def check(self, err: Err) -> None:
+        if self.lr <= 0:
+            err("lr", "must be > 0")
+        if not 0 <= self.momentum < 1:
+            err("momentum", "must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            err("nesterov", "Nesterov momentum needs momentum > 0")
+        if self.weight_decay < 0:
+            err("weight_decay", "must be >= 0")
+
+
+class LrScheduleConfig(Section):
+    """Step schedule: lr is multiplied by ``gamma`` from each 0-based epoch in ``milestones`` on."""
+
+    milestones: tuple[Int, ...] = (80,)
+    gamma: Float = 0.1
+
+    def check(self, err: Err) -> None:
+        if any(m < 0 for m in self.milestones):
+            err("milestones", "epochs must be >= 0")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            err("milestones", "must be strictly increasing")
+        if not 0 < self.gamma <= 1:
+            err("gamma", "must be in (0, 1]")
+
+
+class TrainingConfig(Section):
+    """The training protocol (SPEC §4); every number is a value here, presets shrink them.
+
+    ``amp``: mixed precision on GPUs (bf16 autocast where supported, else fp16 with loss scaling); CPU trials
+    run float32 (bf16 CPU training measured unreliable, see ``trainables.step``); not in the paper.
+    """
+
+    epochs: Int = 100
+    iterations: Int = 100
+    batch_size: Int = 2
+    patch_size: Size3 = (128, 128, 128)
+    lesion_prob: Float = 0.5
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: LrScheduleConfig = LrScheduleConfig()
+    amp: Bool = False
+    sampler_workers: Int = 1
+
+    def check(self, err: Err) -> None:
+        for key in ("epochs", "iterations", "batch_size"):
+            if getattr(self, key) < 1:
+                err(key, "must be a positive integer")
+        if any(s < 8 or s % 8 for s in self.patch_size):
+            err("patch_size", "every side must be a positive multiple of 8 (the U-Net pools three times)")
+        if not 0 <= self.lesion_prob <= 1:
+            err("lesion_prob", "must be in [0, 1]")
+        if self.sampler_workers < 0:
+            err("sampler_workers", "must be >= 0")
+
+
+class IwConfig(Section):
+    """Inverse weighting: ``clip: [1, 200000]`` (authors, default) or ``clip: null`` (paper's Eq. 1)."""
+
+    clip: tuple[Float, Float] | None = (1.0, 2e5)
+
+    def check(self, err: Err) -> None:
+        if self.clip is not None and not 0 <= self.clip[0] < self.clip[1]:
+            err("clip", "must be [low, high] with 0 <= low < high, or null")
+
+
+class InferenceConfig(Section):
+    """Whole-volume sliding window (authors: 160³ windows, stride 144, uniform blending)."""
+
+    window: Size3 = (160, 160, 160)
+    stride: Size3 = (144, 144, 144)
+    blending: Str = "uniform"
+
+    def check(self, err: Err) -> None:
+        if any(w < 8 or w % 8 for w in self.window):
+            err("window", "every side must be a positive multiple of 8")
+        if any(s < 1 or s > w for s, w in zip(self.stride, self.window)):
+            err("stride", "every side must be in [1, window]")
+        if self.blending not in ("uniform", "gaussian"):
+            err("blending", "must be 'uniform' or 'gaussian'")
+
+
+class ValidationConfig(Section):
+    """Per-epoch validation of sweep trials (selection metric = ``val_avg_recall`` under luna16)."""
+
+    n_boot: Int = 0
+    every: Int = 1
+
+    def check(self, err: Err) -> None:
+        if self.n_boot < 0:
+            err("n_boot", "must be >= 0")
+        if self.every < 1:
+            err("every", "must be >= 1")
+
+
+class StrictRuleConfig(Section):
+    """The strict hit rule shown beside ``any`` (a record of :data:`trainables.metrics.HIT_RULES`)."""
+
+    rule: Str = "iou"
+    threshold: Float = 0.3
+
+    def check(self, err: Err) -> None:
+        from trainables.metrics import HIT_RULES
+
+        strict = [name for name, rec in HIT_RULES.items() if rec.strict]
+        if self.rule not in strict:
+            err("rule", f"must be one of {', '.join(strict)}")
+        if not HIT_RULES[self.rule].threshold_optional and not 0 < self.threshold <= 1:
+            err("threshold", "must be in (0, 1]")
+
+
+class EvaluationConfig(Section):
+    """Hold-out evaluation: bootstrap, size groups and the strict hit rule shown beside ``any``."""
+
+    n_boot: Int = 1000
+    seed: Int = 0
+    strict: StrictRuleConfig = StrictRuleConfig()
+    size_cutoff_mm: Float | None = None  # None: terciles of the hold-out lesion diameters
+    threshold: Str = "paper"  # paper: p > 0.5; calibrated: also a threshold chosen on validation (object Dice)
+
+    def check(self, err: Err) -> None:
+        if self.threshold not in ("paper", "calibrated"):
+            err("threshold", "must be 'paper' (p > 0.5) or 'calibrated' (chosen on validation, shown beside it)")
+        if self.n_boot < 10:
+            err("n_boot", "must be >= 10")
+        if self.size_cutoff_mm is not None and self.size_cutoff_mm <= 0:
+            err("size_cutoff_mm", "must be > 0")
+
+
+class SelectionConfig(Section):
+    """Winners: the best trial per (loss, iw) configuration (``per-config``) or the ``top-k`` overall."""
+
+    mode: Str = "per-config"
+    k: Int = 1
+    metric: Str = "val_avg_recall"
+    scope: Str = "last"
+
+    def check(self, err: Err) -> None:
+        if self.mode not in ("per-config", "top-k"):
+            err("mode", "must be 'per-config' or 'top-k'")
+        if self.k < 1:
+            err("k", "must be >= 1")
+        if self.metric not in ("val_avg_recall", "val_obj_dice"):
+            err("metric", "must be val_avg_recall or val_obj_dice")
+        if self.scope not in ("last", "best"):
+            err("scope", "must be 'last' (the last epoch, as the paper) or 'best'")
+
+
+class ResourcesConfig(Section):
+    """Per-trial Ray resources, e.g. ``{cpu: 4, gpu: 1}``; ``custom`` pins trials to labelled nodes."""
+
+    cpu: Float = 1
+    gpu: Float = 0
+    custom: dict[Str, Float] = {}
+
+    def check(self, err: Err) -> None:
+        if self.cpu <= 0:
+            err("cpu", "must be > 0")
+        if self.gpu < 0:
+            err("gpu", "must be >= 0")
+
+    def as_ray(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
+
+    @property
+    def threads(self) -> int:
+        """The torch threads a trial or task uses: its CPU share, at least one."""
+        return max(1, int(self.cpu))
+
+
+class FailureConfig(Section):
+    max_failures: Int = 1
+
+    def check(self, err: Err) -> None:
+        if self.max_failures < 0:
+            err("max_failures", "must be >= 0")
+
+
+class TestingConfig(Section):
+    """Test-only faults, wired into the trainer's hooks by the Tune function (``trainables.trainer``):
+    ``nan_at_iteration`` makes the listed configurations produce a NaN loss from that global iteration on;
+    ``sleep_per_iteration`` slows every step (to interrupt a study mid-trial)."""
+
+    __test__ = False  # not a pytest class
+
+    nan_at_iteration: Int | None = None
+    nan_configs: tuple[Str, ...] = ()
+    sleep_per_iteration: Float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- trials
+
+
+class TrialSpec(Section):
+    """One point of the grid: a loss, iw on/off, the loss parameters (canonical: every one written out) and a
+    seed."""
+
+    loss: Str
+    iw: Bool
+    params: dict[Str, Any] = {}
+    seed: Int
+
+    @property
+    def config_name(self) -> str:
+        """The paper's configuration name, e.g. ``iw-focal``."""
+        return config_name(self.loss, self.iw)
+
+    @property
+    def label(self) -> str:
+        """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``."""
+        return trial_label(self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "iw": self.iw, "params": dict(self.params), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialSpec:
+        return cls.model_validate(d)
+
+
+class SearchConfig(Section):
+    """The grid, enumerated explicitly (no duplicate trials) by ``study.config.enumerate_trials``.
+
+    ``losses`` maps a loss name to its axes: ``iw: [false, true]`` and the loss's own parameters
+    (``gamma``/``alpha`` exist only for focal, ``beta`` only for asl, ...), each a value or a list.
+    ``configs`` adds the paper's named configurations (``iw-focal`` etc.) with the paper's parameters.
+    ``seeds`` is an axis over everything.
+    """
+
+    losses: dict[Str, dict[Str, Any] | None] = {}
+    configs: tuple[Str, ...] = ()
+    seeds: tuple[Int, ...] = (0,)
+
+
+# ---------------------------------------------------------------------------------------------- study
+
+#: keys of :class:`StudyConfig` that the loader fills in; a YAML may not set them
+INTERNAL_KEYS = ("source_file", "trials")
+
+
+class StudyConfig(Section):
+    name: Str = "study"
+    description: Str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    iw: IwConfig = IwConfig()
+    inference: InferenceConfig = InferenceConfig()
+    validation: ValidationConfig = ValidationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    search: SearchConfig = SearchConfig()
+    selection: SelectionConfig = SelectionConfig()
+    retrain_epochs: Int | None = None
+    resources: ResourcesConfig = ResourcesConfig()
+    max_concurrent_trials: Int | None = None
+    failure: FailureConfig = FailureConfig()
+    testing: TestingConfig = TestingConfig()
+    source_file: Str = ""
+    trials: tuple[TrialSpec, ...] = ()
+
+    def check(self, err: Err) -> None:
+        if self.retrain_epochs is not None and self.retrain_epochs < 1:
+            err("retrain_epochs", "must be a positive integer or null")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            err("max_concurrent_trials", "must be a positive integer or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-safe), the frozen form written into the study folder (with ``data.cache_dir``
+        only when it is set: the form the trials get)."""
+        out = self.model_dump(mode="json")
+        if self.data.cache_dir is not None:
+            out["data"]["cache_dir"] = self.data.cache_dir
+        return out
+
+    def with_cache(self, cache_dir: str) -> StudyConfig:
+        """The config as the trials see it: ``data.cache_dir`` = the prepared cache (an absolute path)."""
+        return self.model_copy(update={"data": self.data.model_copy(update={"cache_dir": str(cache_dir)})})
+
+    @property
+    def epochs_retrain(self) -> int:
+        return self.retrain_epochs or self.training.epochs
+
+
+class RunSpec(Section):
+    """What a trial is run for: the stage, the splits it trains on, whether it validates, its epochs and the
+    MLflow ids its results are logged under (by the driver)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    stage: Literal["sweep", "holdout"]
+    splits: tuple[Str, ...]
+    validates: Bool = Field(alias="validate")  # validate after epochs (sweep) or not (retrain)
+    epochs: Int
+    experiment_id: Str | None = None
+    parent_run_id: Str | None = None
+    study_id: Str | None = None
+
+
+class TrialConfig(Section):
+    """The plain dict Tune gives a trial, typed: ``{"trial": ..., "study": ..., "run": ...}``."""
+
+    trial: TrialSpec
+    study: StudyConfig
+    run: RunSpec
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
+        """Rebuild the typed config from Tune's plain dict (ConfigError naming the key if it is not one)."""
+        return validate(cls, dict(config), source="trial config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial": self.trial.as_dict(), "study": self.study.to_dict(),
+                "run": self.run.model_dump(mode="json", by_alias=True)}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any, *, source: str = "") -> M:
+    """``model.model_validate(data)``, with the first error turned into a ConfigError ``source: key: message``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, model, source) from None
+
+
+def config_error(exc: ValidationError, model: type[BaseModel], source: str = "") -> ConfigError:
+    """The first error of ``exc`` as ``source: dotted.key: message`` (the wording of the old validator)."""
+    e = exc.errors()[0]
+    loc = list(e["loc"])
+    message = _message(e, model, loc)
+    ctx_error = (e.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, FieldError):
+        loc.append(ctx_error.key)
+    key = _dotted(loc) or "<top level>"
+    return ConfigError(f"{source}: {key}: {message}" if source else f"{key}: {message}")
+
+
+def _dotted(loc: list) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> X, ``Annotated[X, ...]`` -> X."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            return tp
+
+
+def _annotation_at(model: type[BaseModel], loc: list) -> Any:
+    """The annotation of the value at ``loc`` inside ``model`` (None when it cannot be followed)."""
+    tp: Any = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            tp = args[0] if len(args) == 2 and args[1] is Ellipsis else (args[part] if isinstance(part, int)
+                                                                         and part < len(args) else None)
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return tp
+
+
+def _message(e: Mapping[str, Any], model: type[BaseModel], loc: list) -> str:
+    kind, value, ctx = e["type"], e.get("input"), e.get("ctx") or {}
+    if kind == "value_error" and isinstance(ctx.get("error"), ValueError):
+        return str(ctx["error"])
+    if kind == "extra_forbidden":
+        parent = _unwrap(_annotation_at(model, loc[:-1]))
+        known = [k for k in parent.model_fields if k not in INTERNAL_KEYS] if isinstance(parent, type) else []
+        return "unknown key; known keys here: " + ", ".join(known)
+    if kind in ("missing", "too_long") and loc and isinstance(loc[-1], int) or kind == "too_long":
+        if kind == "missing":
+            loc.pop()
+        tp = _unwrap(_annotation_at(model, loc))
+        n = len(typing.get_args(tp)) if typing.get_origin(tp) is tuple else "?"
+        return f"must be a list of {n} values"
+    if kind == "missing":
+        return "is required"
+    if value is None:
+        return "must not be null"
+    simple = {
+        "int_type": "must be an integer", "bool_type": "must be true or false", "string_type": "must be a string",
+        "float_type": "must be a number", "finite_number": "must be finite", "tuple_type": "must be a list",
+        "list_type": "must be a list", "dict_type": "must be a mapping", "model_type": "must be a mapping",
+        "literal_error": f"must be {ctx.get('expected', 'one of the allowed values')}",
+    }
+    if kind in simple:
+        got = type(value).__name__ if kind in ("dict_type", "model_type") else repr(value)
+        return f"{simple[kind]}, got {got}"
+    return e["msg"]

@@ -1,0 +1,244 @@
+"""One trial's training: a small trainer with four hooks, wired up by the Tune function.
+
+:class:`Trainer` builds everything a trial needs from its :class:`~trainables.config.TrialConfig` (model,
+SGD, lr schedule, precision and loss scaler, the patch sampler with the iw map, the loss) and resumes from a
+checkpoint's state. :meth:`Trainer.fit` runs the protocol (SPEC §4): each epoch ``iterations`` calls of the
+``train_step`` hook, the lr schedule step, then, when due, the ``validate`` hook, the ``checkpoint`` hook and
+the ``report`` hook::
+
+    train_step(batch) -> float          one SGD step (trainables.step.train_step), the batch's loss
+    validate(out_dir, calibrate) -> {}  whole-volume validation -> records (saved in out_dir) -> val_* metrics
+    checkpoint(epoch, out_dir)          the resumable state (and, at the last epoch, the trial's artifacts)
+    report(metrics, out_dir)            hand both to the caller (Tune: tune.report with a checkpoint)
+
+The hooks are plain methods: a test (or :func:`inject_faults`, from the study's ``testing`` section) replaces
+one on an instance, so the loop itself has no test branch. A non-finite loss ends the trial with
+:class:`TrialDivergedError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainables.config import LrScheduleConfig, OptimizerConfig, TestingConfig, TrialConfig
+from trainables.data import Cache, PatchSampler
+from trainables.evaluate import (
+    CALIBRATION_THRESHOLDS,
+    STATE_FILE,
+    build_model,
+    calibrate_threshold,
+    predict_records,
+    task_device,
+)
+from trainables.losses import get_loss
+from trainables.metrics import save_records, summarize
+from trainables.naming import trial_label
+from trainables.step import Precision, configure_backends, train_step
+
+VAL_RECORDS_FILE = "val_records.json"
+TRIAL_CONFIG_FILE = "trial_config.json"
+VAL_FROC_FILE = "val_froc.png"
+
+Report = Callable[[dict[str, Any], str], None]
+
+
+class TrialDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the trial ends as an error with this reason."""
+
+
+def build_optimizer(model: torch.nn.Module, optimizer: OptimizerConfig) -> torch.optim.SGD:
+    """SGD with the study's settings (paper: Nesterov momentum 0.9, lr 1e-2, no weight decay)."""
+    return torch.optim.SGD(model.parameters(), lr=optimizer.lr, momentum=optimizer.momentum,
+                           nesterov=optimizer.nesterov, weight_decay=optimizer.weight_decay)
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, schedule: LrScheduleConfig):
+    """lr × ``gamma`` from each 0-based epoch in ``milestones`` on (stepped once per epoch)."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
+                                                gamma=schedule.gamma)
+
+
+class Trainer:
+    """The training loop of one trial (module docstring); ``report(metrics, checkpoint_dir)`` is called once
+    per epoch, and the folder is deleted when it returns.
+
+    Validation metrics (``val_*``) are in ``metrics`` only at the epochs where validation ran (every
+    ``validation.every`` epochs and at the last one), never carried over.
+    """
+
+    def __init__(self, cfg: TrialConfig, *, state: dict[str, Any] | None = None, report: Report):
+        self.cfg = cfg
+        self._report = report
+        study, trial = cfg.study, cfg.trial
+        torch.set_num_threads(study.resources.threads)
+        self.device = task_device()
+        configure_backends(self.device)
+        torch.manual_seed(trial.seed)
+        self.model = build_model(study.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, study.training.optimizer)
+        self.scheduler = build_lr_schedule(self.optimizer, study.training.lr_schedule)
+        self.precision = Precision.for_device(self.device, study.training.amp)
+        self.scaler = self.precision.scaler()
+        self.loss_fn = get_loss(trial.loss, **trial.params)
+        self.resumed = state is not None
+        self.start_epoch, next_batch = 0, 0
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.start_epoch = int(state["epoch"]) + 1
+            next_batch = int(state["sampler"]["next_batch"])
+        self.cache = Cache(study.data.cache_dir)
+        self.val_ids = self.cache.case_ids(study.data.val) if cfg.run.validates else []
+        clip = study.iw.clip
+        t = study.training
+        self.sampler = PatchSampler(
+            self.cache, self.cache.case_ids(cfg.run.splits), patch_size=t.patch_size, batch_size=t.batch_size,
+            iw=trial.iw, iw_clip=clip, lesion_prob=t.lesion_prob, seed=trial.seed,
+            num_workers=t.sampler_workers, start_batch=next_batch,
+        )
+        self.val_records = None
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def train_step(self, batch) -> float:
+        """One SGD step on ``batch`` (image, target and, for iw trials, the weight map); its loss value."""
+        device = self.device
+        image = torch.from_numpy(batch.image).to(device, non_blocking=True)
+        target = torch.from_numpy(batch.target).to(device, non_blocking=True)
+        weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if self.cfg.trial.iw else None
+        return train_step(self.model, self.optimizer, self.scaler, self.loss_fn, image, target, weight,
+                          self.precision)
+
+    def validate(self, out_dir: str, *, calibrate: bool) -> dict[str, float]:
+        """Whole-volume validation: records under the ``any`` rule (saved in ``out_dir``), luna16 summary.
+
+        ``calibrate``: also choose the binarisation threshold that maximises the validation object Dice
+        (``val_threshold``; ``evaluation.threshold: calibrated``), from the same logits.
+        """
+        study = self.cfg.study
+        thresholds = CALIBRATION_THRESHOLDS if calibrate else (0.5,)
+        by_t = predict_records(self.model, self.cache, self.val_ids, inference=study.inference,
+                               rules={"any": ("any", None)}, device=self.device, precision=self.precision,
+                               thresholds=thresholds)
+        records = self.val_records = by_t[0.5]["any"]
+        save_records(Path(out_dir) / VAL_RECORDS_FILE, records, meta={"splits": list(study.data.val)})
+        summary = summarize(records, protocol="luna16", n_boot=study.validation.n_boot, seed=0)
+        if summary["avg_recall"] is None:
+            raise ValueError(f"the validation cases ({', '.join(self.val_ids)}) contain no lesion: "
+                             "nothing to validate on")
+        out = {
+            "val_avg_recall": float(summary["avg_recall"]),
+            # no lesion detected: no object Dice; 0 keeps the metric comparable across epochs
+            "val_obj_dice": float(summary["obj_dice"]) if summary["obj_dice"] is not None else 0.0,
+            "val_fp_per_image": float(summary["fp_per_image"]),
+        }
+        if summary.get("pred_positive_fraction") is not None:
+            out["val_pred_positive_fraction"] = float(summary["pred_positive_fraction"])
+        if calibrate:
+            out["val_threshold"] = calibrate_threshold({t: r["any"] for t, r in by_t.items()})
+        return out
+
+    def checkpoint(self, epoch: int, out_dir: str) -> None:
+        """The resumable state in ``out_dir``; at the last epoch also the trial's config and validation FROC."""
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "epoch": epoch,
+                "trial": json.dumps(self.cfg.trial.as_dict()),
+            },
+            Path(out_dir) / STATE_FILE,
+        )
+        if epoch + 1 == self.cfg.run.epochs:
+            self._write_final_artifacts(out_dir)
+
+    def report(self, metrics: dict[str, Any], out_dir: str) -> None:
+        """Hand the epoch's metrics and checkpoint folder to the caller."""
+        self._report(metrics, out_dir)
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def fit(self) -> None:
+        """Train from the start (or resumed) epoch to the run's last epoch."""
+        cfg = self.cfg
+        epochs, iterations = cfg.run.epochs, cfg.study.training.iterations
+        every = cfg.study.validation.every
+        calibrated = cfg.study.evaluation.threshold == "calibrated"
+        with self.sampler:
+            batches = iter(self.sampler)
+            for epoch in range(self.start_epoch, epochs):
+                t0 = time.perf_counter()
+                self.model.train()
+                lr = self.optimizer.param_groups[0]["lr"]
+                losses = []
+                for it in range(iterations):
+                    value = self.train_step(next(batches))
+                    if not math.isfinite(value):
+                        raise TrialDivergedError(
+                            f"non-finite training loss ({value}) at epoch {epoch}, iteration {it} "
+                            f"(loss {cfg.trial.loss}, iw {cfg.trial.iw}, lr {lr:g}); "
+                            "lower the learning rate or check the data"
+                        )
+                    losses.append(value)
+                self.scheduler.step()
+                train_seconds = time.perf_counter() - t0
+                last = epoch + 1 == epochs
+                metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "train_loss": float(np.mean(losses)),
+                                           "lr": lr, "training_done": last}
+                if self.resumed and epoch == self.start_epoch:
+                    metrics["resumed_from_epoch"] = self.start_epoch  # the driver tags the MLflow run with it
+                with tempfile.TemporaryDirectory() as ckpt_dir:
+                    if self.val_ids and ((epoch + 1) % every == 0 or last):
+                        metrics.update(self.validate(ckpt_dir, calibrate=last and calibrated))
+                    metrics["epoch_seconds"] = time.perf_counter() - t0
+                    metrics["train_seconds"] = train_seconds
+                    self.checkpoint(epoch, ckpt_dir)
+                    self.report(metrics, ckpt_dir)
+
+    def _write_final_artifacts(self, ckpt_dir: str) -> None:
+        """Files for the trial's MLflow run, kept in the last checkpoint: the config and the validation FROC
+        (with a bootstrap band: at least 100 replicates, once, whatever the per-epoch ``validation.n_boot``)."""
+        Path(ckpt_dir, TRIAL_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+        if self.val_records is not None:
+            from trainables.metrics.plots import plot_froc
+
+            label = trial_label(self.cfg.trial.as_dict())
+            summary = summarize(self.val_records, protocol="luna16",
+                                n_boot=max(self.cfg.study.validation.n_boot, 100), seed=0)
+            plot_froc({label: summary}, Path(ckpt_dir) / VAL_FROC_FILE, title=f"validation FROC, {label}")
+
+
+def inject_faults(trainer: Trainer, testing: TestingConfig) -> Trainer:
+    """Wrap ``trainer.train_step`` with the test-only faults of ``testing``: a sleep per step, and a NaN loss
+    from global iteration ``nan_at_iteration`` on for the listed configurations. No faults: unchanged."""
+    inject = testing.nan_at_iteration is not None and trainer.cfg.trial.config_name in testing.nan_configs
+    if not inject and not testing.sleep_per_iteration:
+        return trainer
+    step = trainer.train_step
+    counter = itertools.count(trainer.start_epoch * trainer.cfg.study.training.iterations)
+
+    def faulty(batch) -> float:
+        i = next(counter)
+        if testing.sleep_per_iteration:
+            time.sleep(testing.sleep_per_iteration)
+        value = step(batch)
+        return float("nan") if inject and i >= testing.nan_at_iteration else value
+
+    trainer.train_step = faulty
+    return trainer
