@@ -29,16 +29,17 @@ def tables() -> list[tuple[str, Sequence[str], list[Sequence[str]]]]:
     from trainables.losses import LOSSES
     from trainables.metrics import HIT_RULES, PROTOCOLS
 
-    losses = [(r.name, "yes" if r.iw else "no", "paper" if r.paper else "added", _param_text(r.params), r.doc)
+    losses = [(r.name, "yes" if r.iw else "no", r.doc, _param_text(r.params), r.source or "–", r.checked or "–")
               for r in LOSSES.values()]
     rules = [(r.name, "none" if r.default_threshold is None else f"{r.default_threshold:g}",
-              "yes" if r.strict else "no", r.doc) for r in HIT_RULES.values()]
-    protocols = [(r.name, r.doc) for r in PROTOCOLS.values()]
+              "yes" if r.strict else "no", r.doc, r.checked or "–") for r in HIT_RULES.values()]
+    protocols = [(r.name, r.doc, r.checked or "–") for r in PROTOCOLS.values()]
     presets = [(p.name, "required" if p.roi_required else "optional", p.doc) for p in PRESETS.values()]
     return [
-        ("Losses", ("loss", "iw", "origin", "parameters (default, accepted values)", "what it is"), losses),
-        ("Hit rules", ("rule", "default threshold", "strict", "a lesion is hit when"), rules),
-        ("Metric protocols", ("protocol", "what it reports"), protocols),
+        ("Losses", ("loss", "iw", "what it is", "parameters (default, accepted values)", "source",
+                    "checked against"), losses),
+        ("Hit rules", ("rule", "default threshold", "strict", "a lesion is hit when", "checked against"), rules),
+        ("Metric protocols", ("protocol", "what it reports", "checked against"), protocols),
         ("Preprocessing presets", ("preset", "ROI", "what it does"), presets),
     ]
 

@@ -163,6 +163,9 @@ def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = Non
             errors.fail("data.path", f"{p} is not a prepared cache (no cache.json); run `study data prepare`")
         data_cfg = data_cfg.model_copy(update={"path": str(p)})
     known = {t.config_name for t in trials}
+    if cfg.evaluation.baseline is not None and cfg.evaluation.baseline not in known:
+        errors.fail("evaluation.baseline", f"{cfg.evaluation.baseline!r} is not a configuration of this study; "
+                                           f"known: {', '.join(sorted(known))}")
     for name in cfg.testing.nan_configs:
         if name not in known:
             errors.fail("testing.nan_configs", f"{name!r} is not a configuration of this study")

@@ -45,15 +45,27 @@ def verdict_blocks(summary: dict[str, Any]) -> list[tuple]:
     return blocks
 
 
-def verdict_detail_blocks(summary: dict[str, Any]) -> list[tuple]:
-    """The verdict's numbers: every difference with its CI and per-seed values, overall and per size group."""
-    v = summary.get("verdict") or {}
+def baseline_blocks(summary: dict[str, Any]) -> list[tuple]:
+    """``## Against the baseline``: one sentence per configuration vs the study's ``evaluation.baseline``."""
+    v = summary.get("baseline_comparison") or {}
+    if not v.get("entries"):
+        return []
+    return [("h2", f"Against the baseline ({v['baseline']})"),
+            ("ul", [e["sentence"] for e in v["entries"]]),
+            ("p", f"Each configuration − {v['baseline']}, seed by seed on the same hold-out cases; 95 % CIs from "
+                  f"the hierarchical bootstrap ({v['n_boot']} replicates), resolved when the CI excludes 0.")]
+
+
+def verdict_detail_blocks(summary: dict[str, Any], key: str = "verdict") -> list[tuple]:
+    """The verdict's numbers: every difference with its CI and per-seed values, overall and per size group
+    (``key="baseline_comparison"``: the same for each configuration vs the baseline)."""
+    v = summary.get(key) or {}
     if not v.get("entries"):
         return []
     strict = strict_rule_name(summary.get("strict_rule") or ("iou", 0.3))
     names = {"avg_recall": "avg recall (any)", "avg_recall_strict": f"avg recall ({strict})",
              "obj_dice": "object Dice", "fp_per_image": "FP/image"}
-    header = ["iw vs plain", "group", "metric", "Δ [95% CI]", "per seed"]
+    header = ["iw vs plain" if key == "verdict" else "vs baseline", "group", "metric", "Δ [95% CI]", "per seed"]
     rows = []
     for e in v["entries"]:
         pair = f"{e['iw']} − {e['plain']}"
@@ -64,8 +76,10 @@ def verdict_detail_blocks(summary: dict[str, Any]) -> list[tuple]:
             for key in ("avg_recall", "avg_recall_strict", "obj_dice"):
                 rows.append([pair, group, names[key], _diff(g[key]),
                              ", ".join("–" if x is None else f"{x:+.3f}" for x in g[key]["per_seed"])])
-    return [("h2", "Does iw help? Differences on the same hold-out cases"),
-            ("p", "Per seed: the difference of the iw and plain models trained with that seed, on all hold-out "
+    title = ("Does iw help? Differences on the same hold-out cases" if key == "verdict"
+             else f"Differences from the baseline ({v.get('baseline')})")
+    return [("h2", title),
+            ("p", "Per seed: the difference of the two models trained with that seed, on all hold-out "
                   "cases. A size group keeps its lesions and the components of its size (the authors' rule)."),
             ("table", header, rows)]
 
@@ -151,6 +165,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
     strict = strict_rule_name(summary.get("strict_rule") or ("iou", 0.3))
     blocks: list[tuple] = [("h1", f"Study {study_name}: inverse weighting on the hold-out set")]
     blocks.extend(verdict_blocks(summary))
+    blocks.extend(baseline_blocks(summary))
     if cfg is not None:
         t = cfg.training
         if cfg.description:
@@ -172,6 +187,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
     blocks.append(holdout_table_block(summary))
     blocks.extend(calibrated_table_block(summary))
     blocks.extend(verdict_detail_blocks(summary))
+    blocks.extend(verdict_detail_blocks(summary, "baseline_comparison"))
     cut = summary.get("size_cutoffs_mm") or []
     if cut:
         blocks.append(("h2", "By lesion size"))

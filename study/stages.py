@@ -344,6 +344,12 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
     verdict = build_verdict(configs, iw_pairs(configs), cutoffs_mm=cutoffs, group_names=group_names,
                             strict_name=strict_rule_name((ev.strict.rule, ev.strict.threshold)),
                             n_boot=ev.n_boot, seed=ev.seed)
+    baseline = None
+    if ev.baseline is not None:  # every configuration vs the baseline, the same bootstrap as the verdict
+        baseline = build_verdict(configs, baseline_pairs(configs, ev.baseline), cutoffs_mm=cutoffs,
+                                 group_names=group_names, n_boot=ev.n_boot, seed=ev.seed, kind="baseline",
+                                 strict_name=strict_rule_name((ev.strict.rule, ev.strict.threshold)))
+        baseline["baseline"] = ev.baseline
     cache = Cache(ctx.cache_dir())
     diameters = {}
     for split_name in ("train", "val", "holdout"):
@@ -354,6 +360,7 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
     from trainables.environment import describe
 
     return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "configs": configs, "verdict": verdict,
+            "baseline_comparison": baseline,
             "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold],
             "environment": describe()}
 
@@ -377,6 +384,17 @@ def iw_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, int, str, st
         if plain is not None:
             pairs.append((loss, seed, plain, label_iw))
     return pairs
+
+
+def baseline_pairs(configs: dict[str, dict[str, Any]], baseline: str) -> list[tuple[str, int, str, str]]:
+    """``(configuration, seed, baseline label, its label)`` for every configuration other than ``baseline``
+    (a configuration name such as ``dice_ce``) retrained with a seed the baseline has too."""
+    from trainables.naming import config_name
+
+    name = {label: config_name(c["loss"], c["iw"]) for label, c in configs.items()}
+    ref = {c["seed"]: label for label, c in configs.items() if name[label] == baseline}
+    return [(name[label], c["seed"], ref[c["seed"]], label) for label, c in sorted(configs.items())
+            if name[label] != baseline and c["seed"] in ref]
 
 
 def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:

@@ -46,8 +46,11 @@ def _fmt(d: dict[str, Any], digits: int = 2) -> str:
 
 
 def sentence(entry: dict[str, Any], strict_name: str) -> str:
-    """One readable sentence from an entry's intervals (module docstring for the rules)."""
+    """One readable sentence from an entry's intervals (module docstring for the rules). ``entry["iw"]`` is
+    the arm under test and ``entry["plain"]`` its reference (the same loss without iw, or the study's
+    baseline configuration)."""
     m = entry["metrics"]
+    subject = "iw" if entry.get("kind", "iw") == "iw" else entry["iw"]
     head = f"{entry['iw']} vs {entry['plain']} ({entry['n_seeds']} seed{'s' * (entry['n_seeds'] != 1)})"
     numbers = (f"strict ({strict_name}) avg recall {_fmt(m['avg_recall_strict'])}, any-rule avg recall "
                f"{_fmt(m['avg_recall'])}, object Dice {_fmt(m['obj_dice'])}, FP/image {_fmt(m['fp_per_image'], 1)}")
@@ -59,7 +62,7 @@ def sentence(entry: dict[str, Any], strict_name: str) -> str:
         fps = ", more false positives" if fp > 0 else ", fewer false positives" if fp < 0 else ""
         verdict = f"more lesions found under the strict rule, {cost}{fps}"
     elif strict < 0:
-        verdict = "fewer lesions found under the strict rule: iw does worse here"
+        verdict = f"fewer lesions found under the strict rule: {subject} does worse here"
     elif lenient > 0 and (fp > 0 or dice < 0):
         verdict = "recall under the lenient rule only: over-segmentation (more FPs or lower object Dice)"
     elif lenient > 0:
@@ -75,9 +78,11 @@ def sentence(entry: dict[str, Any], strict_name: str) -> str:
 
 def build_verdict(configs: dict[str, dict[str, Any]], pairs: list[tuple[str, int, str, str]], *,
                   cutoffs_mm: list[float], group_names: list[str], strict_name: str, n_boot: int,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, kind: str = "iw") -> dict[str, Any]:
     """``configs``: the summary's configurations (label -> loss, iw, params, seed, records paths);
-    ``pairs``: ``(loss, seed, plain label, iw label)`` (:func:`study.stages.iw_pairs`)."""
+    ``pairs``: ``(group, seed, reference label, tested label)``: :func:`study.stages.iw_pairs` (kind ``iw``:
+    iw vs plain of each loss) or :func:`study.stages.baseline_pairs` (kind ``baseline``: each configuration
+    vs the study's baseline)."""
     from trainables.metrics.summary import restrict_to_size
 
     by_loss: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -95,7 +100,8 @@ def build_verdict(configs: dict[str, dict[str, Any]], pairs: list[tuple[str, int
     for loss, loss_pairs in by_loss.items():
         loss_pairs.sort(key=lambda p: configs[p[0]]["seed"])
         entry: dict[str, Any] = {
-            "loss": loss, "plain": loss_pairs[0][0].rsplit("/", 1)[0], "iw": loss_pairs[0][1].rsplit("/", 1)[0],
+            "loss": loss, "kind": kind,
+            "plain": loss_pairs[0][0].rsplit("/", 1)[0], "iw": loss_pairs[0][1].rsplit("/", 1)[0],
             "seeds": [configs[p]["seed"] for p, _ in loss_pairs], "n_seeds": len(loss_pairs),
             "pairs": [list(p) for p in loss_pairs],
             "metrics": {name: hierarchical_bootstrap([(records(p, rule), records(i, rule)) for p, i in loss_pairs],
@@ -117,7 +123,7 @@ def build_verdict(configs: dict[str, dict[str, Any]], pairs: list[tuple[str, int
         entries.append(entry)
     widths = [(d["ci_high"] - d["ci_low"]) / 2 for e in entries for key in ("avg_recall", "avg_recall_strict")
               if (d := e["metrics"][key])["ci_low"] is not None]
-    return {"entries": entries, "n_boot": n_boot, "seed": seed, "ci": 0.95,
+    return {"entries": entries, "kind": kind, "n_boot": n_boot, "seed": seed, "ci": 0.95,
             "ci_half_width_avg_recall": sum(widths) / len(widths) if widths else None,
             "method": "hierarchical bootstrap: seeds with replacement, then hold-out cases with replacement "
                       "within each drawn seed, same cases for both arms; percentile 95 % CI"}

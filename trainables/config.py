@@ -269,6 +269,8 @@ class EvaluationConfig(Section):
     strict: StrictRuleConfig = StrictRuleConfig()
     size_cutoff_mm: Float | None = None  # None: terciles of the hold-out lesion diameters
     threshold: Str = "paper"  # paper: p > 0.5; calibrated: also a threshold chosen on validation (object Dice)
+    #: a configuration of the study (e.g. ``dice_ce``) every other one is also compared with, seed by seed
+    baseline: Str | None = None
 
     def check(self, err: Err) -> None:
         if self.threshold not in ("paper", "calibrated"):

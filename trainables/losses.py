@@ -57,6 +57,9 @@ from trainables.registry import Registry
 
 __all__ = [
     "LOSSES",
+    "blob_loss",
+    "cc_dice_ce_loss",
+    "dice_ce_loss",
     "LOSS_NAMES",
     "LossParam",
     "LossRecord",
@@ -211,6 +214,95 @@ def gdl_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Te
     return (1.0 - _safe_ratio(numerator, denominator)).mean()
 
 
+def dice_ce_loss(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, smooth: float = 1e-5,
+    lambda_ce: float = 1.0, lambda_dice: float = 1.0,
+) -> Tensor:
+    """Dice + cross-entropy, nnU-Net's default compound; optionally weighted per voxel (iw multiplies both).
+
+    ``lambda_ce * mean(w BCE) + lambda_dice * mean_b [1 - (2 Σ w p y + s) / (Σ w (p + y) + s)]`` with
+    ``s = smooth`` (nnU-Net ``DC_and_CE_loss``: weights 1 and 1, smooth 1e-5, linear denominators; at w = 1 MONAI
+    ``DiceCELoss(sigmoid=True)``). The smoothing keeps an empty patch finite: its Dice term tends to 0 as the
+    predictions go to 0.
+    """
+    _check_params("dice_ce", smooth=smooth, lambda_ce=lambda_ce, lambda_dice=lambda_dice)
+    target, weight = _check_inputs("dice_ce", logits, target, weight)
+    ce = _weighted_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), weight)
+    p = torch.sigmoid(logits)
+    w = 1.0 if weight is None else weight
+    numerator = 2.0 * _per_sample_sum(w * p * target) + smooth
+    denominator = _per_sample_sum(w * (p + target)) + smooth
+    return lambda_ce * ce + lambda_dice * (1.0 - numerator / denominator).mean()
+
+
+def blob_loss(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, *, labels: Tensor | None = None,
+    lambda_main: float = 2.0, lambda_blob: float = 1.0,
+) -> Tensor:
+    """Blob loss (Kofler et al. 2022) with Dice as the loss: ``lambda_main * dice(p, y) + lambda_blob * blob``.
+
+    ``blob`` = for each ground-truth component k of a sample (``labels == k``), the Dice loss of the region
+    "background ∪ k" (every other component masked out of prediction and target), averaged over the sample's
+    components, then over the samples that have any; 0 when the batch holds no lesion (the global term remains).
+    Both Dice terms are this module's squared, unsmoothed :func:`dice_loss` (the same guard on empty regions).
+
+    Args:
+        labels: ``(B, 1, *spatial)`` integer instance labels of the patch, 0 = background (the cached
+            26-connected labels cropped with the patch; the sampler yields them). ``target`` must be
+            ``labels > 0``.
+        lambda_main, lambda_blob: weights of the global and the per-lesion term, ``>= 0``; default 2 and 1 (the
+            weighting of the blob loss paper's experiments, as we read it).
+    """
+    _check_params("blob", lambda_main=lambda_main, lambda_blob=lambda_blob)
+    target, weight = _check_inputs("blob", logits, target, weight)
+    labels = _check_instances("blob", "labels", labels, logits)
+    main = dice_loss(logits, target, weight)
+    p = torch.sigmoid(logits)
+    w = torch.ones_like(p) if weight is None else weight
+    sums, present, n_keys = _region_sums(labels, (w * p * target, w * p * p, w * target * target))
+    inter, pred2, true2 = sums
+    per_sample = n_keys  # keys are b * n_keys_per_sample + label
+    k = torch.arange(inter.numel(), device=logits.device)
+    background = (k // per_sample) * per_sample  # the key of the same sample's background
+    lesion = present & (k % per_sample != 0)
+    dice_k = 1.0 - _safe_ratio(2.0 * inter, pred2[background] + pred2 + true2)
+    if not bool(lesion.any()):
+        return lambda_main * main
+    sample = k // per_sample
+    n_b = torch.zeros(logits.shape[0], dtype=p.dtype, device=p.device).index_add_(0, sample[lesion],
+                                                                                   torch.ones_like(dice_k[lesion]))
+    sum_b = torch.zeros_like(n_b).index_add_(0, sample[lesion], dice_k[lesion])
+    has = n_b > 0
+    return lambda_main * main + lambda_blob * (sum_b[has] / n_b[has]).mean()
+
+
+def cc_dice_ce_loss(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, *, regions: Tensor | None = None,
+    smooth: float = 1e-5,
+) -> Tensor:
+    """CC-DiceCE (CC-Metrics, Jaus et al.): Dice + CE inside each Voronoi region of the ground-truth components,
+    averaged over the regions of the batch, so every lesion counts once whatever its size. No iw.
+
+    Per region r: ``mean_r(BCE) + 1 - (2 Σ_r p y + s) / (Σ_r (p + y) + s)``, ``s = smooth``. A sample without a
+    lesion is one region (the whole patch): the per-lesion terms vanish and the global Dice + CE remains.
+
+    Args:
+        regions: ``(B, 1, *spatial)`` integer region ids: the label of the nearest ground-truth component
+            (:func:`trainables.weights.voronoi_regions` of the patch's labels; the sampler yields them), 0 where
+            the patch has no component.
+    """
+    _check_params("cc_dice_ce", smooth=smooth)
+    target, weight = _check_inputs("cc_dice_ce", logits, target, weight)
+    regions = _check_instances("cc_dice_ce", "regions", regions, logits)
+    p = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    (ce, inter, pred, true, count), present, _ = _region_sums(
+        regions, (bce, p * target, p, target, torch.ones_like(p)))
+    dice = 1.0 - (2.0 * inter + smooth) / (pred + true + smooth)
+    per_region = ce / count.clamp_min(1.0) + dice
+    return per_region[present].mean()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # helpers
 
@@ -278,7 +370,9 @@ class LossRecord:
 
     ``fn(logits, target, weight=None, **params)``; ``iw``: whether it takes the inverse-weight map;
     ``params``: its parameters in their order; ``paper``: one of the paper's six (its named configurations
-    in :data:`PAPER_CONFIGS` are made from these records).
+    in :data:`PAPER_CONFIGS` are made from these records); ``needs``: what else of the batch it takes, by
+    keyword: ``"labels"`` (the patch's instance labels) or ``"regions"`` (their Voronoi regions); the sampler
+    yields them and the trainer passes them.
     """
 
     name: str
@@ -287,6 +381,9 @@ class LossRecord:
     doc: str
     params: tuple[LossParam, ...] = ()
     paper: bool = False
+    needs: tuple[str, ...] = ()
+    source: str = ""  # where the definition comes from
+    checked: str = ""  # what the tests check it against (a peer library or the authors' code)
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -321,24 +418,52 @@ def loss_record(name: str) -> LossRecord:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}") from None
 
 
-register_loss(LossRecord("bce", bce_loss, iw=True, paper=True, doc="binary cross-entropy, mean over voxels"))
+register_loss(LossRecord("bce", bce_loss, iw=True, paper=True, doc="binary cross-entropy, mean over voxels",
+                         source="Shirokikh et al. 2020", checked="torch binary_cross_entropy"))
 register_loss(LossRecord(
     "focal", focal_loss, iw=True, paper=True, doc="focal loss (Lin et al.) with the RetinaNet alpha",
+    source="Lin et al. 2017; Shirokikh et al. 2020", checked="MONAI FocalLoss; the authors' dpipe form",
     params=(number("gamma", 2.0, "focusing exponent (0: alpha-balanced BCE)", ge=0),
             number("alpha", 0.75, "weight of the lesion class; background gets 1 - alpha", gt=0, lt=1)),
 ))
 register_loss(LossRecord(
     "wce", wce_loss, iw=False, paper=True, doc="cross-entropy with the adaptive positive weight (n - s) / s",
+    source="Shirokikh et al. 2020 (baseline)", checked="the authors' dpipe form (gradient through the weight)",
     params=(choice("pos_weight", "prediction", "s = sum of p (authors) or of y", _WCE_POS_WEIGHTS),),
 ))
-register_loss(LossRecord("dice", dice_loss, iw=True, paper=True, doc="soft Dice, squared denominators, per sample"))
+register_loss(LossRecord("dice", dice_loss, iw=True, paper=True, doc="soft Dice, squared denominators, per sample",
+                         source="Milletari et al. 2016; Shirokikh et al. 2020",
+                         checked="MONAI DiceLoss / MaskedDiceLoss"))
 register_loss(LossRecord(
     "asl", asl_loss, iw=True, paper=True, doc="asymmetric similarity loss (recall over precision by beta)",
+    source="Hashemi et al. 2018; Shirokikh et al. 2020", checked="MONAI TverskyLoss (form fbeta)",
     params=(number("beta", 1.5, "weight of recall over precision", gt=0),
             choice("form", "squared", "denominator: squared (authors) or fbeta (paper text)", _ASL_FORMS)),
 ))
 register_loss(LossRecord("gdl", gdl_loss, iw=False, paper=True,
-                         doc="generalised Dice over [lesion, background], weights 1 / (1 + (sum y)^2)"))
+                         doc="generalised Dice over [lesion, background], weights 1 / (1 + (sum y)^2)",
+                         source="Sudre et al. 2017 (baseline)", checked="hand-derived values (authors' form)"))
+
+register_loss(LossRecord(
+    "dice_ce", dice_ce_loss, iw=True, doc="Dice + CE, nnU-Net's default (weights 1, 1; smooth 1e-5); iw multiplies both",
+    source="nnU-Net DC_and_CE_loss (Isensee et al. 2021)", checked="MONAI DiceCELoss; hand-derived values",
+    params=(number("smooth", 1e-5, "added to numerator and denominator of the Dice term", gt=0),
+            number("lambda_ce", 1.0, "weight of the CE term", ge=0),
+            number("lambda_dice", 1.0, "weight of the Dice term", ge=0)),
+))
+register_loss(LossRecord(
+    "blob", blob_loss, iw=False, needs=("labels",),
+    doc="global Dice + mean over lesions of the Dice on background ∪ that lesion",
+    source="Kofler et al. 2022 (arXiv 2205.08209)", checked="hand-derived values",
+    params=(number("lambda_main", 2.0, "weight of the global Dice", ge=0),
+            number("lambda_blob", 1.0, "weight of the per-lesion term", ge=0)),
+))
+register_loss(LossRecord(
+    "cc_dice_ce", cc_dice_ce_loss, iw=False, needs=("regions",),
+    doc="Dice + CE inside each lesion's Voronoi region, averaged over regions",
+    source="CC-Metrics, Jaus et al. (arXiv 2511.17146)", checked="ccmetrics (the regions); hand-derived values",
+    params=(number("smooth", 1e-5, "added to numerator and denominator of each region's Dice", gt=0),),
+))
 
 #: The paper's six losses, in the paper's order.
 LOSS_NAMES: tuple[str, ...] = tuple(name for name, rec in LOSSES.items() if rec.paper)
@@ -420,6 +545,36 @@ def _check_inputs(
             )
         weight = weight.to(dtype=logits.dtype, device=logits.device)
     return target, weight
+
+
+def _check_instances(name: str, key: str, value: Tensor | None, logits: Tensor) -> Tensor:
+    """The integer instance map ``key`` of a per-lesion loss, of the logits' shape, as int64 on their device."""
+    if value is None:
+        raise ValueError(f"{name}: needs the patch's {key} ({key}=..., a (B, 1, *spatial) integer map); the "
+                         f"sampler yields them when the loss's record asks for them (needs={key!r})")
+    if not isinstance(value, Tensor) or value.shape != logits.shape or value.is_floating_point():
+        raise ValueError(f"{name}: {key} must be an integer tensor of the logits' shape {tuple(logits.shape)}, "
+                         f"got {_describe(value)}")
+    if bool((value < 0).any()):
+        raise ValueError(f"{name}: {key} must be >= 0 (0 = background)")
+    return value.to(device=logits.device, dtype=torch.int64)
+
+
+def _region_sums(ids: Tensor, values: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor, int]:
+    """Per (sample, id) sums of each of ``values`` over the voxels with that id.
+
+    Returns ``(sums, present, n)``: sums indexed by the key ``b * n + id`` (``n = max id + 1``), ``present``
+    marks the keys that occur, ``n`` the keys per sample.
+    """
+    batch = ids.shape[0]
+    n = int(ids.max()) + 1
+    keys = (ids.flatten(start_dim=1) + n * torch.arange(batch, device=ids.device)[:, None]).reshape(-1)
+    dtype = values[0].dtype
+    size = batch * n
+    count = torch.zeros(size, dtype=dtype, device=ids.device).index_add_(0, keys, torch.ones_like(keys, dtype=dtype))
+    sums = tuple(torch.zeros(size, dtype=dtype, device=ids.device).index_add_(0, keys, v.reshape(-1))
+                 for v in values)
+    return sums, count > 0, n
 
 
 def _describe(value: Any) -> str:

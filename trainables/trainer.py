@@ -18,6 +18,7 @@ one on an instance, so the loop itself has no test branch. A non-finite loss end
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -40,7 +41,7 @@ from trainables.evaluate import (
     predict_records,
     task_device,
 )
-from trainables.losses import get_loss
+from trainables.losses import get_loss, loss_record
 from trainables.metrics import save_records, summarize
 from trainables.naming import trial_label
 from trainables.step import Precision, configure_backends, train_step
@@ -90,6 +91,7 @@ class Trainer:
         self.precision = Precision.for_device(self.device, study.training.amp)
         self.scaler = self.precision.scaler()
         self.loss_fn = get_loss(trial.loss, **trial.params)
+        self.needs = loss_record(trial.loss).needs  # batch extras the loss takes (per-lesion losses)
         self.resumed = state is not None
         self.start_epoch, next_batch = 0, 0
         if state is not None:
@@ -107,7 +109,7 @@ class Trainer:
         self.sampler = PatchSampler(
             self.cache, self.cache.case_ids(cfg.run.splits), patch_size=t.patch_size, batch_size=t.batch_size,
             iw=trial.iw, iw_clip=clip, lesion_prob=t.lesion_prob, seed=trial.seed,
-            num_workers=t.sampler_workers, start_batch=next_batch,
+            num_workers=t.sampler_workers, start_batch=next_batch, extras=self.needs,
         )
         self.val_records = None
 
@@ -119,8 +121,11 @@ class Trainer:
         image = torch.from_numpy(batch.image).to(device, non_blocking=True)
         target = torch.from_numpy(batch.target).to(device, non_blocking=True)
         weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if self.cfg.trial.iw else None
-        return train_step(self.model, self.optimizer, self.scaler, self.loss_fn, image, target, weight,
-                          self.precision)
+        loss_fn = self.loss_fn
+        if self.needs:  # the patch's instance labels / regions, cropped by the sampler
+            extras = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.extras(self.needs).items()}
+            loss_fn = functools.partial(loss_fn, **extras)
+        return train_step(self.model, self.optimizer, self.scaler, loss_fn, image, target, weight, self.precision)
 
     def validate(self, out_dir: str, *, calibrate: bool) -> dict[str, float]:
         """Whole-volume validation: records under the ``any`` rule (saved in ``out_dir``), luna16 summary.

@@ -440,9 +440,11 @@ def test_binarisation_threshold_and_calibration():
 
 
 def test_hit_rule_records_drive_validation_and_matching(merged):
-    assert list(rec_mod.HIT_RULES) == ["any", "fraction", "iou", "one-to-one"] and "iou" in rec_mod.HIT_RULES
-    assert dict(rec_mod.DEFAULT_HIT_THRESHOLDS) == {"any": None, "fraction": 0.5, "iou": 0.3, "one-to-one": None}
-    assert [r.name for r in rec_mod.HIT_RULES.values() if r.strict] == ["fraction", "iou", "one-to-one"]
+    assert list(rec_mod.HIT_RULES) == ["any", "fraction", "iou", "one-to-one", "hungarian"]
+    assert dict(rec_mod.DEFAULT_HIT_THRESHOLDS) == {"any": None, "fraction": 0.5, "iou": 0.3, "one-to-one": None,
+                                                    "hungarian": 0.5}
+    assert [r.name for r in rec_mod.HIT_RULES.values() if r.strict] == ["fraction", "iou", "one-to-one",
+                                                                         "hungarian"]
     assert rec_mod.HIT_RULES["one-to-one"].threshold_optional and not rec_mod.HIT_RULES["iou"].threshold_optional
     assert rec_mod.HIT_RULES["iou"].title(0.3) == "IoU ≥ 0.3" and rec_mod.HIT_RULES["any"].title() == "any"
     # a rule added by one function and one record: only the exact-size components may hit

@@ -161,3 +161,80 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_trial(cache_dir, monke
 
 class _Stop(Exception):
     pass
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+
+
+def test_a_fault_injected_into_the_train_step_hook_ends_the_trial(cache_dir):
+    """The loop has no test branch: a test replaces the ``train_step`` hook, and a NaN from it ends the trial
+    with TrialDivergedError after the epochs before it were reported."""
+    from trainables.trainer import Trainer, TrialDivergedError
+
+    rec = Recorder()
+    trainer = Trainer(TrialConfig.from_dict(_config(cache_dir, epochs=3, training={"iterations": 2})), report=rec)
+    real, steps = trainer.train_step, []
+
+    def third_step_diverges(batch):
+        steps.append(batch)
+        return float("nan") if len(steps) == 3 else real(batch)
+
+    trainer.train_step = third_step_diverges
+    with pytest.raises(TrialDivergedError, match=r"non-finite training loss \(nan\) at epoch 1, iteration 0"):
+        trainer.fit()
+    assert [m["epoch"] for m in rec.metrics] == [0]
+
+
+def test_the_studys_testing_faults_count_global_iterations_across_a_resume(cache_dir):
+    """``testing.nan_at_iteration`` counts iterations from the trial's start, also in a resumed trainer; only
+    the listed configurations get the fault."""
+    from trainables.config import TestingConfig
+    from trainables.trainer import Trainer, TrialDivergedError, inject_faults
+
+    cfg = TrialConfig.from_dict(_config(cache_dir, iw=True, epochs=3, training={"iterations": 2}))
+    first = Recorder()
+
+    def stop_after_first_epoch(metrics, ckpt_dir):
+        first(metrics, ckpt_dir)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        Trainer(cfg, report=stop_after_first_epoch).fit()
+    faults = TestingConfig(nan_at_iteration=5, nan_configs=("iw-dice",))
+    resumed = Recorder()
+    trainer = inject_faults(Trainer(cfg, state=first.states[0], report=resumed), faults)
+    with pytest.raises(TrialDivergedError, match="at epoch 2, iteration 1"):  # global iteration 5 = 2 * 2 + 1
+        trainer.fit()
+    assert [m["epoch"] for m in resumed.metrics] == [1]
+    other = Recorder()  # a configuration not listed runs to the end
+    inject_faults(Trainer(cfg.model_copy(update={"trial": cfg.trial.model_copy(update={"iw": False})}),
+                          state=first.states[0], report=other), faults).fit()
+    assert [m["epoch"] for m in other.metrics] == [1, 2]
+
+
+@pytest.mark.parametrize("loss", ["blob", "cc_dice_ce"])
+def test_per_lesion_losses_get_the_samplers_labels(cache_dir, loss):
+    """One iteration of a per-lesion loss: the trial's loss is the first batch's loss computed with the
+    cropped instance labels (or their Voronoi regions) that the sampler yields, not labelled in the step."""
+    from trainables.losses import loss_record
+
+    data = json.loads(json.dumps(TINY))
+    data["search"] = {"losses": {loss: {}}, "seeds": [3]}
+    data["training"] = {**data["training"], "iterations": 1, "epochs": 1}
+    cfg = config_from_dict(data)
+    config = {"trial": cfg.trials[0].as_dict(), "study": study_payload(cfg, cache_dir),
+              "run": {"stage": "sweep", "splits": ["train"], "validate": False, "epochs": 1}}
+    rec = Recorder()
+    run_trial(config, state=None, report=rec)
+    typed = TrialConfig.from_dict(config)
+    torch.manual_seed(3)
+    model = build_model(typed.study.model)
+    cache = Cache(cache_dir)
+    t = typed.study.training
+    needs = loss_record(loss).needs
+    batch = PatchSampler(cache, cache.case_ids(["train"]), patch_size=t.patch_size, batch_size=t.batch_size,
+                         iw=False, lesion_prob=t.lesion_prob, seed=3, num_workers=0, extras=needs).batch(0)
+    extras = {k: torch.from_numpy(v) for k, v in batch.extras(needs).items()}
+    with torch.no_grad():
+        expected = get_loss(loss)(model(torch.from_numpy(batch.image)), torch.from_numpy(batch.target), **extras)
+    assert rec.metrics[0]["train_loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -29,7 +29,7 @@ import numpy as np
 
 from trainables.data.cache import Cache
 from trainables.errors import DataError
-from trainables.weights import DEFAULT_CLIP, weights_from_labels
+from trainables.weights import DEFAULT_CLIP, voronoi_regions, weights_from_labels
 
 MAX_OPEN_CASES = 256
 
@@ -50,6 +50,30 @@ class Batch(NamedTuple):
     image: np.ndarray
     target: np.ndarray
     weight: np.ndarray
+
+    def extras(self, names) -> dict[str, np.ndarray]:
+        """The named extras of the batch (none here: see :class:`LesionBatch`)."""
+        return {name: getattr(self, name) for name in names}
+
+
+class LesionBatch(NamedTuple):
+    """A :class:`Batch` with what the per-lesion losses take (the sampler's ``extras``): ``labels``, the int32
+    instance labels of each patch (the cached labels cropped with it, 0 = background), and ``regions``, their
+    Voronoi regions (:func:`trainables.weights.voronoi_regions`); the one not asked for is None."""
+
+    image: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray
+    labels: np.ndarray | None
+    regions: np.ndarray | None
+
+    def extras(self, names) -> dict[str, np.ndarray]:
+        """The named extras (``"labels"``, ``"regions"``) of the batch."""
+        return {name: getattr(self, name) for name in names}
+
+
+#: what a batch can carry besides image, target and weight
+EXTRAS = ("labels", "regions")
 
 
 def centered_box(center: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -100,6 +124,7 @@ class PatchSampler:
         prefetch: batches made ahead (the bounded queue), at least ``num_workers``.
         start_batch: index of the first batch yielded (resume from ``state_dict()["next_batch"]``).
         worker_type: ``"thread"`` (default) or ``"process"`` (spawned processes; batches are pickled back).
+        extras: what the loss needs besides the weight map (:data:`EXTRAS`): ``"labels"`` and/or ``"regions"``.
 
     Raises DataError when no case of ``case_ids`` has a lesion, a case is unknown, or arguments are invalid.
     """
@@ -119,8 +144,13 @@ class PatchSampler:
         prefetch: int = 4,
         start_batch: int = 0,
         worker_type: str = "thread",
+        extras: Sequence[str] = (),
     ):
         self.cache = cache
+        self.extras = tuple(extras)
+        unknown = sorted(set(self.extras) - set(EXTRAS))
+        if unknown:
+            raise DataError(f"PatchSampler: unknown extras {unknown}; expected some of {', '.join(EXTRAS)}")
         self.patch_size = tuple(int(p) for p in patch_size)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise DataError(f"patch_size must be 3 positive sizes (z, y, x), got {tuple(patch_size)}")
@@ -167,7 +197,7 @@ class PatchSampler:
 
     # ------------------------------------------------------------------ the deterministic core
 
-    def batch(self, k: int) -> Batch:
+    def batch(self, k: int) -> Batch | LesionBatch:
         """The ``k``-th batch, computed synchronously; depends only on ``(seed, k)`` and the constructor's args."""
         rng = np.random.default_rng([self.seed, int(k)])
         shape = (self.batch_size, 1, *self.patch_size)
@@ -175,17 +205,25 @@ class PatchSampler:
         target = np.empty(shape, dtype=np.float32)
         # iw off: a read-only broadcast of 1 (no memory, no work); iw on: maps written straight into the batch
         weight = np.empty(shape, dtype=np.float32) if self.iw else np.broadcast_to(np.float32(1.0), shape)
+        keep = "labels" in self.extras or "regions" in self.extras
+        all_labels = np.empty(shape, dtype=np.int32) if keep else None
+        regions = np.empty(shape, dtype=np.int32) if "regions" in self.extras else None
         labels = np.empty(self.patch_size, dtype=np.int32)
         for b in range(self.batch_size):
             case_id, _, center = self._draw(rng)
             case = self._case(case_id)
             box = centered_box(center, self.patch_size)
             crop_padded(case.image, box, case.pad, out=image[b, 0])
-            crop_padded(case.labels, box, 0, out=labels)
-            np.not_equal(labels, 0, out=target[b, 0])
+            crop = all_labels[b, 0] if keep else labels
+            crop_padded(case.labels, box, 0, out=crop)
+            np.not_equal(crop, 0, out=target[b, 0])
             if self.iw:
-                weights_from_labels(labels, clip=self.iw_clip, out=weight[b, 0])
-        return Batch(image, target, weight)
+                weights_from_labels(crop, clip=self.iw_clip, out=weight[b, 0])
+            if regions is not None:
+                regions[b, 0] = voronoi_regions(crop)
+        if not self.extras:
+            return Batch(image, target, weight)
+        return LesionBatch(image, target, weight, all_labels if "labels" in self.extras else None, regions)
 
     def sample_info(self, k: int) -> list[dict]:
         """What batch ``k`` draws, per sample: case_id, lesion_centred, center (z, y, x) (tests, debugging)."""

@@ -94,6 +94,7 @@ class Protocol:
     reports_ci: bool = False
     resampling: str = ""
     group_kwargs: Callable[[ObjectArrays], dict] | None = None
+    checked: str = ""  # what the tests check it against
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.options) - set(SUMMARY_OPTIONS))
@@ -325,6 +326,7 @@ register_protocol(
         name="luna16",
         summarize_fn=_luna16,
         doc="recall at 1/8 to 8 FP/image (7 rates, all images) averaged, with a case-level bootstrap CI",
+        checked="a FROC worked by hand; a naive per-threshold loop",
         options=SUMMARY_OPTIONS,
         reports_ci=True,
         resampling="bootstrap n={n_boot}, seed={seed}",
@@ -335,6 +337,7 @@ register_protocol(
         name="paper2020",
         summarize_fn=_paper2020,
         doc="the paper's Table 2 exactly (the fixture README's six steps: 50 subsamples of 80 %)",
+        checked="the paper's Table 2 from the authors' per-lesion records",
         resampling=f"{_PAPER_N_SUBSAMPLES} subsamples of {_PAPER_FRACTION * 100:g} %, seed {_PAPER_SEED}",
         group_kwargs=_paper2020_group_kwargs,
     )
