@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "study.data_cli",
     "study.metrics_cli",
     "study.catalog",
+    "study.predict_cli",
 )
 
 

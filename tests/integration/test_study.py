@@ -158,6 +158,57 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
     # the errored configuration is not retrained; the two others are, once each
     holdout = _runs(study, "holdout")
     assert sorted(r.data.tags["config"] for r in holdout) == ["bce", "dice"]
+    _check_predict(storage, study, tmp_path)  # the finished study also serves `study predict`
+
+
+def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
+    """`study predict` on the study's own hold-out images with one retrained model: the records computed from
+    the written probability maps equal the hold-out stage's records of that model, the written images keep the
+    inputs' grid; an output folder holding other files and an unknown label are refused with exit 2."""
+    import shutil
+
+    import numpy as np
+
+    from trainables.data.io import read_image
+    from trainables.metrics import load_records, volume_records
+
+    manifest = study / "data" / "phantom" / "manifest.csv"
+    rows = [ln.split(",") for ln in manifest.read_text().splitlines()[1:]]
+    holdout = [r for r in rows if r[3] == "holdout"]
+    inputs, rois = tmp_path / "predict_in", tmp_path / "predict_roi"
+    inputs.mkdir()
+    rois.mkdir()
+    for r in holdout:  # the phantom's cases were cropped to their ROI (preset none): predict gets the ROIs too
+        shutil.copy(manifest.parent / r[1], inputs / Path(r[1]).name)
+        shutil.copy(manifest.parent / r[4], rois / Path(r[1]).name)
+    out = tmp_path / "predict_out"
+    res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--roi", str(rois),
+                    "--output", str(out), "--config", "dice/s0", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"[{len(holdout)}/{len(holdout)}]" in res.stderr
+    expected = load_records(study / "holdout" / "dice" / "s0" / "records_any.json")
+    keys = ("obj", "is_tum", "volume_vox", "diameter", "hit_dice", "hit_obj")
+    for r in holdout:
+        case = r[0]
+        image, geom = read_image(manifest.parent / r[1])
+        prob, pgeom = read_image(out / f"{case}_prob.nii.gz")
+        mask, mgeom = read_image(out / f"{case}_mask.nii.gz")
+        assert pgeom == geom and mgeom == geom and prob.dtype == np.float32 and mask.dtype == np.uint8
+        gt, _ = read_image(manifest.parent / r[2])
+        got = volume_records(prob, gt > 0, geom.spacing, is_logit=False)
+        assert [{k: x[k] for k in keys} for x in got.records] == \
+            [{k: x[k] for k in keys} for x in expected[case].records], case
+        for a, b in zip(got.records, expected[case].records):
+            assert a["hit_max"] == pytest.approx(b["hit_max"], rel=1e-6, abs=1e-7)
+        n_rows = len((out / f"{case}_lesions.csv").read_text().splitlines()) - 1
+        assert n_rows == sum(not x["is_tum"] for x in got.records)  # one row per predicted component
+    (out / "notes.txt").write_text("mine")
+    res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--output", str(out),
+                    cwd=tmp_path)
+    assert res.returncode == 2 and "holds other files" in res.stderr and "notes.txt" in res.stderr
+    res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--output",
+                    str(tmp_path / "o2"), "--config", "focal", cwd=tmp_path)
+    assert res.returncode == 2 and "--config focal: not a configuration" in res.stderr
 
 
 def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_path, no_leftover_processes):

@@ -215,3 +215,19 @@ def test_the_sampler_yields_the_labels_and_regions_the_losses_take(tmp_path):
     np.testing.assert_array_equal(rich.labels > 0, rich.target > 0)
     for b in range(2):
         np.testing.assert_array_equal(rich.regions[b, 0], voronoi_regions(rich.labels[b, 0]))
+
+
+@pytest.mark.parametrize(("axes", "key"), [({"gamma": 2.0}, "search.losses.blob"),
+                                           ({"smooth": 0}, "search.losses.cc_dice_ce.smooth"),
+                                           ({"iw": True}, "search.losses.cc_dice_ce.iw")])
+def test_bad_parameters_of_the_new_losses_exit_2_naming_the_key(tmp_path, capsys, axes, key):
+    import yaml
+
+    from study.cli import main
+
+    loss = key.split(".")[2]
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump({"search": {"losses": {loss: axes}}}))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{space}: {key}" in err, err

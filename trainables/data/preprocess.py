@@ -18,12 +18,12 @@ resampling: the spacing is kept.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from trainables.errors import DataError
+from trainables.metrics.records import equivalent_diameter
 
 ROI_MARGIN = 5
 
@@ -133,17 +133,11 @@ def apply_preset(
     return Preprocessed(image=out, mask=m, crop_box=box, raw_range=(lo, hi), mask_voxels_outside_roi=outside)
 
 
-def equivalent_diameters(sizes_vox: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Equivalent-sphere diameter in mm, ``(6 V / pi)^(1/3)`` with ``V = voxels * prod(spacing)`` mm³."""
-    volume = np.asarray(sizes_vox, dtype=np.float64) * float(np.prod(spacing))
-    return (6.0 * volume / math.pi) ** (1.0 / 3.0)
-
-
 def lesion_stats(labels: np.ndarray, n_lesions: int, spacing: tuple[float, float, float]) -> dict:
     """Per-lesion voxel counts and equivalent diameters (mm) of a label map with labels 1..n_lesions."""
     sizes = np.bincount(labels.ravel(), minlength=n_lesions + 1)[1 : n_lesions + 1]
     return {
         "n_lesions": int(n_lesions),
         "lesion_sizes_vox": [int(s) for s in sizes],
-        "diameters_mm": [round(float(d), 4) for d in equivalent_diameters(sizes, spacing)],
+        "diameters_mm": [round(float(d), 4) for d in equivalent_diameter(sizes, spacing)],
     }
