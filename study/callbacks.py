@@ -65,6 +65,8 @@ class StudyCallback(tune.Callback):
             )
             if created:
                 tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg))
+                self._safely("dataset logging", lambda: self._mlc().log_inputs(
+                    run_id, datasets=tracking.dataset_inputs(cfg)))
             self._steps[run_id] = {} if created else tracking.logged_steps(self._mlc(), run_id)
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]

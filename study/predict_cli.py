@@ -23,7 +23,11 @@ def register(sub) -> None:
         description="Write <case>_prob.nii.gz, <case>_mask.nii.gz and <case>_lesions.csv for every input image, "
         "preprocessed with the study's preset and inferred with its sliding window. Default configuration: the "
         "study's best on the hold-out (highest mean strict-rule avg recall over seeds, ties by object Dice).")
-    p.add_argument("name", help="the study (a folder under --storage)")
+    p.add_argument("name", nargs="?", help="the study (a folder under --storage); not needed with --model")
+    p.add_argument("--model", metavar="URI", help="an MLflow model a study logged (models:/<id>, or runs:/...); "
+                   "its preset, inference settings and threshold come with it: no study folder needed")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI the --model lives in (default "
+                   "$MLFLOW_TRACKING_URI)")
     p.add_argument("--storage", default="studies", help="folder holding the studies (default ./studies)")
     p.add_argument("--input", required=True, help="a folder of images or a manifest CSV (image[, roi] columns)")
     p.add_argument("--output", required=True, help="output folder (refused if it holds other files)")
@@ -70,8 +74,31 @@ def choose_models(summary: dict[str, Any], configs: list[str] | None, ensemble: 
     return chosen
 
 
+def _load_mlflow_model(uri: str, tracking_uri: str | None):
+    """``(model, metadata)`` of a model logged by a study (:func:`study.tracking.log_model`)."""
+    import mlflow
+    import mlflow.pytorch
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        meta = mlflow.models.get_model_info(uri).metadata or {}
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - an unknown URI, an unreachable server...
+        raise UserError(f"--model {uri}: cannot be loaded ({type(exc).__name__}: {str(exc)[:300]})") from None
+    missing = [k for k in ("preset", "inference", "threshold") if k not in meta]
+    if missing:
+        raise UserError(f"--model {uri}: not a model logged by a study (metadata lacks {', '.join(missing)})")
+    return model, meta
+
+
 def cmd_predict(args) -> int:
     import torch
+
+    if args.model:
+        return _predict_with_mlflow_model(args)
+    if not args.name:
+        raise UserError("study predict: give a study NAME or --model URI")
 
     from study.layout import StudyDir, read_frozen_config
     from study.tuner import outcomes
@@ -79,7 +106,7 @@ def cmd_predict(args) -> int:
     from trainables.data import Cache
     from trainables.evaluate import build_model, load_state, task_device
     from trainables.naming import trial_label
-    from trainables.predict import find_inputs, output_paths, predict_probability, write_outputs
+    from trainables.predict import find_inputs
     from trainables.step import Precision
 
     sd = StudyDir.of(args.storage, args.name).require()
@@ -96,7 +123,7 @@ def cmd_predict(args) -> int:
     missing = [lb for lb in labels if not checkpoints.get(lb)]
     if missing:
         raise UserError(f"study {sd.name}: no retrained checkpoint for {', '.join(missing)}")
-    thresholds = {summary["configs"][lb].get("calibrated", {}).get("threshold", 0.5) for lb in labels}
+    thresholds = {(summary["configs"][lb].get("calibrated") or {}).get("threshold", 0.5) for lb in labels}
     threshold = float(thresholds.pop()) if len(thresholds) == 1 else 0.5
 
     cases = find_inputs(args.input, args.roi)
@@ -106,17 +133,7 @@ def cmd_predict(args) -> int:
         print(f"warning: the study's cases were cropped to an ROI (preset {preset}); images without one are "
               "predicted whole, which the model has not seen (give --roi DIR)", file=sys.stderr)
     out = Path(args.output).expanduser().resolve()
-    ours = {p.name for c in cases for p in output_paths(out, c.case_id).values()}
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--output {out}: exists and is not a folder")
-        other = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if other:
-            raise UserError(f"--output {out}: holds other files ({', '.join(other[:5])}{', ...' * (len(other) > 5)});"
-                            " choose an empty folder")
-        if ours & {p.name for p in out.iterdir()} and not args.overwrite:
-            raise UserError(f"--output {out}: holds outputs of an earlier prediction; add --overwrite to "
-                            "replace them")
+    _check_output(out, cases, args.overwrite)
 
     device = task_device()
     torch.set_num_threads(cfg.resources.threads)
@@ -126,12 +143,52 @@ def cmd_predict(args) -> int:
         model = build_model(cfg.model)
         model.load_state_dict(load_state(checkpoints[lb])["model"])
         models.append(model.to(device).eval())
-    print(f"predict: {len(cases)} image(s) with {' + '.join(labels)} on {device}; preset {preset}, "
-          f"p > {threshold:g}; writing to {out}", file=sys.stderr, flush=True)
+    return _run(models, cases, out, preset=preset, inference=cfg.inference, threshold=threshold,
+                precision=precision, device=device, what=" + ".join(labels))
+
+
+def _check_output(out: Path, cases, overwrite: bool) -> None:
+    """Refuse an output folder that holds other files, or this command's earlier outputs without --overwrite."""
+    from trainables.predict import output_paths
+
+    ours = {p.name for c in cases for p in output_paths(out, c.case_id).values()}
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--output {out}: exists and is not a folder")
+    names = {p.name for p in out.iterdir()}
+    other = sorted(names - ours)
+    if other:
+        raise UserError(f"--output {out}: holds other files ({', '.join(other[:5])}{', ...' * (len(other) > 5)}); "
+                        "choose an empty folder")
+    if names & ours and not overwrite:
+        raise UserError(f"--output {out}: holds outputs of an earlier prediction; add --overwrite to replace them")
+
+
+def _run(models, cases, out: Path, *, preset: str, inference, threshold: float, precision, device, what: str) -> int:
+    from trainables.predict import predict_probability, write_outputs
+
+    print(f"predict: {len(cases)} image(s) with {what} on {device}; preset {preset}, p > {threshold:g}; "
+          f"writing to {out}", file=sys.stderr, flush=True)
     for i, case in enumerate(cases, 1):
-        prob, logit, geom = predict_probability(models, case, preset=preset, inference=cfg.inference,
-                                                device=device, precision=precision)
+        prob, logit, geom = predict_probability(models, case, preset=preset, inference=inference, device=device,
+                                                precision=precision)
         paths = write_outputs(out, case.case_id, prob, logit, geom, threshold)
         n = sum(1 for _ in open(paths["lesions"])) - 1
         print(f"[{i}/{len(cases)}] {case.case_id}: {n} predicted lesion(s)", file=sys.stderr, flush=True)
     return 0
+
+
+def _predict_with_mlflow_model(args) -> int:
+    from trainables.config import InferenceConfig
+    from trainables.evaluate import task_device
+    from trainables.predict import find_inputs
+
+    model, meta = _load_mlflow_model(args.model, args.tracking_uri)
+    cases = find_inputs(args.input, args.roi)
+    out = Path(args.output).expanduser().resolve()
+    _check_output(out, cases, args.overwrite)
+    device = task_device()
+    return _run([model.to(device).eval()], cases, out, preset=meta["preset"],
+                inference=InferenceConfig.model_validate(meta["inference"]), threshold=float(meta["threshold"]),
+                precision=None, device=device, what=f"{args.model} ({meta.get('label', '?')})")

@@ -23,7 +23,7 @@ from study.tables import fmt, text_table
 from trainables.config import StudyConfig, TrialSpec
 from trainables.errors import DataError, UserError
 from trainables.io_utils import json_default, write_text_atomic
-from trainables.naming import trial_folder, trial_label
+from trainables.naming import trial_folder, trial_label, trial_slug
 
 SWEEP, RETRAIN = "sweep", "retrain"
 
@@ -278,6 +278,7 @@ def stage_holdout(ctx: StudyContext) -> None:
     summary = summarize_holdout(ctx, results, paths)
     write_text_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
     _log_holdout_metrics(ctx, summary)
+    _log_models(ctx, results, summary)
     ctx.state.mark_done("holdout", configurations=len(results))
 
 
@@ -395,6 +396,31 @@ def baseline_pairs(configs: dict[str, dict[str, Any]], baseline: str) -> list[tu
     ref = {c["seed"]: label for label, c in configs.items() if name[label] == baseline}
     return [(name[label], c["seed"], ref[c["seed"]], label) for label, c in sorted(configs.items())
             if name[label] != baseline and c["seed"] in ref]
+
+
+def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
+    """Every retrained winner as an MLflow logged model, linked from its hold-out run (once: a run that has
+    its model URI tag is skipped on resume), with what ``study predict --model`` needs as metadata."""
+    from trainables.data import Cache
+    from trainables.evaluate import build_model, load_state
+
+    mlc = tracking.client(ctx.state.tracking_uri)
+    exp_id = ctx.state.mlflow_ids()["experiment_id"]
+    preset = Cache(ctx.cache_dir()).preset
+    for r in results:
+        label = trial_label(r.spec)
+        run = tracking.find_run(mlc, exp_id, {tracking.TRIAL_ID_TAG: r.trial_id, tracking.STAGE_TAG: "holdout"})
+        if run is None or run.data.tags.get(tracking.MODEL_URI_TAG):
+            continue
+        model = build_model(ctx.cfg.model)
+        model.load_state_dict(load_state(r.checkpoint_path)["model"])
+        c = summary["configs"].get(label, {})
+        metadata = {"study": ctx.dir.name, "label": label, "preset": preset,
+                    "inference": ctx.cfg.inference.model_dump(mode="json"),
+                    "threshold": (c.get("calibrated") or {}).get("threshold", 0.5)}
+        uri = tracking.log_model(ctx.state.tracking_uri, run.info.run_id, model, name=trial_slug(label),
+                                 metadata=metadata, window=ctx.cfg.inference.window)
+        log(f"holdout: {label} logged as MLflow model {uri}")
 
 
 def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:

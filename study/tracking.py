@@ -160,6 +160,68 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     return params
 
 
+#: run tag holding the ``models:/<id>`` URI of the model logged from a retrained winner
+MODEL_URI_TAG = "model_uri"
+
+
+def dataset_inputs(cfg: TrialConfig) -> list:
+    """The data a trial run used, as MLflow datasets (the prepared cache, its digest, the splits as context):
+    ``training`` (the run's splits) and, for sweep trials, ``validation``."""
+    import hashlib
+    import json as _json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from trainables.data import Cache
+
+    cache = Cache(cfg.study.data.cache_dir)
+    index = (cache.root / "cache.json").read_text()
+    digest = hashlib.sha256(index.encode()).hexdigest()[:16]
+    name = cfg.study.data.source if cfg.study.data.source == "phantom" else Path(str(cfg.study.data.path)).name
+    out = []
+    contexts = [("training", tuple(cfg.run.splits))]
+    if cfg.run.validates:
+        contexts.append(("validation", tuple(cfg.study.data.val)))
+    for context, splits in contexts:
+        ids = cache.case_ids(list(splits))
+        profile = {"cases": len(ids), "splits": list(splits), "preset": cache.preset,
+                   "lesions": sum(int(cache.meta(c)["n_lesions"]) for c in ids)}
+        schema = {"image": "float32 [z, y, x] in [0, 1]", "mask": "uint8 0/1", "labels": "int32 components"}
+        ds = Dataset(name=f"{name}:{','.join(splits)}", digest=digest, source_type="local", source=str(cache.root),
+                     schema=_json.dumps(schema), profile=_json.dumps(profile))
+        out.append(DatasetInput(dataset=ds, tags=[InputTag(key="mlflow.data.context", value=context)]))
+    return out
+
+
+def log_model(tracking_uri: str, run_id: str, model, *, name: str, metadata: dict, window) -> str:
+    """Log a retrained winner as an MLflow 3 logged model linked to its hold-out run (input example: one
+    window-sized patch; signature inferred from it; the ``trainables`` package shipped as code, so the model
+    loads without the study folder). ``metadata`` (preset, inference settings, threshold) is what
+    ``study predict --model`` needs. Returns the ``models:/<id>`` URI, also set as the run's tag."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    import trainables
+
+    example = np.zeros((1, 1, *[min(int(w), 16) for w in window]), dtype=np.float32)
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, output)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name=name, input_example=example, signature=signature, metadata=metadata,
+            code_paths=[str(Path(trainables.__file__).parent)], serialization_format="pickle",  # pt2 fixes the shape
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "scipy", "SimpleITK"],
+        )
+    uri = f"models:/{info.model_id}"
+    client(tracking_uri).set_tag(run_id, MODEL_URI_TAG, uri)
+    return uri
+
+
 # ---------------------------------------------------------------------------------------------- study level
 
 

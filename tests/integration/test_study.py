@@ -202,6 +202,24 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
             assert a["hit_max"] == pytest.approx(b["hit_max"], rel=1e-6, abs=1e-7)
         n_rows = len((out / f"{case}_lesions.csv").read_text().splitlines()) - 1
         assert n_rows == sum(not x["is_tum"] for x in got.records)  # one row per predicted component
+    # the same model, logged to MLflow by the hold-out stage, predicts the same in a fresh process, no study folder
+    run = next(r for r in _runs(study, "holdout") if r.info.run_name.endswith("dice/s0"))
+    uri = run.data.tags["model_uri"]
+    assert uri.startswith("models:/")
+    out2 = tmp_path / "predict_mlflow"
+    res = run_study("predict", "--model", uri, "--tracking-uri", f"sqlite:///{study / 'mlflow.db'}", "--input",
+                    str(inputs), "--roi", str(rois), "--output", str(out2), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for r in holdout:
+        a, _ = read_image(out / f"{r[0]}_prob.nii.gz")
+        b, _ = read_image(out2 / f"{r[0]}_prob.nii.gz")
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # every trial run says what it was trained (and validated) on
+    for stage, contexts in (("sweep", {"training", "validation"}), ("holdout", {"training"})):
+        for r in _runs(study, stage):
+            tags = {t.key: t.value for d in r.inputs.dataset_inputs for t in d.tags}
+            got = {t.value for d in r.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+            assert got == contexts, (stage, r.info.run_name, tags)
     (out / "notes.txt").write_text("mine")
     res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--output", str(out),
                     cwd=tmp_path)
