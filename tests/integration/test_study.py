@@ -52,6 +52,17 @@ def _checkpoints(study: Path, stage: str, min_index: int) -> bool:
     return any(int(p.name.split("_")[-1]) >= min_index for p in (study / "ray" / stage).glob("*/checkpoint_*"))
 
 
+def _snapshotted(study: Path, stage: str, min_index: int) -> bool:
+    """Tune's experiment state on disk already knows a trial checkpoint >= ``min_index`` (what a restore resumes
+    from; a checkpoint folder alone is not enough: the driver may die before its next snapshot)."""
+    import re
+
+    for state in (study / "ray" / stage).glob("experiment_state-*.json"):
+        if any(int(i) >= min_index for i in re.findall(r"checkpoint_(\d{6})", state.read_text())):
+            return True
+    return False
+
+
 def _runs(study: Path, stage: str):
     from mlflow.tracking import MlflowClient
 
@@ -115,8 +126,8 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
     study = storage / "tiny"
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), cwd=tmp_path, log=log)
-    # a sweep trial has checkpointed epoch 2 (checkpoint_000001), the sweep is not finished
-    wait_for(lambda: _checkpoints(study, "sweep", 1), timeout=300, proc=proc, log=log)
+    # a sweep trial has checkpointed epoch 2 (checkpoint_000001) and Tune's snapshot knows it; the sweep is not over
+    wait_for(lambda: _snapshotted(study, "sweep", 1), timeout=300, proc=proc, log=log)
     assert "done" not in _state(study)["stages"].get("sweep", {})
     kill_group(proc)
 

@@ -14,8 +14,9 @@ from trainables.data.io import (
     write_json_atomic,
 )
 from trainables.data.manifest import ManifestRow, read_manifest, write_manifest
-from trainables.data.preprocess import apply_preset, bbox, equivalent_diameters
+from trainables.data.preprocess import apply_preset, bbox
 from trainables.errors import DataError
+from trainables.metrics.records import equivalent_diameter
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mhd", ".nrrd"])
@@ -168,4 +169,4 @@ def test_bbox_and_diameters():
     assert bbox(m) == [[2, 4], [10, 12], [18, 20]]
     assert bbox(m, 5) == [[0, 9], [5, 17], [13, 20]]
     # a sphere of volume V has diameter (6V/pi)^(1/3): 1 voxel of 2x1x1 mm
-    np.testing.assert_allclose(equivalent_diameters([1], (2.0, 1.0, 1.0)), (12 / np.pi) ** (1 / 3))
+    np.testing.assert_allclose(equivalent_diameter([1], (2.0, 1.0, 1.0)), (12 / np.pi) ** (1 / 3))
