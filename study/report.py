@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from study.config import StudyConfig
 from study.tables import fmt
 
@@ -265,14 +267,50 @@ def render_html(blocks: list[tuple], title: str) -> str:
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
+def display_names(labels) -> dict[str, str]:
+    """Shorter names for figures: ``dice_ce[lambda_ce=1,...]/s0`` -> ``dice_ce/s0`` when each configuration of
+    the study has one parameter setting (the table keeps the full label)."""
+    def split(label: str) -> tuple[str, str, str]:
+        head, _, seed = label.rpartition("/")
+        name, _, params = head.partition("[")
+        return name, params, seed
+
+    settings: dict[str, set[str]] = {}
+    for lb in labels:
+        name, params, _ = split(lb)
+        settings.setdefault(name, set()).add(params)
+    return {lb: f"{split(lb)[0]}/{split(lb)[2]}" if len(settings[split(lb)[0]]) == 1 else lb for lb in labels}
+
+
+def seed_means(groups: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """Size-group summaries of each configuration averaged over its seeds (``*_std``: the spread over seeds)."""
+    by_config: dict[str, list[dict[str, dict]]] = {}
+    for label, g in groups.items():
+        by_config.setdefault(label.rpartition("/")[0] or label, []).append(g)
+    out: dict[str, dict[str, dict]] = {}
+    for config, runs in by_config.items():
+        out[config] = {}
+        for group in runs[0]:
+            entry = {}
+            for key in ("avg_recall", "obj_dice"):
+                vals = [r[group][key] for r in runs if r.get(group, {}).get(key) is not None]
+                entry[key] = float(np.mean(vals)) if vals else None
+                entry[f"{key}_std"] = float(np.std(vals)) if len(vals) > 1 else None
+            out[config][group] = entry
+    return out
+
+
 def write_figures(summary: dict[str, Any], out_dir: Path, curves: dict[str, list] | None = None) -> dict[str, str]:
     from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups, plot_training_curves
 
     configs = summary["configs"]
-    figures = {"froc": str(plot_froc({k: c["luna16"] for k, c in configs.items()}, out_dir / "froc.png",
+    short = display_names(list(configs))
+    figures = {"froc": str(plot_froc({short[k]: c["luna16"] for k, c in configs.items()}, out_dir / "froc.png",
                                      title="Hold-out FROC"))}
-    groups = {k: c["size_groups"] for k, c in configs.items() if c.get("size_groups")}
+    groups = {short[k]: c["size_groups"] for k, c in configs.items() if c.get("size_groups")}
     if groups:
+        if len(groups) > 8:  # one bar per configuration: the mean over its seeds, error bar = their spread
+            groups = seed_means(groups)
         figures["size_groups"] = str(plot_size_groups(groups, out_dir / "size_groups.png"))
     diam = {k: v for k, v in (summary.get("diameters_mm") or {}).items() if v}
     if diam:
@@ -280,7 +318,8 @@ def write_figures(summary: dict[str, Any], out_dir: Path, curves: dict[str, list
         figures["diameters"] = str(plot_diameters(diam, out_dir / "diameters.png",
                                                   cutoff_mm=cut[0] if len(cut) == 1 else None))
     if curves:
-        figures["curves"] = str(plot_training_curves(curves, out_dir / "curves.png"))
+        short = display_names(list(curves))
+        figures["curves"] = str(plot_training_curves({short[k]: v for k, v in curves.items()}, out_dir / "curves.png"))
     return figures
 
 

@@ -43,39 +43,61 @@ def _colours(names: Sequence[str]) -> dict[str, str]:
     return {f: f"C{i % 10}" for i, f in enumerate(families)}
 
 
-def plot_froc(curves: Mapping[str, dict], path: str | os.PathLike, *, title: str | None = None) -> Path:
+def _configuration(name: str) -> str:
+    """``iw-dice/s1`` -> ``iw-dice``: the curves of one configuration's seeds share colour, style and legend."""
+    head, _, tail = name.rpartition("/")
+    return head if head and tail.startswith("s") and tail[1:].isdigit() else name
+
+
+def plot_froc(curves: Mapping[str, dict], path: str | os.PathLike, *, title: str | None = None,
+              max_bands: int = 8) -> Path:
     """FROC curves on a log2 FP/image axis from 1/8 to 8, with bands.
 
     Args:
         curves: configuration name -> :func:`~trainables.metrics.summarize` result (uses ``froc`` and, when
             present, ``froc_band``). Names starting with ``"iw-"`` are drawn solid, the others dashed; a
-            configuration and its ``iw-`` variant share a colour.
+            configuration and its ``iw-`` variant share a colour. The seeds of one configuration (``name/s0``,
+            ``name/s1``, ...) share colour and style and one legend entry with their mean avg recall.
         path: PNG to write.
         title: figure title.
+        max_bands: bootstrap bands are drawn only up to this many curves (beyond, they hide the curves).
 
     Returns:
         ``path``.
     """
-    fig = Figure(figsize=(6.4, 4.8))
+    configs = {name: _configuration(name) for name in curves}
+    groups = list(dict.fromkeys(configs.values()))
+    means = {}
+    for g in groups:
+        avgs = [s.get("avg_recall") for n, s in curves.items() if configs[n] == g]
+        avgs = [a for a in avgs if a is not None]
+        means[g] = (sum(avgs) / len(avgs), len(avgs)) if avgs else (None, 0)
+    many = len(groups) > 6
+    fig = Figure(figsize=(8.4 if many else 6.4, 4.8))
     ax = fig.add_subplot()
-    colours = _colours(list(curves))
+    colours = _colours(groups)
+    labelled: set[str] = set()
     for name, summary in curves.items():
-        colour = colours[_family(name)]
+        group = configs[name]
+        colour = colours[_family(group)]
         style = "-" if name.startswith(_IW_PREFIX) else "--"
         froc = summary.get("froc") or {}
         fps, recall = np.asarray(froc.get("fps", []), float), np.asarray(froc.get("recall", []), float)
-        avg = summary.get("avg_recall")
-        label = name if avg is None else f"{name} ({avg:.2f})"
+        label = None
+        if group not in labelled:
+            labelled.add(group)
+            avg, n = means[group]
+            label = group if avg is None else (f"{group} ({avg:.2f})" if n == 1 else f"{group} (mean {avg:.2f}, {n})")
         keep = fps > 0  # the (0, 0) anchor has no place on a log axis
         if keep.any():
             # extend flat to the right edge, as the interpolation does
             x = np.r_[fps[keep], max(8.0, fps[keep][-1])]
             y = np.r_[recall[keep], recall[keep][-1]]
-            ax.plot(x, y, style, color=colour, label=label, lw=1.6)
+            ax.plot(x, y, style, color=colour, label=label, lw=1.6 if len(curves) <= max_bands else 1.1)
         else:
             ax.plot([], [], style, color=colour, label=label)
         band = summary.get("froc_band")
-        if band and band.get("lo"):
+        if band and band.get("lo") and len(curves) <= max_bands:
             ax.fill_between(band["fps_grid"], band["lo"], band["hi"], color=colour, alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_xlim(LUNA_FP_RATES[0], LUNA_FP_RATES[-1])
@@ -86,9 +108,13 @@ def plot_froc(curves: Mapping[str, dict], path: str | os.PathLike, *, title: str
     ax.set_ylabel("recall (detected lesions)")
     ax.grid(True, which="major", alpha=0.3)
     if curves:
-        ax.legend(loc="lower right", fontsize="small")
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
+                      title="configuration (avg recall, seeds)" if len(groups) < len(curves) else None)
+        else:
+            ax.legend(loc="lower right", fontsize="small")
     if title:
-        ax.set_title(title)
+        ax.set_title(title if len(curves) <= max_bands else f"{title} (one line per seed; no bands)")
     return _save(fig, path)
 
 
@@ -188,7 +214,9 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
         seen.add(config)
     from matplotlib.ticker import MaxNLocator
 
+    last = max((r["epoch"] + 1 for rows in curves.values() for r in rows), default=1)
     for ax, (key, label) in zip(axes, panels):
+        ax.set_xlim(0.7, last + 0.3)  # every panel spans the training, even when validation ran only at the end
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
