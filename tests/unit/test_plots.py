@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from matplotlib.image import imread
 
 from trainables.metrics import CLINICAL_CUTOFFS_MM, load_records, size_groups, summarize
@@ -48,3 +49,20 @@ def test_training_curves_figure(tmp_path):
                                                         if e % 2 else {})} for e in range(6)]
     path = plot_training_curves({"dice/s0": rows, "iw-dice/s0": rows, "dice/s1": rows}, tmp_path / "c.png")
     _check_png(path)
+
+
+def test_figure_names_and_seed_means():
+    from study.report import display_names, seed_means
+
+    labels = ["dice_ce[lambda_ce=1,smooth=1e-05]/s0", "dice_ce[lambda_ce=1,smooth=1e-05]/s1",
+              "focal[alpha=0.25,gamma=2]/s0", "focal[alpha=0.75,gamma=2]/s0", "bce/s0"]
+    assert display_names(labels) == {labels[0]: "dice_ce/s0", labels[1]: "dice_ce/s1", labels[2]: labels[2],
+                                      labels[3]: labels[3], "bce/s0": "bce/s0"}  # two focal settings stay apart
+    groups = {"a/s0": {"small": {"avg_recall": 0.2, "obj_dice": 0.5}},
+              "a/s1": {"small": {"avg_recall": 0.4, "obj_dice": None}},
+              "b/s0": {"small": {"avg_recall": 0.9, "obj_dice": 0.7}}}
+    means = seed_means(groups)
+    assert means["a"]["small"]["avg_recall"] == pytest.approx(0.3)
+    assert means["a"]["small"]["avg_recall_std"] == pytest.approx(0.1)
+    assert means["a"]["small"]["obj_dice"] == 0.5 and means["a"]["small"]["obj_dice_std"] is None
+    assert means["b"]["small"] == {"avg_recall": 0.9, "avg_recall_std": None, "obj_dice": 0.7, "obj_dice_std": None}
