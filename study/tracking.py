@@ -210,7 +210,11 @@ def log_model(tracking_uri: str, run_id: str, model, *, name: str, metadata: dic
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
+    import logging
+
     mlflow.set_tracking_uri(tracking_uri)
+    # pickle (not pt2: MLflow 3.17's default fixes the input shape) draws a warning per model; said once, here
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model, name=name, input_example=example, signature=signature, metadata=metadata,
