@@ -75,7 +75,9 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
             try:
                 params = canonical_params(loss, given)
             except ValueError as exc:
-                bad = next((n for n in names if n in str(exc)), None)
+                accepted = loss_record(loss).defaults()
+                unknown = [n for n in names if n not in accepted]  # the key at fault, not one the message lists
+                bad = unknown[0] if unknown else next((n for n in names if f"{loss}: {n} must" in str(exc)), None)
                 errors.fail(f"{key}.{bad}" if bad else key, str(exc))
             where = f"{key}" + (f" ({', '.join(f'{n}={v!r}' for n, v in given.items())})" if given else "")
             for iw in iw_values:

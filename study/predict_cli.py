@@ -22,7 +22,8 @@ def register(sub) -> None:
         "predict", help="apply a study's retrained winners to new images (NIfTI, MHA/MHD, NRRD)",
         description="Write <case>_prob.nii.gz, <case>_mask.nii.gz and <case>_lesions.csv for every input image, "
         "preprocessed with the study's preset and inferred with its sliding window. Default configuration: the "
-        "study's best on the hold-out (highest mean strict-rule avg recall over seeds, ties by object Dice).")
+        "study's best on the hold-out (highest mean strict-rule avg recall over seeds, ties by object Dice): "
+        "a choice made on the hold-out cases, so its hold-out numbers are optimistic for new data.")
     p.add_argument("name", nargs="?", help="the study (a folder under --storage); not needed with --model")
     p.add_argument("--model", metavar="URI", help="an MLflow model a study logged (models:/<id>, or runs:/...); "
                    "its preset, inference settings and threshold come with it: no study folder needed")
@@ -31,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--storage", default="studies", help="folder holding the studies (default ./studies)")
     p.add_argument("--input", required=True, help="a folder of images or a manifest CSV (image[, roi] columns)")
     p.add_argument("--output", required=True, help="output folder (refused if it holds other files)")
-    p.add_argument("--roi", help="folder of ROI masks named like the images (presets luna16 / lits need one)")
+    p.add_argument("--roi", help="folder of ROI masks named like the images, on their grids (presets luna16 / lits "
+                   "need one): the ROI the cache used, e.g. for LUNA16 the lung mask the preparer derived")
     p.add_argument("--config", action="append", metavar="LABEL",
                    help="configuration (e.g. iw-dice) or one model (iw-dice/s1); repeatable; default: the best")
     p.add_argument("--ensemble", action="store_true", help="average the probabilities of every seed of the "
@@ -64,6 +66,12 @@ def choose_models(summary: dict[str, Any], configs: list[str] | None, ensemble: 
             chosen.append(name)
             continue
         seeds = [lb for lb in labels if lb.rsplit("/", 1)[0] == name]
+        if not seeds:  # a configuration name (iw-focal) for a label with parameters (iw-focal[alpha=...])
+            seeds = [lb for lb in labels if summary["configs"][lb].get("config") == name]
+            settings = {lb.rsplit("/", 1)[0] for lb in seeds}
+            if len(settings) > 1:
+                raise UserError(f"--config {name}: the study has {len(settings)} settings of it "
+                                f"({', '.join(sorted(settings))}); name one")
         if not seeds:
             raise UserError(f"--config {name}: not a configuration of this study; known: {', '.join(known)} "
                             "(or one model, e.g. " + labels[0] + ")")
@@ -117,17 +125,22 @@ def cmd_predict(args) -> int:
     summary = json.loads(summary_file.read_text())
     cfg = validate(StudyConfig, read_frozen_config(sd), source=str(sd.config_file))
     labels = choose_models(summary, args.config, args.ensemble)
-    cache_dir = cfg.data.path if cfg.data.source == "cache" else sd.data_dir / "cache"
-    preset = Cache(cache_dir).preset  # the preset the training cases were prepared with
+    cache_dir = cfg.data.path if cfg.data.source == "cache" else sd.data_dir / "cache"  # StudyContext.cache_dir
+    cache = Cache(cache_dir)
+    preset = cache.preset  # the preset the training cases were prepared with
     checkpoints = {trial_label(r.spec): r.checkpoint_path for r in outcomes(sd.ray_dir, "retrain")}
     missing = [lb for lb in labels if not checkpoints.get(lb)]
     if missing:
         raise UserError(f"study {sd.name}: no retrained checkpoint for {', '.join(missing)}")
-    thresholds = {(summary["configs"][lb].get("calibrated") or {}).get("threshold", 0.5) for lb in labels}
-    threshold = float(thresholds.pop()) if len(thresholds) == 1 else 0.5
+    # one threshold per model (its validation-calibrated one, else 0.5); an ensemble takes their median
+    thresholds = sorted(float((summary["configs"][lb].get("calibrated") or {}).get("threshold", 0.5)) for lb in labels)
+    threshold = thresholds[len(thresholds) // 2] if len(thresholds) % 2 else \
+        (thresholds[len(thresholds) // 2 - 1] + thresholds[len(thresholds) // 2]) / 2
+    if len(set(thresholds)) > 1:
+        print(f"predict: the models' calibrated thresholds differ ({', '.join(f'{t:g}' for t in thresholds)}); "
+              f"the ensemble uses their median, {threshold:g}", file=sys.stderr)
 
     cases = find_inputs(args.input, args.roi)
-    cache = Cache(cache_dir)
     trained_on_roi = any(cache.meta(c).get("sources", {}).get("roi") for c in cache.case_ids())
     if trained_on_roi and any(c.roi is None for c in cases):
         print(f"warning: the study's cases were cropped to an ROI (preset {preset}); images without one are "

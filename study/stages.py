@@ -392,10 +392,16 @@ def baseline_pairs(configs: dict[str, dict[str, Any]], baseline: str) -> list[tu
     (a configuration name such as ``dice_ce``) retrained with a seed the baseline has too."""
     from trainables.naming import config_name
 
-    name = {label: config_name(c["loss"], c["iw"]) for label, c in configs.items()}
-    ref = {c["seed"]: label for label, c in configs.items() if name[label] == baseline}
-    return [(name[label], c["seed"], ref[c["seed"]], label) for label, c in sorted(configs.items())
-            if name[label] != baseline and c["seed"] in ref]
+    setting = {label: label.rsplit("/", 1)[0] for label in configs}  # configuration and parameters, no seed
+    refs = {setting[lb] for lb, c in configs.items() if config_name(c["loss"], c["iw"]) == baseline}
+    if len(refs) != 1:
+        log(f"report: baseline {baseline!r} was retrained with {len(refs)} parameter settings "
+            f"({', '.join(sorted(refs)) or 'none'}); no comparison with it")
+        return []
+    (ref_setting,) = refs
+    ref = {c["seed"]: lb for lb, c in configs.items() if setting[lb] == ref_setting}
+    return [(setting[lb], c["seed"], ref[c["seed"]], lb) for lb, c in sorted(configs.items())
+            if setting[lb] != ref_setting and c["seed"] in ref]
 
 
 def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
@@ -409,18 +415,26 @@ def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
     preset = Cache(ctx.cache_dir()).preset
     for r in results:
         label = trial_label(r.spec)
-        run = tracking.find_run(mlc, exp_id, {tracking.TRIAL_ID_TAG: r.trial_id, tracking.STAGE_TAG: "holdout"})
-        if run is None or run.data.tags.get(tracking.MODEL_URI_TAG):
-            continue
-        model = build_model(ctx.cfg.model)
-        model.load_state_dict(load_state(r.checkpoint_path)["model"])
-        c = summary["configs"].get(label, {})
-        metadata = {"study": ctx.dir.name, "label": label, "preset": preset,
-                    "inference": ctx.cfg.inference.model_dump(mode="json"),
-                    "threshold": (c.get("calibrated") or {}).get("threshold", 0.5)}
-        uri = tracking.log_model(ctx.state.tracking_uri, run.info.run_id, model, name=trial_slug(label),
-                                 metadata=metadata, window=ctx.cfg.inference.window)
-        log(f"holdout: {label} logged as MLflow model {uri}")
+        try:
+            run = tracking.find_run(mlc, exp_id, {tracking.TRIAL_ID_TAG: r.trial_id, tracking.STAGE_TAG: "holdout"})
+            if run is None or run.data.tags.get(tracking.MODEL_URI_TAG):
+                continue
+            earlier = tracking.logged_model_of(mlc, exp_id, run.info.run_id)  # logged, tag not yet set (killed)
+            if earlier is not None:
+                mlc.set_tag(run.info.run_id, tracking.MODEL_URI_TAG, earlier)
+                continue
+            model = build_model(ctx.cfg.model)
+            model.load_state_dict(load_state(r.checkpoint_path)["model"])
+            c = summary["configs"].get(label, {})
+            metadata = {"study": ctx.dir.name, "label": label, "preset": preset,
+                        "inference": ctx.cfg.inference.model_dump(mode="json"),
+                        "threshold": (c.get("calibrated") or {}).get("threshold", 0.5)}
+            uri = tracking.log_model(ctx.state.tracking_uri, run.info.run_id, model, name=trial_slug(label),
+                                     metadata=metadata, window=ctx.cfg.inference.window)
+            log(f"holdout: {label} logged as MLflow model {uri}")
+        except Exception as exc:  # noqa: BLE001 - a model not logged must not cost the hold-out results
+            log(f"holdout: warning: {label} not logged as an MLflow model ({type(exc).__name__}: {exc}); "
+                "`study predict` from the study folder still works")
 
 
 def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:

@@ -165,7 +165,8 @@ MODEL_URI_TAG = "model_uri"
 
 
 def dataset_inputs(cfg: TrialConfig) -> list:
-    """The data a trial run used, as MLflow datasets (the prepared cache, its digest, the splits as context):
+    """The data a trial run used, as MLflow datasets (the prepared cache; digest: of its index ``cache.json``,
+    i.e. case ids, splits and preset, not of the voxels; the splits as context):
     ``training`` (the run's splits) and, for sweep trials, ``validation``."""
     import hashlib
     import json as _json
@@ -193,9 +194,16 @@ def dataset_inputs(cfg: TrialConfig) -> list:
     return out
 
 
+def logged_model_of(mlflow_client, experiment_id: str, run_id: str) -> str | None:
+    """``models:/<id>`` of a model already logged from ``run_id`` (None if there is none)."""
+    models = mlflow_client.search_logged_models(experiment_ids=[experiment_id],
+                                                filter_string=f"source_run_id = '{run_id}'", max_results=1)
+    return f"models:/{models[0].model_id}" if models else None
+
+
 def log_model(tracking_uri: str, run_id: str, model, *, name: str, metadata: dict, window) -> str:
-    """Log a retrained winner as an MLflow 3 logged model linked to its hold-out run (input example: one
-    window-sized patch; signature inferred from it; the ``trainables`` package shipped as code, so the model
+    """Log a retrained winner as an MLflow 3 logged model linked to its hold-out run (input example: a patch
+    of the window's shape, each side capped at 16 voxels; signature inferred from it; the ``trainables`` package shipped as code, so the model
     loads without the study folder). ``metadata`` (preset, inference settings, threshold) is what
     ``study predict --model`` needs. Returns the ``models:/<id>`` URI, also set as the run's tag."""
     import mlflow

@@ -31,9 +31,9 @@ GROUP_METRICS = ("avg_recall", "avg_recall_strict", "obj_dice")
 
 
 def resolved(d: dict[str, Any]) -> int:
-    """+1 / −1 when the interval lies above / below 0, 0 when it spans 0 (or is undefined)."""
+    """+1 / −1 when the interval lies above / below 0, 0 when it spans 0, is undefined or has zero width."""
     lo, hi = d.get("ci_low"), d.get("ci_high")
-    if lo is None or hi is None:
+    if lo is None or hi is None or lo == hi:  # a zero-width interval: one value resampled, not evidence
         return 0
     return 1 if lo > 0 else -1 if hi < 0 else 0
 

@@ -249,7 +249,16 @@ class StrictRuleConfig(Section):
     """The strict hit rule shown beside ``any`` (a record of :data:`trainables.metrics.HIT_RULES`)."""
 
     rule: Str = "iou"
-    threshold: Float = 0.3
+    threshold: Float | None = None  # None: the rule's default (iou 0.3, fraction 0.5, hungarian 0.5, one-to-one none)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_threshold(cls, data: Any) -> Any:
+        from trainables.metrics import HIT_RULES
+
+        if isinstance(data, dict) and data.get("threshold") is None and data.get("rule", "iou") in HIT_RULES:
+            data = {**data, "threshold": HIT_RULES[data.get("rule", "iou")].default_threshold}
+        return data
 
     def check(self, err: Err) -> None:
         from trainables.metrics import HIT_RULES
@@ -257,8 +266,10 @@ class StrictRuleConfig(Section):
         strict = [name for name, rec in HIT_RULES.items() if rec.strict]
         if self.rule not in strict:
             err("rule", f"must be one of {', '.join(strict)}")
-        if not HIT_RULES[self.rule].threshold_optional and not 0 < self.threshold <= 1:
-            err("threshold", "must be in (0, 1]")
+        try:
+            HIT_RULES[self.rule].check_threshold(self.threshold)
+        except ValueError as exc:
+            err("threshold", f"must be in (0, 1]: {exc}" if self.threshold is not None else str(exc))
 
 
 class EvaluationConfig(Section):

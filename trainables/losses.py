@@ -289,7 +289,9 @@ def cc_dice_ce_loss(
     Args:
         regions: ``(B, 1, *spatial)`` integer region ids: the label of the nearest ground-truth component
             (:func:`trainables.weights.voronoi_regions` of the patch's labels; the sampler yields them), 0 where
-            the patch has no component.
+            the patch has no component. Cost: one exact distance transform per patch in the sampler's workers
+            (measured about 4.5 ms at 32³, 41 ms at 64³, 0.58 s at 128³ on one core): at the paper's patch size
+            give ``training.sampler_workers`` enough workers to keep up with the step.
     """
     _check_params("cc_dice_ce", smooth=smooth)
     target, weight = _check_inputs("cc_dice_ce", logits, target, weight)

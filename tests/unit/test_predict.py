@@ -94,3 +94,45 @@ def test_an_roi_of_another_grid_or_a_vector_image_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"rgb\.nii\.gz has 3 components"):
         predict_probability([model], InputCase("rgb", tmp_path / "rgb.nii.gz"), preset="none", inference=inference,
                             device="cpu")
+
+
+def _summary(entries):
+    return {"configs": {lb: {"config": cfg, "strict": {"avg_recall": s}, "luna16": {"obj_dice": d},
+                             **({"calibrated": {"threshold": t}} if t else {})}
+                        for lb, cfg, s, d, t in entries}}
+
+
+def test_choose_models_by_configuration_name_seed_or_default():
+    from study.predict_cli import best_configuration, choose_models
+    from trainables.errors import UserError
+
+    summary = _summary([("iw-focal[alpha=0.75,gamma=2]/s0", "iw-focal", 0.4, 0.5, 0.6),
+                        ("iw-focal[alpha=0.75,gamma=2]/s1", "iw-focal", 0.6, 0.5, 0.8),
+                        ("dice/s0", "dice", 0.5, 0.7, None), ("dice/s1", "dice", 0.3, 0.7, None)])
+    assert best_configuration(summary) == "iw-focal[alpha=0.75,gamma=2]"  # mean strict 0.5 > dice's 0.4
+    assert choose_models(summary, None, False) == ["iw-focal[alpha=0.75,gamma=2]/s1"]  # its best seed
+    assert choose_models(summary, ["iw-focal"], True) == ["iw-focal[alpha=0.75,gamma=2]/s0",
+                                                          "iw-focal[alpha=0.75,gamma=2]/s1"]
+    assert choose_models(summary, ["dice/s1"], False) == ["dice/s1"]
+    with pytest.raises(UserError, match="--config focal: not a configuration"):
+        choose_models(summary, ["focal"], False)
+    two = _summary([("focal[alpha=0.25,gamma=2]/s0", "focal", 0.1, 0.1, None),
+                    ("focal[alpha=0.75,gamma=2]/s0", "focal", 0.2, 0.1, None)])
+    with pytest.raises(UserError, match="2 settings of it"):
+        choose_models(two, ["focal"], False)
+
+
+def test_baseline_pairs_key_by_setting_and_need_one_baseline():
+    from study.stages import baseline_pairs
+
+    def c(loss, iw, seed):
+        return {"loss": loss, "iw": iw, "seed": seed}
+
+    configs = {"dice_ce[s=1]/s0": c("dice_ce", False, 0), "dice_ce[s=1]/s1": c("dice_ce", False, 1),
+               "blob[l=2]/s0": c("blob", False, 0), "blob[l=2]/s1": c("blob", False, 1),
+               "iw-dice_ce[s=1]/s0": c("dice_ce", True, 0), "gdl/s2": c("gdl", False, 2)}
+    assert baseline_pairs(configs, "dice_ce") == [
+        ("blob[l=2]", 0, "dice_ce[s=1]/s0", "blob[l=2]/s0"), ("blob[l=2]", 1, "dice_ce[s=1]/s1", "blob[l=2]/s1"),
+        ("iw-dice_ce[s=1]", 0, "dice_ce[s=1]/s0", "iw-dice_ce[s=1]/s0")]  # gdl's seed 2 has no baseline twin
+    configs["dice_ce[s=2]/s0"] = c("dice_ce", False, 0)  # two settings of the baseline: refused
+    assert baseline_pairs(configs, "dice_ce") == []

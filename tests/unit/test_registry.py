@@ -122,3 +122,20 @@ def test_the_flow_is_one_way_and_has_no_circle():
              for p in (root / "study").glob("*.py")}
     pairs = sorted((a, b) for a, deps in graph.items() for b in deps if a in graph.get(b, ()) and a < b)
     assert pairs == [], f"modules importing each other: {pairs}"
+
+
+def test_the_strict_rule_takes_its_records_default_and_range():
+    from trainables.config import StrictRuleConfig
+
+    assert [StrictRuleConfig(rule=r).threshold for r in ("iou", "fraction", "hungarian", "one-to-one")] == \
+        [0.3, 0.5, 0.5, None]
+    with pytest.raises(ConfigError, match=r"s\.yaml: evaluation\.strict\.threshold: must be in \(0, 1\]"):
+        config_from_dict({"search": {"configs": ["bce"]},
+                          "evaluation": {"strict": {"rule": "one-to-one", "threshold": 5}}}, source="s.yaml")
+
+
+def test_an_unknown_parameter_is_named_not_one_the_message_lists():
+    with pytest.raises(ConfigError, match=r"^s\.yaml: search\.losses\.focal\.beta: .*unknown parameter"):
+        config_from_dict({"search": {"losses": {"focal": {"alpha": 0.5, "beta": 1.0}}}}, source="s.yaml")
+    with pytest.raises(ConfigError, match=r"^s\.yaml: search\.losses\.focal\.alpha: focal: alpha must be"):
+        config_from_dict({"search": {"losses": {"focal": {"gamma": 1.0, "alpha": 2.0}}}}, source="s.yaml")
