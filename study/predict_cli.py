@@ -108,7 +108,8 @@ def cmd_predict(args) -> int:
     if not args.name:
         raise UserError("study predict: give a study NAME or --model URI")
 
-    from study.layout import StudyDir, read_frozen_config
+    from study.layout import StudyDir, StudyState, read_frozen_config
+    from study.stages import StudyContext
     from study.tuner import outcomes
     from trainables.config import StudyConfig, validate
     from trainables.data import Cache
@@ -125,8 +126,7 @@ def cmd_predict(args) -> int:
     summary = json.loads(summary_file.read_text())
     cfg = validate(StudyConfig, read_frozen_config(sd), source=str(sd.config_file))
     labels = choose_models(summary, args.config, args.ensemble)
-    cache_dir = cfg.data.path if cfg.data.source == "cache" else sd.data_dir / "cache"  # StudyContext.cache_dir
-    cache = Cache(cache_dir)
+    cache = Cache(StudyContext(sd, cfg, StudyState.load(sd.state_file)).cache_dir())
     preset = cache.preset  # the preset the training cases were prepared with
     checkpoints = {trial_label(r.spec): r.checkpoint_path for r in outcomes(sd.ray_dir, "retrain")}
     missing = [lb for lb in labels if not checkpoints.get(lb)]

@@ -266,14 +266,14 @@ def blob_loss(
     background = (k // per_sample) * per_sample  # the key of the same sample's background
     lesion = present & (k % per_sample != 0)
     dice_k = 1.0 - _safe_ratio(2.0 * inter, pred2[background] + pred2 + true2)
-    if not bool(lesion.any()):
-        return lambda_main * main
+    # per sample: the mean over its lesions; then the mean over samples with any (0 when none): no host sync
     sample = k // per_sample
-    n_b = torch.zeros(logits.shape[0], dtype=p.dtype, device=p.device).index_add_(0, sample[lesion],
-                                                                                   torch.ones_like(dice_k[lesion]))
-    sum_b = torch.zeros_like(n_b).index_add_(0, sample[lesion], dice_k[lesion])
-    has = n_b > 0
-    return lambda_main * main + lambda_blob * (sum_b[has] / n_b[has]).mean()
+    on = lesion.to(p.dtype)
+    n_b = torch.zeros(logits.shape[0], dtype=p.dtype, device=p.device).index_add_(0, sample, on)
+    sum_b = torch.zeros_like(n_b).index_add_(0, sample, dice_k * on)
+    has = (n_b > 0).to(p.dtype)
+    blob = (sum_b / n_b.clamp_min(1.0)).sum() / has.sum().clamp_min(1.0)
+    return lambda_main * main + lambda_blob * blob
 
 
 def cc_dice_ce_loss(
@@ -403,7 +403,7 @@ class LossRecord:
 
 
 #: name -> record, in registration order (the paper's six first). Add a loss with :func:`register_loss`.
-LOSSES: Registry[LossRecord] = Registry("loss")
+LOSSES: Registry[LossRecord] = Registry("loss", known="known losses:")
 
 
 def register_loss(record: LossRecord) -> LossRecord:
@@ -412,12 +412,8 @@ def register_loss(record: LossRecord) -> LossRecord:
     return LOSSES.register(record)
 
 
-def loss_record(name: str) -> LossRecord:
-    """The record of loss ``name``; ValueError listing the known losses otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}") from None
+#: the record of loss ``name``; ValueError listing the known losses otherwise
+loss_record = LOSSES.lookup
 
 
 register_loss(LossRecord("bce", bce_loss, iw=True, paper=True, doc="binary cross-entropy, mean over voxels",
@@ -557,9 +553,7 @@ def _check_instances(name: str, key: str, value: Tensor | None, logits: Tensor) 
     if not isinstance(value, Tensor) or value.shape != logits.shape or value.is_floating_point():
         raise ValueError(f"{name}: {key} must be an integer tensor of the logits' shape {tuple(logits.shape)}, "
                          f"got {_describe(value)}")
-    if bool((value < 0).any()):
-        raise ValueError(f"{name}: {key} must be >= 0 (0 = background)")
-    return value.to(device=logits.device, dtype=torch.int64)
+    return value.to(device=logits.device, dtype=torch.int64)  # ids >= 0: checked with the max, one sync
 
 
 def _region_sums(ids: Tensor, values: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor, int]:
@@ -569,7 +563,10 @@ def _region_sums(ids: Tensor, values: tuple[Tensor, ...]) -> tuple[tuple[Tensor,
     marks the keys that occur, ``n`` the keys per sample.
     """
     batch = ids.shape[0]
-    n = int(ids.max()) + 1
+    lo, hi = (int(v) for v in torch.aminmax(ids))  # the step's one host sync of these losses
+    if lo < 0:
+        raise ValueError(f"instance ids must be >= 0 (0 = background), got {lo}")
+    n = hi + 1
     keys = (ids.flatten(start_dim=1) + n * torch.arange(batch, device=ids.device)[:, None]).reshape(-1)
     dtype = values[0].dtype
     size = batch * n

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from trainables.config import InferenceConfig
-from trainables.data.io import Geometry, check_same_grid, read_image, write_image
+from trainables.data.io import Geometry, as_binary, read_image, read_on_grid, write_image
 from trainables.data.preprocess import apply_preset, get_preset
 from trainables.errors import DataError
 from trainables.inference import sliding_window_inference
@@ -95,10 +95,9 @@ def predict_probability(models: Sequence[torch.nn.Module], case: InputCase, *, p
     p = get_preset(preset)
     roi = None
     if case.roi is not None:
-        roi, roi_geom = read_image(case.roi, case_id=case.case_id, role="ROI")
-        check_same_grid(geom, roi_geom, case_id=case.case_id, ref_path=case.image, other_path=case.roi,
-                        other_role="ROI")
-        roi = roi != 0
+        # the cache's own reading of an ROI: on the image's grid, binary
+        roi = as_binary(read_on_grid(case.roi, geom, case_id=case.case_id, ref_path=case.image, role="ROI"),
+                        case_id=case.case_id, role="ROI", path=case.roi).astype(bool)
     elif p.roi_required:
         raise DataError(f"case {case.case_id}: preset {preset} needs an ROI mask ({case.image}); give --roi DIR "
                         "or a manifest with an roi column")

@@ -18,10 +18,11 @@ R = TypeVar("R")
 class Registry(dict[str, R], Generic[R]):
     """name -> record of one ``kind`` (e.g. ``"hit rule"``); unknown names raise ``error``."""
 
-    def __init__(self, kind: str, error: type[Exception] = ValueError) -> None:
+    def __init__(self, kind: str, error: type[Exception] = ValueError, known: str = "expected one of") -> None:
         super().__init__()
         self.kind = kind
         self.error = error
+        self.known = known  # how the error message introduces the registered names
 
     def register(self, record: R) -> R:
         """Add ``record`` under ``record.name`` (which must be new); returns the record."""
@@ -36,4 +37,4 @@ class Registry(dict[str, R], Generic[R]):
         try:
             return self[name]
         except KeyError:
-            raise self.error(f"unknown {self.kind} {name!r}; expected one of {', '.join(self)}") from None
+            raise self.error(f"unknown {self.kind} {name!r}; {self.known} {', '.join(self)}") from None
