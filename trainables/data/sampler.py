@@ -51,10 +51,6 @@ class Batch(NamedTuple):
     target: np.ndarray
     weight: np.ndarray
 
-    def extras(self, names) -> dict[str, np.ndarray]:
-        """The named extras of the batch (none here: see :class:`LesionBatch`)."""
-        return {name: getattr(self, name) for name in names}
-
 
 class LesionBatch(NamedTuple):
     """A :class:`Batch` with what the per-lesion losses take (the sampler's ``extras``): ``labels``, the int32
