@@ -34,18 +34,26 @@ def register(sub) -> None:
     _common(p)
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("status", help="stages and trials of a study")
+    p = sub.add_parser("status", help="a study's stages, winners, trials, hold-out results, verdict and report",
+                       description="Where a study stands: stages with their times, the selected winners with "
+                       "their hyperparameters and validation score, every trial, the hold-out table with the "
+                       "verdict, and the report's path.")
     p.add_argument("name")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder holding the studies (default ./studies)")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    p.add_argument("--json", action="store_true", help="the same content as one pretty-printed JSON object")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a study's store")
-    p.add_argument("name")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p = sub.add_parser("ui", help="serve the MLflow UI of a study's store on 127.0.0.1 (Ctrl+C stops it)",
+                       description="Start the MLflow UI on a study's tracking store and print the address of the "
+                       "study's runs once the server answers. Ctrl+C, SIGTERM or SIGHUP stop the server and every "
+                       "process it started. A study that logs to a tracking server: its address is printed.")
+    p.add_argument("name", help="the study (a folder under --storage)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder holding the studies (default ./studies)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; only change it "
                    "behind a firewall)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
+    p.add_argument("--timeout", type=float, default=180.0,
+                   help="seconds to wait for the server to answer before giving up (default 180)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("report", help="(re)write the report of a study whose hold-out stage is done")
@@ -140,59 +148,198 @@ def cmd_resume(args) -> int:
 
 
 def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
-    """Stages and trials (``results``: Tune stage name -> ``study.tuner.outcomes``) as plain data."""
+    """What `study status` shows, as plain data (``--json`` prints exactly this): the stages with their times,
+    the selected winners with their hyperparameters and validation score, the trials of each Tune stage
+    (``results``: Tune stage name -> ``study.tuner.outcomes``), the hold-out table and the verdict, the report."""
     from study.layout import STAGES
     from study.stages import SWEEP, trial_summary
+    from study.tracking import selection_rule, setting_label, verdict_short
+    from trainables.config import TrialSpec
 
-    out = {"study": study_dir.name, "folder": str(study_dir.root), "tracking_uri": state.tracking_uri,
-           "stages": {s: state.data["stages"].get(s, {"done": False}) for s in STAGES},
-           "trials": {name: [trial_summary(r) for r in rs] for name, rs in results.items()}}
+    out: dict = {"study": study_dir.name, "folder": str(study_dir.root), "tracking_uri": state.tracking_uri,
+                 "stages": {s: state.data["stages"].get(s, {"done": False}) for s in STAGES}}
+    if study_dir.selection_file.is_file():
+        sel = json.loads(study_dir.selection_file.read_text())
+        out["selection"] = {"rule": selection_rule(cfg), "metric": sel["metric"], "winners": [
+            {"configuration": setting_label(TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=0).label),
+             "loss": w["loss"], "iw": w["iw"], "params": w["params"], "score": w["score"],
+             "val_obj_dice": w.get("val_obj_dice"), "seeds": len(w.get("trial_ids", []))}
+            for w in sel["winners"]]}
+    out["trials"] = {name: [trial_summary(r) for r in rs] for name, rs in results.items()}
     started = len(out["trials"][SWEEP])
     if started < len(cfg.trials):
         out["not_started"] = {SWEEP: len(cfg.trials) - started}
+    summary_file = study_dir.holdout_dir / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        out["holdout"] = {
+            "strict_rule": summary.get("strict_rule"), "splits": summary.get("splits"),
+            "configurations": [
+                {"configuration": label, "avg_recall": c["luna16"]["avg_recall"],
+                 "avg_recall_ci": [c["luna16"].get("avg_recall_ci_low"), c["luna16"].get("avg_recall_ci_high")],
+                 "obj_dice": c["luna16"]["obj_dice"], "fp_per_image": c["luna16"]["fp_per_image"],
+                 "strict_avg_recall": c["strict"]["avg_recall"]} for label, c in summary["configs"].items()],
+            "verdict": [{"comparison": f"{e['iw']} vs {e['plain']}", "verdict": verdict_short(e),
+                         "sentence": e["sentence"]} for e in (summary.get("verdict") or {}).get("entries") or []]}
+    report = study_dir.report_dir / "report.md"
+    out["report"] = str(report) if report.is_file() else None
     return out
 
 
+def _status_text(status: dict, results: dict[str, list]) -> str:
+    from study.stages import RETRAIN, trial_table
+    from study.tables import fmt, text_table
+
+    lines = [f"study {status['study']}  ({status['folder']})", f"MLflow {status['tracking_uri']}", ""]
+    rows = [("stage", "state", "finished", "wall time")]
+    for stage, info in status["stages"].items():
+        secs = info.get("seconds")
+        rows.append((stage, "done" if info.get("done") else "pending", info.get("finished", "-"),
+                     "-" if secs is None else f"{secs:.0f} s"))
+    lines.append(text_table(rows, indent="  "))
+    sel = status.get("selection")
+    if sel:
+        lines += ["", f"winners ({sel['rule']}):"]
+        rows = [("configuration", sel["metric"], "val objDice", "seeds")]
+        rows += [(w["configuration"], fmt(w["score"]), fmt(w["val_obj_dice"]), str(w["seeds"])) for w in sel["winners"]]
+        lines.append(text_table(rows, indent="  "))
+    for name, rs in results.items():
+        if rs:
+            lines += ["", f"{name} trials" + (" (train+validation, no validation)" if name == RETRAIN else "") + ":",
+                      trial_table(rs, indent="  ")]
+        lines += [f"  error in {r.trial_id}: {r.error}" for r in rs if r.error]
+    lines += [f"\n{name}: {n} trial(s) not started yet" for name, n in status.get("not_started", {}).items()]
+    ho = status.get("holdout")
+    if ho:
+        from study.report import strict_rule_name
+
+        rule = strict_rule_name(ho.get("strict_rule") or ("iou", 0.3))
+        n = (ho.get("splits") or {}).get("holdout")
+        where = f"{n['cases']} cases, {n['lesions']} lesions; " if n else ""
+        lines += ["", f"hold-out ({where}luna16 protocol, 'any' hit rule; strict = {rule}):"]
+        rows = [("configuration", "avg recall [95% CI]", "objDice", "FP/img", "strict recall")]
+        for c in ho["configurations"]:
+            lo, hi = c["avg_recall_ci"]
+            ci = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+            rows.append((c["configuration"], fmt(c["avg_recall"]) + ci, fmt(c["obj_dice"]), fmt(c["fp_per_image"], 2),
+                         fmt(c["strict_avg_recall"])))
+        lines.append(text_table(rows, indent="  "))
+        if ho["verdict"]:
+            lines += ["", "verdict:"] + [f"  - {v['comparison']}: {v['verdict']}" for v in ho["verdict"]]
+    lines += ["", f"report: {status['report']}" if status.get("report") else "report: not written yet"]
+    return "\n".join(lines)
+
+
 def cmd_status(args) -> int:
-    from study.stages import RETRAIN, SWEEP, trial_table
+    from study.stages import RETRAIN, SWEEP
     from study.tuner import outcomes
 
     study_dir, cfg, state = _load(args)
     results = {name: outcomes(study_dir.ray_dir, name) for name in (SWEEP, RETRAIN)}
     status = study_status(study_dir, cfg, state, results)
     if args.json:
-        print(json.dumps(status, default=str))
+        print(json.dumps(status, indent=2, default=str))
         return 0
-    print(f"study {status['study']}  ({status['folder']})\nMLflow {status['tracking_uri']}\n")
-    for stage, info in status["stages"].items():
-        print(f"  {stage:8s} {'done ' + info.get('finished', '') if info.get('done') else 'pending'}")
-    for name, rs in results.items():
-        if rs:
-            print(f"\n{name} trials:\n" + trial_table(rs, indent="  "))
-        for r in rs:
-            if r.error:
-                print(f"  error in {r.trial_id}: {r.error}")
-    for name, n in status.get("not_started", {}).items():
-        print(f"\n{name}: {n} trial(s) not started yet")
+    print(_status_text(status, results))
     return 0
 
 
 def cmd_ui(args) -> int:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from study.tracking import experiment_url
+
     study_dir, _cfg, state = _load(args)
     uri = state.tracking_uri
+    exp_id = state.mlflow_ids().get("experiment_id", "0")
     if uri.startswith(("http://", "https://")):
-        print(f"study {study_dir.name} logs to the tracking server {uri}: open it in a browser "
+        print(f"study {study_dir.name} logs to the tracking server {uri}: open {experiment_url(uri, exp_id)} "
               "(through an SSH tunnel on a cluster).")
         return 0
+    with socket.socket() as sock:  # a clear message instead of MLflow's traceback when the port is taken
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            raise UserError(f"--port {args.port}: cannot serve on {args.host}:{args.port} ({exc.strerror}); "
+                            "pick another --port") from None
     exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", study_dir.artifacts_dir.as_uri()]
-    print(f"MLflow UI for study {study_dir.name}: http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    log_path = study_dir.root / "mlflow-ui.log"
+    base = f"http://{args.host}:{args.port}"
+
+    class _Stop(Exception):
+        pass
+
+    def _raise(signum, _frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group: stopped as one
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
+        print(f"starting the MLflow UI for study {study_dir.name} (its log: {log_path})", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                raise UserError(f"the MLflow UI exited with code {proc.returncode} before serving; the end of "
+                                f"{log_path}:\n" + "\n".join(tail))
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"the MLflow UI did not answer on {base} within {args.timeout:g} s "
+                                    f"(see {log_path})") from None
+                time.sleep(0.5)
+        print(f"MLflow UI for study {study_dir.name}: {experiment_url(base, exp_id)}  (Ctrl+C to stop)", flush=True)
+        proc.wait()
+        return proc.returncode
+    except _Stop as stop:
+        print(f"{stop}: stopping the MLflow UI", flush=True)
         return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group of ``proc`` (started with ``start_new_session``), SIGKILL to what is left
+    after ``grace`` seconds: the server, its workers and its job consumers all end."""
+    import signal
+    import time
+
+    def alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not alive():
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def cmd_report(args) -> int:

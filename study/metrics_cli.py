@@ -53,7 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Summaries of per-object records: a records .json (the authors' prc_records.json or ours) "
         "or a folder of them (one row per file).",
     )
-    p.add_argument("path", type=Path, metavar="PATH", help="records .json file, or a folder of *.json files")
+    p.add_argument("path", type=Path, metavar="PATH",
+                   help="records .json file, or a folder of *.json files; in a study folder (e.g. "
+                   "studies/NAME/holdout/) its records_<rule>.json files, named by configuration, with the "
+                   "study's bootstrap settings")
     p.add_argument(
         "--protocol",
         choices=list(PROTOCOLS),
@@ -64,9 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ).replace("%", "%%"),
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line and file instead of a table")
-    p.add_argument("--n-boot", type=int, default=1000,
-                   help=f"{_takers(PROTOCOLS, 'n_boot')} bootstrap replicates (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help=f"{_takers(PROTOCOLS, 'seed')} bootstrap seed (default 0)")
+    p.add_argument("--n-boot", type=int, default=None,
+                   help=f"{_takers(PROTOCOLS, 'n_boot')} bootstrap replicates (default: the study's "
+                   "evaluation.n_boot for a study's records, else 1000)")
+    p.add_argument("--seed", type=int, default=None, help=f"{_takers(PROTOCOLS, 'seed')} bootstrap seed (default: "
+                   "the study's evaluation.seed for a study's records, else 0)")
     p.set_defaults(func=run_metrics)
 
     p = subparsers.add_parser(
@@ -82,20 +87,77 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rule", choices=("any", "strict"), default="any",
                    help="in folders, compare records_<rule>.json (default any; strict = the study's strict rule)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--n-boot", type=int, default=None,
+                   help="bootstrap replicates (default: the study's evaluation.n_boot for a study's records, else 1000)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="bootstrap seed (default: the study's evaluation.seed for a study's records, else 0)")
     p.set_defaults(func=run_compare)
 
 
-def _files(path: Path) -> list[tuple[str, Path]]:
+class StudyRecords:
+    """The study a records path lies in (a folder with ``study.yaml`` and ``state.json`` above it): its
+    bootstrap settings (``evaluation.n_boot`` / ``seed``) and the configuration label of each records file
+    (from ``holdout/summary.json``)."""
+
+    def __init__(self, root: Path):
+        import yaml
+
+        self.root = root
+        try:
+            frozen = yaml.safe_load((root / "study.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise RecordsError(f"{root / 'study.yaml'}: cannot read the study's config ({exc})") from None
+        ev = frozen.get("evaluation") or {}
+        self.n_boot, self.seed = int(ev.get("n_boot", 1000)), int(ev.get("seed", 0))
+        self.labels: dict[str, tuple[str, str]] = {}  # holdout-relative path -> (label, rule)
+        summary = root / "holdout" / "summary.json"
+        if summary.is_file():
+            try:
+                configs = json.loads(summary.read_text()).get("configs", {})
+            except (OSError, json.JSONDecodeError) as exc:
+                raise RecordsError(f"{summary}: cannot read the study's hold-out summary ({exc})") from None
+            for label, c in configs.items():
+                for rule, path in (c.get("records") or {}).items():
+                    self.labels["/".join(Path(path).parts[-3:])] = (label, rule)
+
+    @classmethod
+    def of(cls, path: Path) -> StudyRecords | None:
+        for folder in [path.resolve(), *path.resolve().parents]:
+            if (folder / "study.yaml").is_file() and (folder / "state.json").is_file():
+                return cls(folder)
+        return None
+
+    def name(self, file: Path) -> str | None:
+        """``iw-dice/s0 (any)``: the configuration and hit rule of a records file of the study."""
+        hit = self.labels.get("/".join(file.resolve().parts[-3:]))
+        return None if hit is None else f"{hit[0]} ({hit[1].replace('_', ', ')})"
+
+
+def _files(path: Path, study: StudyRecords | None = None) -> list[tuple[str, Path]]:
+    """(row name, file): a file, or a folder's records files. In a folder with ``records_<rule>.json``
+    files below it (a study's hold-out layout) only those, so that a study's ``summary.json`` is not
+    mistaken for records; a study's files are named by configuration and rule."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.json") if p.is_file())
+        files = sorted(p for p in path.rglob("records_*.json") if p.is_file())
+        if not files:
+            files = sorted(p for p in path.rglob("*.json") if p.is_file())
         if not files:
             raise RecordsError(f"{path}: no *.json records files in this folder")
-        return [(str(p.relative_to(path)), p) for p in files]
+        return [((study.name(p) if study else None) or str(p.relative_to(path)), p) for p in files]
     if not path.exists():
         raise RecordsError(f"{path}: no such file or folder")
-    return [(path.name, path)]
+    return [((study.name(path) if study else None) or path.name, path)]
+
+
+def bootstrap_settings(args: argparse.Namespace, study: StudyRecords | None) -> tuple[int, int, str]:
+    """``(n_boot, seed, where from)``: the options given, else the study's, else 1000 and 0."""
+    n_boot = args.n_boot if args.n_boot is not None else study.n_boot if study else 1000
+    seed = args.seed if args.seed is not None else study.seed if study else 0
+    if study is not None and (args.n_boot is None or args.seed is None):
+        source = f"the study's evaluation settings ({study.root / 'study.yaml'})"
+    else:
+        source = "as given" if args.n_boot is not None or args.seed is not None else "the defaults"
+    return n_boot, seed, source
 
 
 def _clean(value: Any) -> Any:
@@ -110,7 +172,7 @@ def _clean(value: Any) -> Any:
 
 
 def _table(rows: list[tuple[str, dict]], with_ci: bool) -> str:
-    head = ["file", "images", "lesions", "avg recall", "± std"]
+    head = ["records", "images", "lesions", "avg recall", "± std"]
     if with_ci:
         head.append("95% CI")
     head += ["obj DSC", "± std", "FP/img", "pos frac"]
@@ -141,19 +203,24 @@ def run_metrics(args: argparse.Namespace) -> int:
     from trainables.metrics.summary import get_protocol
 
     record = get_protocol(args.protocol)
-    if args.n_boot < 0:
-        raise RecordsError(f"--n-boot must be >= 0, got {args.n_boot}")
+    study = StudyRecords.of(args.path) if args.path.exists() else None
+    n_boot, seed, source = bootstrap_settings(args, study)
+    if n_boot < 0:
+        raise RecordsError(f"--n-boot must be >= 0, got {n_boot}")
     rows = []
-    for name, file in _files(args.path):
+    for name, file in _files(args.path, study):
         recordset = load_records(file)
         if not recordset:
             raise RecordsError(f"{file}: no cases in this records file")
-        summary = summarize(recordset, args.protocol, n_boot=args.n_boot, seed=args.seed)
+        summary = summarize(recordset, args.protocol, n_boot=n_boot, seed=seed)
         if args.json:
-            print(json.dumps(_clean({"file": name, **{k: summary.get(k) for k in _JSON_KEYS}})), flush=True)
+            print(json.dumps(_clean({"file": name, "path": str(file), **{k: summary.get(k) for k in _JSON_KEYS}})),
+                  flush=True)
         rows.append((name, summary))
     if not args.json:
-        print(f"protocol: {record.name} ({record.describe_resampling(n_boot=args.n_boot, seed=args.seed)})")
+        print(f"protocol: {record.name} ({record.describe_resampling(n_boot=n_boot, seed=seed)})")
+        if study is not None:
+            print(f"bootstrap settings: {source}")
         print(_table(rows, record.reports_ci))
     return 0
 
@@ -202,9 +269,11 @@ def compare_records(a: Path, b: Path, *, rule: str = "any", n_boot: int = 1000, 
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    if args.n_boot < 10:
-        raise RecordsError(f"--n-boot must be >= 10, got {args.n_boot}")
-    res = compare_records(args.a, args.b, rule=args.rule, n_boot=args.n_boot, seed=args.seed)
+    study = StudyRecords.of(args.a) if args.a.exists() else None
+    n_boot, seed, _source = bootstrap_settings(args, study)
+    if n_boot < 10:
+        raise RecordsError(f"--n-boot must be >= 10, got {n_boot}")
+    res = compare_records(args.a, args.b, rule=args.rule, n_boot=n_boot, seed=seed)
     if args.json:
         print(json.dumps(_clean(res), indent=2))
         return 0

@@ -178,6 +178,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
             f"batch {t.batch_size}, patches {'×'.join(map(str, t.patch_size))}, SGD lr {t.optimizer.lr:g}, "
             f"U-Net width {cfg.model.width:g}. Winners chosen by {cfg.selection.metric} "
             f"({cfg.selection.mode}) on validation, retrained on train+validation, last-epoch model evaluated.")))
+    blocks.append(("p", splits_line(summary)))
     blocks.append(("h2", "Hold-out results (Table 2 analogue)"))
     blocks.append(("p", (
         "avg recall: mean object recall at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP per image (luna16 protocol, all "
@@ -193,10 +194,16 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
     cut = summary.get("size_cutoffs_mm") or []
     if cut:
         blocks.append(("h2", "By lesion size"))
-        blocks.append(("p", "Lesions grouped by equivalent diameter at " + ", ".join(f"{c:.1f} mm" for c in cut)
-                       + " (the same cut-offs for every configuration); avg recall / object Dice per group."))
         groups = list(next(iter(configs.values()))["size_groups"].keys())
-        header = ["configuration"] + [f"{g} recall / objDice" for g in groups]
+        first = next(iter(configs.values()))["size_groups"]
+        counts = {g: first[g].get("n_lesions") for g in groups}
+        rule = summary.get("size_cut_rule") or "the study's cut-offs"
+        blocks.append(("p", "Lesions grouped by equivalent diameter at " + ", ".join(f"{c:.1f} mm" for c in cut)
+                       + f" ({rule}; the same cut-offs for every configuration): "
+                       + ", ".join(f"{g}: {counts[g]} lesions" for g in groups)
+                       + ". Avg recall / object Dice per group; a group keeps its lesions and the predicted "
+                         "components of its size."))
+        header = ["configuration"] + [f"{g} (n = {counts[g]}) recall / objDice" for g in groups]
         rows = []
         for label, c in configs.items():
             sg = c.get("size_groups") or {}
@@ -204,21 +211,35 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
                                    for g in groups])
         blocks.append(("table", header, rows))
     blocks.append(("h2", "Figures"))
-    captions = {"froc": "FROC curves with 95 % bootstrap bands (paper Fig. 4)",
-                "size_groups": "Recall and object Dice by lesion size (paper Fig. 3)",
-                "diameters": "Lesion diameters by split (paper Fig. 2)",
+    captions = {"froc": "FROC curves of the hold-out set, one panel per loss (paper Fig. 4); the legend gives "
+                        "each configuration's avg recall, the caption under the figure what is shaded",
+                "size_groups": "Avg recall and object Dice by lesion size, mean over seeds with ± 1 std over "
+                               "seeds on both panels (paper Fig. 3)",
+                "diameters": "Lesion diameters by split, the size-group cut-offs dotted (paper Fig. 2)",
                 "curves": "Sweep trials per epoch: training loss, validation avg recall and object Dice "
                           "(validation every validation.every epochs): flat curves at the end = converged"}
     for key, path in figures.items():
         blocks.append(("img", Path(path).name, captions.get(key, key)))
     blocks.append(("h2", "Reproducibility"))
     blocks.append(("p", (
-        "Every number above is recomputed from the saved per-object records in holdout/ "
-        "(`study metrics holdout/<config>/s<seed>/records_any.json`; `study compare holdout/<plain> "
-        "holdout/<iw>` for a verdict line). On one machine a study reproduces exactly, resumed or not; "
+        "Every number above is recomputed from the saved per-object records in holdout/: `study metrics "
+        "holdout/` prints the table rows (with the study's bootstrap settings, so the same CIs) and `study "
+        "compare holdout/<plain> holdout/<iw>` a verdict line. On one machine a study reproduces exactly, resumed or not; "
         "another machine (other CPU, other thread count, a GPU) changes the last bits of every SGD step, and "
         "models near a decision boundary (short iw training) can then differ visibly.")))
     return blocks
+
+
+def splits_line(summary: dict[str, Any]) -> str:
+    """``Cases (lesions) per split: train 8 (43), val 4 (19), hold-out 4 (21).``"""
+    splits = summary.get("splits")
+    if not splits:  # a summary written before the split counts were kept: lesions only
+        diam = summary.get("diameters_mm") or {}
+        return "Lesions per split: " + ", ".join(f"{k} {len(v)}" for k, v in diam.items()) + "."
+    names = {"train": "train", "val": "validation", "holdout": "hold-out"}
+    return ("Cases (lesions) per split: " + ", ".join(f"{names.get(k, k)} {v['cases']} ({v['lesions']})"
+                                                      for k, v in splits.items())
+            + ". Every hold-out number below is measured on the hold-out cases only.")
 
 
 def render_markdown(blocks: list[tuple]) -> str:
@@ -244,8 +265,15 @@ def render_markdown(blocks: list[tuple]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _html_text(text: str) -> str:
+    """Escaped text with Markdown's `code` spans as <code>."""
+    import re
+
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def render_html(blocks: list[tuple], title: str) -> str:
-    e = html.escape
+    e = _html_text
     body = []
     for b in blocks:
         if b[0] in ("h1", "h2"):
@@ -259,10 +287,12 @@ def render_html(blocks: list[tuple], title: str) -> str:
             rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif b[0] == "img":
-            body.append(f"<figure><img src='{e(b[1])}' alt='{e(b[2])}'><figcaption>{e(b[2])}</figcaption></figure>")
+            src, alt = html.escape(b[1], quote=True), html.escape(b[2], quote=True)
+            body.append(f"<figure><img src='{src}' alt='{alt}'><figcaption>{e(b[2])}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
-             "th{background:#f3f3f3}img{max-width:100%}")
+             "th{background:#f3f3f3}img{max-width:100%}"
+             "code{background:#f3f3f3;padding:0 .2em;border-radius:3px;font-size:95%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
@@ -282,41 +312,22 @@ def display_names(labels) -> dict[str, str]:
     return {lb: f"{split(lb)[0]}/{split(lb)[2]}" if len(settings[split(lb)[0]]) == 1 else lb for lb in labels}
 
 
-def seed_means(groups: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
-    """Size-group summaries of each configuration averaged over its seeds (``*_std``: the spread over seeds)."""
-    by_config: dict[str, list[dict[str, dict]]] = {}
-    for label, g in groups.items():
-        by_config.setdefault(label.rpartition("/")[0] or label, []).append(g)
-    out: dict[str, dict[str, dict]] = {}
-    for config, runs in by_config.items():
-        out[config] = {}
-        for group in runs[0]:
-            entry = {}
-            for key in ("avg_recall", "obj_dice"):
-                vals = [r[group][key] for r in runs if r.get(group, {}).get(key) is not None]
-                entry[key] = float(np.mean(vals)) if vals else None
-                entry[f"{key}_std"] = float(np.std(vals)) if len(vals) > 1 else None
-            out[config][group] = entry
-    return out
-
-
 def write_figures(summary: dict[str, Any], out_dir: Path, curves: dict[str, list] | None = None) -> dict[str, str]:
     from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups, plot_training_curves
 
     configs = summary["configs"]
     short = display_names(list(configs))
     figures = {"froc": str(plot_froc({short[k]: c["luna16"] for k, c in configs.items()}, out_dir / "froc.png",
-                                     title="Hold-out FROC"))}
+                                     title="Hold-out FROC", hit_rule="any overlap, the paper's"))}
     groups = {short[k]: c["size_groups"] for k, c in configs.items() if c.get("size_groups")}
     if groups:
-        if len(groups) > 8:  # one bar per configuration: the mean over its seeds, error bar = their spread
-            groups = seed_means(groups)
-        figures["size_groups"] = str(plot_size_groups(groups, out_dir / "size_groups.png"))
+        figures["size_groups"] = str(plot_size_groups(groups, out_dir / "size_groups.png",
+                                                      title="Hold-out recall and object Dice by lesion size",
+                                                      hit_rule="any rule"))
     diam = {k: v for k, v in (summary.get("diameters_mm") or {}).items() if v}
     if diam:
-        cut = summary.get("size_cutoffs_mm") or []
         figures["diameters"] = str(plot_diameters(diam, out_dir / "diameters.png",
-                                                  cutoff_mm=cut[0] if len(cut) == 1 else None))
+                                                  cutoffs_mm=summary.get("size_cutoffs_mm") or ()))
     if curves:
         short = display_names(list(curves))
         figures["curves"] = str(plot_training_curves({short[k]: v for k, v in curves.items()}, out_dir / "curves.png"))

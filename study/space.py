@@ -34,7 +34,7 @@ def param_space(
 
     if stage == "sweep":
         splits, validate, epochs = list(cfg.data.train), True, cfg.training.epochs
-    elif stage == "holdout":
+    elif stage == "retrain":
         splits, validate, epochs = list(cfg.data.train) + list(cfg.data.val), False, cfg.epochs_retrain
     else:  # pragma: no cover - programming error
         raise ValueError(f"unknown stage {stage!r}")

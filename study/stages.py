@@ -144,12 +144,18 @@ def trial_summary(r) -> dict[str, Any]:
 
 
 def trial_table(results, indent: str = "") -> str:
-    """Label, state, epochs done, best and last validation recall, last object Dice and training loss."""
-    rows = [("trial", "state", "epochs", "best val recall", "last val recall", "val objDice", "train loss")]
-    for r in map(trial_summary, results):
+    """Label, state, epochs done, best and last validation recall, last object Dice and training loss (the
+    validation columns only where a trial validates: retrain trials do not)."""
+    summaries = list(map(trial_summary, results))
+    validated = any(r["best_val_avg_recall"] is not None or r["last_val_obj_dice"] is not None for r in summaries)
+    head = ("trial", "state", "epochs") + (("best val recall", "last val recall", "val objDice") if validated
+                                           else ()) + ("train loss",)
+    rows = [head]
+    for r in summaries:
+        vals = (fmt(r["best_val_avg_recall"]), fmt(r["last_val_avg_recall"]), fmt(r["last_val_obj_dice"]))
         rows.append((trial_label(r["trial"]) if r["trial"] else r["trial_id"], r["state"],
-                     f"{r['epochs_done']}/{r['epochs'] or '?'}", fmt(r["best_val_avg_recall"]),
-                     fmt(r["last_val_avg_recall"]), fmt(r["last_val_obj_dice"]), fmt(r["last_train_loss"], 4)))
+                     f"{r['epochs_done']}/{r['epochs'] or '?'}", *(vals if validated else ()),
+                     fmt(r["last_train_loss"], 4)))
     return text_table(rows, indent=indent)
 
 
@@ -224,8 +230,9 @@ def stage_select(ctx: StudyContext) -> None:
     try:
         mlc = tracking.client(ctx.state.tracking_uri)
         mlc.log_artifact(ctx.state.mlflow_ids()["study_run_id"], str(ctx.dir.selection_file))
+        tracking.tag_selection(ctx.state, selection, tracking.selection_rule(ctx.cfg))
     except Exception as exc:  # tracking is secondary to the result file
-        log(f"select: could not log selection.json to MLflow ({exc})")
+        log(f"select: could not record the selection in MLflow ({exc})")
     ctx.state.mark_done("select", winners=len(selection["winners"]))
 
 
@@ -239,7 +246,7 @@ def winner_trials(ctx: StudyContext) -> list[TrialSpec]:
 
 
 def stage_retrain(ctx: StudyContext) -> None:
-    results = _run_tune_stage(ctx, name=RETRAIN, stage_tag="holdout", trials=winner_trials(ctx))
+    results = _run_tune_stage(ctx, name=RETRAIN, stage_tag="retrain", trials=winner_trials(ctx))
     errors = sum(r.status == "ERROR" for r in results)
     ctx.state.mark_done("retrain", trials=len(results), errors=errors)
 
@@ -277,8 +284,10 @@ def stage_holdout(ctx: StudyContext) -> None:
         log(f"holdout: records of {label} ready")
     summary = summarize_holdout(ctx, results, paths)
     write_text_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
+    _holdout_runs(ctx, summary)
     _log_holdout_metrics(ctx, summary)
     _log_models(ctx, results, summary)
+    tracking.finish_stage_runs(ctx.state, "holdout", {r.trial_id: "TERMINATED" for r in results})
     ctx.state.mark_done("holdout", configurations=len(results))
 
 
@@ -327,12 +336,13 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
                 "threshold": cal_meta.get("threshold"),
                 "luna16": summarize(cal_any, protocol="luna16", n_boot=ev.n_boot, seed=ev.seed),
                 "strict": summarize(cal_strict, protocol="luna16", n_boot=0, seed=ev.seed)}
-    # size groups: the same cut-offs for every configuration (clinical cut-off or terciles of hold-out lesions)
+    # size groups: the same cut-offs for every configuration (the study's cut-off, or the 1/3 and 2/3
+    # quantiles of the hold-out lesion diameters: ties can make the groups unequal)
     any_set = next(iter(records_any.values()))
     diam = np.array([rec["diameter"] for cr in any_set.values() for rec in cr.records if rec["is_tum"]])
     if ev.size_cutoff_mm is not None:
         cutoffs = [float(ev.size_cutoff_mm)]
-    elif len(diam) >= 3:  # terciles, rounded to 0.1 mm for readable group names
+    elif len(diam) >= 3:  # quantiles, rounded to 0.1 mm for readable group names
         cutoffs = sorted({round(float(q), 1) for q in np.quantile(diam, [1 / 3, 2 / 3])})
     else:
         cutoffs = []
@@ -352,15 +362,20 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
                                  strict_name=strict_rule_name((ev.strict.rule, ev.strict.threshold)))
         baseline["baseline"] = ev.baseline
     cache = Cache(ctx.cache_dir())
-    diameters = {}
+    diameters, splits = {}, {}
     for split_name in ("train", "val", "holdout"):
         vals = []
-        for cid in cache.case_ids(list(getattr(ctx.cfg.data, split_name))):
+        ids = cache.case_ids(list(getattr(ctx.cfg.data, split_name)))
+        for cid in ids:
             vals.extend(cache.meta(cid).get("diameters_mm", []))
         diameters[split_name] = vals
+        splits[split_name] = {"cases": len(ids), "lesions": len(vals)}
     from trainables.environment import describe
 
-    return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "configs": configs, "verdict": verdict,
+    cut_rule = ("the study's cut-off (evaluation.size_cutoff_mm)" if ev.size_cutoff_mm is not None
+                else "the 1/3 and 2/3 quantiles of the hold-out lesion diameters" if cutoffs else None)
+    return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "size_cut_rule": cut_rule, "splits": splits,
+            "configs": configs, "verdict": verdict,
             "baseline_comparison": baseline,
             "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold],
             "environment": describe()}
@@ -437,6 +452,29 @@ def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
                 "`study predict` from the study folder still works")
 
 
+def _holdout_runs(ctx: StudyContext, summary: dict[str, Any]) -> None:
+    """One MLflow run per retrained winner under ``stage:holdout``: its retrain run's params plus the
+    evaluation's, its records files and a FROC figure of its own (the metrics follow)."""
+    from trainables.metrics.plots import plot_froc
+
+    ev = ctx.cfg.evaluation
+    parent = tracking.stage_parent(ctx.state, "holdout")
+    mlc = tracking.client(ctx.state.tracking_uri)
+    params = {"stage": "holdout", "splits.holdout": ",".join(ctx.cfg.data.holdout),
+              "holdout.cases": str((ctx.state.data["stages"].get("data") or {}).get("cases", {}).get("holdout")),
+              "evaluation.n_boot": str(ev.n_boot), "evaluation.seed": str(ev.seed),
+              "evaluation.threshold": ev.threshold,
+              "evaluation.strict": f"{ev.strict.rule} {ev.strict.threshold}"}
+    for label, c in summary["configs"].items():
+        run_id = tracking.holdout_run(ctx.state, trial_id=c["trial_id"], label=label, config=c["config"],
+                                      parent_run_id=parent, params=params)
+        out_dir = ctx.dir.holdout_dir / trial_folder(c)
+        froc = plot_froc({label: c["luna16"]}, out_dir / "froc.png", title=f"Hold-out FROC of {label}",
+                         hit_rule="any overlap")
+        for path in [*c["records"].values(), froc]:
+            mlc.log_artifact(run_id, str(path))
+
+
 def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
 
     mlc = tracking.client(ctx.state.tracking_uri)
@@ -458,6 +496,9 @@ def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
             "holdout_strict_avg_recall": st["avg_recall"],
             "holdout_paper2020_avg_recall": pp["avg_recall"],
             "holdout_paper2020_obj_dice": pp["obj_dice"],
+            "holdout_n_cases": lu["n_images"],
+            "holdout_n_lesions": lu["n_lesions"],
+            **{f"holdout_recall_at_{float(r):g}_fp": v for r, v in (lu.get("recall_at") or {}).items()},
         }
         groups = c.get("size_groups") or {}
         for name, (group, g) in zip(size_group_names(len(groups)), groups.items()):
@@ -494,6 +535,7 @@ def stage_report(ctx: StudyContext) -> None:
     root = ctx.state.mlflow_ids()["study_run_id"]
     for f in files:
         mlc.log_artifact(root, str(f), artifact_path="report")
+    tracking.log_verdict(ctx.state, summary)
     mlc.set_terminated(root, "FINISHED")
     ctx.state.mark_done("report", files=[str(f) for f in files])
     print("\n" + holdout_table(summary), flush=True)
@@ -527,7 +569,7 @@ def run_stages(ctx: StudyContext) -> None:
     from study.plan import measured_step, step_line
     from trainables.environment import describe
 
-    tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name)
+    tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name, cfg=ctx.cfg)
     ctx.state.record_environment(describe())
     step = measured_step(ctx.cfg)
     if step is not None:

@@ -100,10 +100,18 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping):
             out.update(flat_params(value, name + "."))
         elif isinstance(value, list | tuple):
-            out[name] = ",".join(str(v) for v in value) if value else "[]"
+            out[name] = ",".join(param_value(v) for v in value) if value else "[]"
         else:
-            out[name] = "null" if value is None else str(value)
+            out[name] = param_value(value)
     return out
+
+
+def param_value(value: Any) -> str:
+    """One spelling per value kind: booleans ``true``/``false`` (so ``params.iw = 'true'`` and
+    ``params.`training.amp` = 'false'`` both work), ``null`` for None."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
 
 
 def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
@@ -136,17 +144,25 @@ def logged_steps(mlflow_client, run_id: str) -> dict[str, set[int]]:
     return {key: {m.step for m in mlflow_client.get_metric_history(run_id, key)} for key in keys}
 
 
+def setting_label(label: str) -> str:
+    """``iw-focal[alpha=0.25,gamma=2]/s0`` -> ``iw-focal[alpha=0.25,gamma=2]``: a configuration and its
+    hyperparameters, without the seed."""
+    return label.rsplit("/", 1)[0]
+
+
 def trial_params(cfg: TrialConfig) -> dict[str, str]:
-    """What a researcher compares runs by: loss, iw, the loss's own parameters, seed, data and protocol."""
+    """What a researcher compares runs by: loss, iw, the loss's own parameters (named by their loss:
+    ``focal.alpha``), ``config`` (the configuration and its hyperparameters, ``iw-focal[alpha=0.25,gamma=2]``),
+    seed, data and protocol."""
     trial, study, run = cfg.trial, cfg.study, cfg.run
     params: dict[str, str] = {
         "loss": trial.loss,
-        "iw": str(trial.iw).lower(),
-        "config": trial.config_name,
+        "iw": param_value(trial.iw),
+        "config": setting_label(trial.label),
         "seed": str(trial.seed),
         "stage": run.stage,
     }
-    params.update({k: str(v) for k, v in sorted(trial.params.items())})
+    params.update({f"{trial.loss}.{k}": param_value(v) for k, v in sorted(trial.params.items())})
     data = study.data
     params["dataset"] = data.source if data.source == "phantom" else str(data.path)
     params["dataset.preset"] = data.preset
@@ -237,12 +253,17 @@ def log_model(tracking_uri: str, run_id: str, model, *, name: str, metadata: dic
 # ---------------------------------------------------------------------------------------------- study level
 
 
-def setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
-    """Create or find the experiment and the study's root run; store their ids in the state."""
+def setup(state, study_dir, *, experiment_name: str, cfg=None) -> dict[str, str]:
+    """Create or find the experiment and the study's root run; store their ids in the state. With ``cfg``
+    (the study's config) the experiment and the study run are described for the MLflow UI
+    (:func:`describe_study`)."""
     if state.tracking_uri.startswith(("http://", "https://")):
         check_server(state.tracking_uri)
     try:
-        return _setup(state, study_dir, experiment_name=experiment_name)
+        ids = _setup(state, study_dir, experiment_name=experiment_name)
+        if cfg is not None:
+            describe_study(state, study_dir, cfg)
+        return ids
     except UserError:
         raise
     except Exception as exc:  # an unreachable server, a locked or foreign database...
@@ -289,8 +310,86 @@ def _setup(state, study_dir, *, experiment_name: str) -> dict[str, str]:
     return ids
 
 
+#: the runs table columns the study's shared view shows (``study ui`` opens it)
+VIEW_COLUMNS = ("params.`config`", "params.`loss`", "params.`iw`", "params.`seed`", "tags.`stage`",
+                "tags.`selected`", "metrics.`val_avg_recall`", "metrics.`val_obj_dice`",
+                "metrics.`val_fp_per_image`", "metrics.`train_loss`", "metrics.`holdout_avg_recall`",
+                "metrics.`holdout_strict_avg_recall`", "metrics.`holdout_obj_dice`",
+                "metrics.`holdout_fp_per_image`", "attributes.`Duration`")
+#: the key of that view: ``#/experiments/<id>/runs?viewStateShareKey=study``
+VIEW_KEY = "study"
+#: MLflow 3 opens an experiment of this kind on its runs (not on the GenAI overview)
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The study's runs in the MLflow UI at ``base``: the model-training view, with the study's columns."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
+
+
+def study_description(study_dir, cfg) -> str:
+    """What the experiment and the study run say about the study (Markdown, shown by the MLflow UI)."""
+    data = cfg.data.source if cfg.data.path is None else f"{cfg.data.source} {cfg.data.path}"
+    losses = ", ".join(sorted({tr.config_name for tr in cfg.trials}))
+    lines = [cfg.description or f"Study {study_dir.name}.", "",
+             f"- data: {data} (splits train {','.join(cfg.data.train)}, validation {','.join(cfg.data.val)}, "
+             f"hold-out {','.join(cfg.data.holdout)})",
+             f"- protocol: {protocol_line(cfg)}",
+             f"- configurations: {losses}; seeds {', '.join(map(str, cfg.search.seeds))}; "
+             f"{len(cfg.trials)} sweep trials",
+             f"- selection: {selection_rule(cfg)}",
+             f"- study folder: `{study_dir.root}` (report: `report/report.md`)",
+             "- runs: `stage:sweep` (one run per trial, tagged `selected=true` for the winners), "
+             "`stage:retrain` (the winners on train+validation), `stage:holdout` (their hold-out records, "
+             "FROC and metrics, and the logged model)"]
+    return "\n".join(lines)
+
+
+def protocol_line(cfg) -> str:
+    t = cfg.training
+    return (f"{t.epochs} epochs x {t.iterations} iterations (retrain {cfg.epochs_retrain}), batch {t.batch_size}, "
+            f"patches {'x'.join(map(str, t.patch_size))}, SGD lr {t.optimizer.lr:g}, U-Net width {cfg.model.width:g}")
+
+
+def selection_rule(cfg) -> str:
+    sel = cfg.selection
+    scope = "last validation" if sel.scope == "last" else "best validation over the epochs"
+    who = "best per (loss, iw)" if sel.mode == "per-config" else f"top {sel.k} overall"
+    return f"{who} by {sel.metric} ({scope}), mean over seeds"
+
+
+def describe_study(state, study_dir, cfg) -> None:
+    """Experiment tags (kind, description, dataset, protocol, folder, the runs view) and the study run's
+    description, params and frozen ``study.yaml``. Idempotent: run at every launch and resume."""
+    import json
+
+    mlc = client(state.tracking_uri)
+    ids = state.mlflow_ids()
+    exp_id, root = ids["experiment_id"], ids["study_run_id"]
+    text = study_description(study_dir, cfg)
+    dataset = cfg.data.source if cfg.data.path is None else f"{cfg.data.source}:{cfg.data.path}"
+    view = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+            "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+            "selectedColumns": list(VIEW_COLUMNS)}
+    tags = {"mlflow.experimentKind": EXPERIMENT_KIND, "mlflow.note.content": text, "dataset": dataset,
+            "protocol": protocol_line(cfg), "study_folder": str(study_dir.root),
+            f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+    for key, value in tags.items():
+        mlc.set_experiment_tag(exp_id, key, value)
+    for key, value in {"mlflow.note.content": text, "dataset": dataset, "protocol": protocol_line(cfg),
+                       "selection": selection_rule(cfg)}.items():
+        mlc.set_tag(root, key, value)
+    if not mlc.get_run(root).data.params:  # written once; a resume finds them
+        plain = cfg.to_dict()
+        plain.pop("trials", None)
+        log_params(mlc, root, {**flat_params(plain), "trials": str(len(cfg.trials))})
+    if study_dir.config_file.is_file():
+        mlc.log_artifact(root, str(study_dir.config_file))
+
+
 def stage_parent(state, stage: str) -> str:
-    """The parent run of a stage (``sweep`` or ``holdout``), nested under the study run."""
+    """The parent run of a stage (``sweep``, ``retrain`` or ``holdout``), nested under the study run."""
     mlc = client(state.tracking_uri)
     ids = state.mlflow_ids()
     run_id, _ = find_or_create_run(
@@ -323,3 +422,70 @@ def finish_stage_runs(state, stage: str, trial_status: dict[str, str]) -> None:
             mlc.set_terminated(run.info.run_id, "FINISHED")
         elif tid in trial_status:
             mlc.set_terminated(run.info.run_id, "FAILED" if trial_status[tid] == "ERROR" else "FINISHED")
+
+
+def stage_runs(state, stage: str, kind: str = "trial") -> list:
+    """The runs of a stage of this study (``kind``: ``trial``, ``evaluation``, ``stage``)."""
+    mlc = client(state.tracking_uri)
+    return mlc.search_runs(
+        [state.mlflow_ids()["experiment_id"]],
+        filter_string=f"tags.{STUDY_TAG} = '{state.study_id}' and tags.{STAGE_TAG} = '{stage}' "
+                      f"and tags.{KIND_TAG} = '{kind}'",
+        max_results=5000)
+
+
+def tag_selection(state, selection: dict[str, Any], rule: str) -> None:
+    """Tag every sweep run ``selected=true|false`` and ``selection=<rule>``; a winner's runs also carry the
+    score it was chosen by (``selection_score``, the mean over its seeds)."""
+    mlc = client(state.tracking_uri)
+    score = {tid: w["score"] for w in selection["winners"] for tid in w["trial_ids"]}
+    for run in stage_runs(state, "sweep"):
+        tid = run.data.tags.get(TRIAL_ID_TAG)
+        mlc.set_tag(run.info.run_id, "selected", "true" if tid in score else "false")
+        mlc.set_tag(run.info.run_id, "selection", rule)
+        if tid in score:
+            mlc.set_tag(run.info.run_id, "selection_score", f"{score[tid]:.4f}")
+
+
+def holdout_run(state, *, trial_id: str, label: str, config: str, parent_run_id: str,
+                params: Mapping[str, str]) -> str:
+    """The hold-out run of a retrained winner (found or created by its retrain trial's id): params of its
+    retrain run plus the evaluation's, linked to that run by the ``retrain_run_id`` tag."""
+    mlc = client(state.tracking_uri)
+    exp_id = state.mlflow_ids()["experiment_id"]
+    retrain = find_run(mlc, exp_id, {TRIAL_ID_TAG: trial_id, STAGE_TAG: "retrain"})
+    run_id, created = find_or_create_run(
+        mlc, exp_id, tags={TRIAL_ID_TAG: trial_id, STAGE_TAG: "holdout", STUDY_TAG: state.study_id},
+        run_name=f"holdout:{label}", parent_run_id=parent_run_id,
+        extra_tags={KIND_TAG: "evaluation", "config": config,
+                    **({"retrain_run_id": retrain.info.run_id} if retrain is not None else {})})
+    if created:
+        merged = dict(retrain.data.params) if retrain is not None else {}
+        merged.update(params)
+        log_params(mlc, run_id, merged)
+    return run_id
+
+
+def verdict_short(entry: Mapping[str, Any]) -> str:
+    """A verdict entry in a few words, from the strict-rule interval (the sentence has the rest)."""
+    r = (entry.get("resolved") or {}).get("avg_recall_strict", 0)
+    who = "iw" if entry.get("kind", "iw") == "iw" else entry.get("iw", "it")
+    return {1: f"{who} finds more lesions (strict rule)", -1: f"{who} finds fewer lesions (strict rule)"}.get(
+        r, "not resolved")
+
+
+def log_verdict(state, summary: Mapping[str, Any]) -> None:
+    """The verdict on the study run: per loss a tag (``verdict.<loss>``: a few words; ``.sentence``: the
+    report's sentence) and metrics ``verdict.<loss>.<metric>`` / ``_ci_low`` / ``_ci_high``."""
+    mlc = client(state.tracking_uri)
+    root = state.mlflow_ids()["study_run_id"]
+    metrics: dict[str, Any] = {}
+    for entry in (summary.get("verdict") or {}).get("entries") or []:
+        key = f"verdict.{entry['loss']}"
+        mlc.set_tag(root, key, verdict_short(entry))
+        mlc.set_tag(root, f"{key}.sentence", entry["sentence"][:4900])
+        for metric, d in entry["metrics"].items():
+            metrics[f"{key}.{metric}"] = d.get("delta")
+            metrics[f"{key}.{metric}_ci_low"] = d.get("ci_low")
+            metrics[f"{key}.{metric}_ci_high"] = d.get("ci_high")
+    log_metrics(mlc, root, metrics, step=0)

@@ -278,7 +278,7 @@ class EvaluationConfig(Section):
     n_boot: Int = 1000
     seed: Int = 0
     strict: StrictRuleConfig = StrictRuleConfig()
-    size_cutoff_mm: Float | None = None  # None: terciles of the hold-out lesion diameters
+    size_cutoff_mm: Float | None = None  # None: the 1/3 and 2/3 quantiles of the hold-out lesion diameters
     threshold: Str = "paper"  # paper: p > 0.5; calibrated: also a threshold chosen on validation (object Dice)
     #: a configuration of the study (e.g. ``dice_ce``) every other one is also compared with, seed by seed
     baseline: Str | None = None
@@ -452,13 +452,21 @@ class RunSpec(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    stage: Literal["sweep", "holdout"]
+    stage: Literal["sweep", "retrain"]
     splits: tuple[Str, ...]
     validates: Bool = Field(alias="validate")  # validate after epochs (sweep) or not (retrain)
     epochs: Int
     experiment_id: Str | None = None
     parent_run_id: Str | None = None
     study_id: Str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_stage(cls, data: Any) -> Any:
+        """Studies launched before the retrain stage had its own MLflow parent called it ``holdout``."""
+        if isinstance(data, Mapping) and data.get("stage") == "holdout":
+            return {**data, "stage": "retrain"}
+        return data
 
 
 class TrialConfig(Section):

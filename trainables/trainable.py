@@ -5,7 +5,7 @@ Tune hands the trial a plain dict (built by ``study.space``), rebuilt here in on
 
 ``trial``  ``{"loss", "iw", "params", "seed"}``
 ``study``  the frozen study config (``StudyConfig.to_dict()``) with ``data.cache_dir`` resolved
-``run``    ``{"stage": "sweep" | "holdout", "splits": [...], "validate": bool, "epochs": int,
+``run``    ``{"stage": "sweep" | "retrain", "splits": [...], "validate": bool, "epochs": int,
            "experiment_id", "parent_run_id", "study_id"}``
 
 The work is :class:`trainables.trainer.Trainer`; this module only wires it to Tune: the state of

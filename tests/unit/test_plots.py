@@ -52,7 +52,8 @@ def test_training_curves_figure(tmp_path):
 
 
 def test_figure_names_and_seed_means():
-    from study.report import display_names, seed_means
+    from study.report import display_names
+    from trainables.metrics.plots import seed_aggregate
 
     labels = ["dice_ce[lambda_ce=1,smooth=1e-05]/s0", "dice_ce[lambda_ce=1,smooth=1e-05]/s1",
               "focal[alpha=0.25,gamma=2]/s0", "focal[alpha=0.75,gamma=2]/s0", "bce/s0"]
@@ -61,8 +62,10 @@ def test_figure_names_and_seed_means():
     groups = {"a/s0": {"small": {"avg_recall": 0.2, "obj_dice": 0.5}},
               "a/s1": {"small": {"avg_recall": 0.4, "obj_dice": None}},
               "b/s0": {"small": {"avg_recall": 0.9, "obj_dice": 0.7}}}
-    means = seed_means(groups)
+    means = seed_aggregate(groups)
     assert means["a"]["small"]["avg_recall"] == pytest.approx(0.3)
     assert means["a"]["small"]["avg_recall_std"] == pytest.approx(0.1)
     assert means["a"]["small"]["obj_dice"] == 0.5 and means["a"]["small"]["obj_dice_std"] is None
-    assert means["b"]["small"] == {"avg_recall": 0.9, "avg_recall_std": None, "obj_dice": 0.7, "obj_dice_std": None}
+    assert means["b"]["small"] == {"avg_recall": 0.9, "avg_recall_std": None, "obj_dice": 0.7, "obj_dice_std": None,
+                                   "n_seeds": 1, "n_lesions": None}
+    assert means["a"]["small"]["n_seeds"] == 2

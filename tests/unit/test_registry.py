@@ -81,7 +81,8 @@ def test_a_registered_loss_reaches_mlflow_params(toy, tmp_path, monkeypatch):
     StudyCallback("sweep").on_trial_result(0, [trial], trial, {"epoch": 0, "epochs": 1, "train_loss": 0.3})
     (run,) = client.search_runs([exp])
     params = run.data.params
-    assert (params["loss"], params["iw"], params["config"], params["scale"]) == ("toy_l1", "true", "iw-toy_l1", "0.5")
+    assert (params["loss"], params["iw"], params["config"], params["toy_l1.scale"]) == (
+        "toy_l1", "true", "iw-toy_l1[scale=0.5]", "0.5")
     assert run.info.run_name == "sweep:iw-toy_l1[scale=0.5]/s0"
 
 

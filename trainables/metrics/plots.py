@@ -1,6 +1,6 @@
 """Figures of the paper from summaries (PNG, matplotlib's Agg canvas; no pyplot state, safe in workers).
 
-* :func:`plot_froc`: FROC curves of several configurations with their bands (Fig. 4),
+* :func:`plot_froc`: FROC curves, one panel per loss, plain beside iw, with their uncertainty (Fig. 4),
 * :func:`plot_size_groups`: avg recall and object Dice per lesion-size group (Fig. 3),
 * :func:`plot_diameters`: histogram of lesion diameters (Fig. 2),
 * :func:`plot_training_curves`: training loss and validation metrics per epoch (convergence).
@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from trainables.metrics.froc import LUNA_FP_RATES
 
-__all__ = ["plot_froc", "plot_size_groups", "plot_diameters", "plot_training_curves"]
+__all__ = ["plot_froc", "froc_line", "plot_size_groups", "seed_aggregate", "plot_diameters", "plot_training_curves"]
 
 _IW_PREFIX = "iw-"
 
@@ -49,137 +49,263 @@ def _configuration(name: str) -> str:
     return head if head and tail.startswith("s") and tail[1:].isdigit() else name
 
 
+#: where a FROC line is evaluated: the metric's own interpolation on a fine log grid from 1/8 to 8 FP/image
+FROC_GRID = np.geomspace(LUNA_FP_RATES[0], LUNA_FP_RATES[-1], 97)
+_PLAIN_STYLE, _IW_STYLE = "--", "-"
+
+
+def froc_line(summary: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """The FROC line as drawn: recall on :data:`FROC_GRID` read exactly as the metric reads it (linear
+    interpolation of the curve anchored at (0, 0)), from 1/8 FP/image up to the highest FP rate the model
+    reaches, not beyond (the metric holds the last recall flat there; the figure does not draw what the model
+    never produced). A model that never reaches 1/8 FP/image gives one point, at 1/8.
+
+    Returns ``(fps, recall)``; both empty when the summary has no curve (no lesion).
+    """
+    froc = summary.get("froc") or {}
+    fps, recall = np.asarray(froc.get("fps", []), float), np.asarray(froc.get("recall", []), float)
+    if fps.size == 0:
+        return np.zeros(0), np.zeros(0)
+    reach = float(fps.max())
+    x = FROC_GRID[FROC_GRID <= reach] if reach >= FROC_GRID[0] else FROC_GRID[:1]
+    if reach > x[-1] and reach < FROC_GRID[-1]:
+        x = np.r_[x, reach]
+    return x, np.interp(x, fps, recall)
+
+
+def _loss_of(config: str) -> str:
+    """``iw-focal[alpha=0.25]`` -> ``focal``: the panel a configuration is drawn in."""
+    return _family(config).split("[", 1)[0]
+
+
+def _seed_groups(names) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(_configuration(n), []).append(n)
+    return out
+
+
+def _caption(fig: Figure, text: str) -> None:
+    import textwrap
+
+    fig.text(0.01, -0.01, "\n".join(textwrap.wrap(text, 150)), ha="left", va="top", fontsize="small")
+
+
+def froc_figure(curves: Mapping[str, dict], *, title: str | None = None, hit_rule: str = "any overlap",
+                bands: str = "auto") -> Figure:
+    """:func:`plot_froc`'s figure (for tests and callers that want to add to it)."""
+    configs = _seed_groups(curves)
+    losses = list(dict.fromkeys(_loss_of(c) for c in configs))
+    ncol = min(3, max(1, len(losses)))
+    nrow = -(-len(losses) // ncol) if losses else 1
+    fig = Figure(figsize=(4.6 * ncol, 4.3 * nrow + 0.4))
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    shading = set()
+    several = False
+    for ax, loss in zip(axes, losses):
+        members = [c for c in configs if _loss_of(c) == loss]
+        for k, config in enumerate(members):
+            colour = f"C{k % 10}" if len(members) > 2 else ("#d55e00" if config.startswith(_IW_PREFIX) else "#0072b2")
+            style = _IW_STYLE if config.startswith(_IW_PREFIX) else _PLAIN_STYLE
+            names = configs[config]
+            lines = {n: froc_line(curves[n]) for n in names}
+            lines = {n: v for n, v in lines.items() if v[0].size}
+            avgs = [curves[n].get("avg_recall") for n in names if curves[n].get("avg_recall") is not None]
+            label = config if not avgs else f"{config}: {np.mean(avgs):.3f}"
+            if len(avgs) > 1:
+                label += " (" + ", ".join(f"{a:.3f}" for a in avgs) + ")"
+            if not lines:
+                ax.plot([], [], style, color=colour, label=label + " (no lesion)")
+                continue
+            if len(lines) == 1:
+                (name, (x, y)), = lines.items()
+                band = curves[name].get("froc_band") or {}
+                if bands in ("auto", "all") and band.get("lo"):
+                    g = np.asarray(band["fps_grid"], float)
+                    keep = g <= x[-1] * (1 + 1e-9)
+                    if keep.sum() >= 1:
+                        ax.fill_between(g[keep], np.asarray(band["lo"])[keep], np.asarray(band["hi"])[keep],
+                                        color=colour, alpha=0.18, lw=0, step=None)
+                        shading.add("95 % case-bootstrap band (one seed)")
+            else:  # seeds: thin lines to their own reach; the mean over them as the metric reads each seed
+                reach = max(v[0][-1] for v in lines.values())
+                for x, y in lines.values():
+                    ax.plot(x, y, style, color=colour, lw=0.8, alpha=0.6, marker="o" if x.size == 1 else None,
+                            ms=3, mfc="none")
+                x = FROC_GRID[FROC_GRID <= reach] if reach >= FROC_GRID[0] else FROC_GRID[:1]
+                ys = np.array([np.interp(x, np.asarray(curves[n]["froc"]["fps"], float),
+                                         np.asarray(curves[n]["froc"]["recall"], float)) for n in lines])
+                if bands in ("auto", "all"):
+                    ax.fill_between(x, ys.min(0), ys.max(0), color=colour, alpha=0.15, lw=0)
+                    shading.add(f"range over the {len(lines)} seeds")
+                y = ys.mean(0)
+                several = True
+            marks = np.isin(np.round(x, 9), np.round(LUNA_FP_RATES, 9))
+            ax.plot(x, y, style, color=colour, lw=1.8, label=label, marker="o", markevery=list(np.flatnonzero(marks)),
+                    ms=3.5)
+            if x[-1] < LUNA_FP_RATES[-1] * (1 - 1e-9):
+                ax.plot([x[-1]], [y[-1]], marker="|", color=colour, ms=10, mew=2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(LUNA_FP_RATES[0] / 1.15, LUNA_FP_RATES[-1] * 1.15)
+        ax.set_xticks(LUNA_FP_RATES)
+        ax.set_xticklabels(["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false positives per image")
+        ax.set_ylabel("lesion recall")
+        ax.set_title(loss)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="small", frameon=False,
+                  title="configuration: avg recall (per seed)", title_fontsize="small")
+    for ax in axes[len(losses):]:
+        ax.set_visible(False)
+    first = next(iter(curves.values()), {})
+    n = f"{first.get('n_images', '?')} cases, {first.get('n_lesions', '?')} lesions"
+    fig.suptitle(f"{title or 'FROC'} ({n}; hit rule: {hit_rule})")
+    seeds = (" Thin lines: the seeds; thick: their mean, each seed's recall held at its last value beyond the FP "
+             "rate it reaches (as avg recall reads it)." if several else "")
+    _caption(fig, "Dashed: plain loss; solid: with iw. avg recall = mean lesion recall at 1/8, 1/4, ..., 8 FP per "
+             "image (the dots). A line ends (|) at the highest FP rate its model reaches." + seeds
+             + (f" Shaded: {'; '.join(sorted(shading))}." if shading else ""))
+    fig.tight_layout()
+    return fig
+
+
 def plot_froc(curves: Mapping[str, dict], path: str | os.PathLike, *, title: str | None = None,
-              max_bands: int = 8) -> Path:
-    """FROC curves on a log2 FP/image axis from 1/8 to 8, with bands.
+              hit_rule: str = "any overlap", bands: str = "auto") -> Path:
+    """FROC curves (paper Fig. 4), one panel per loss, plain (dashed) beside iw (solid).
 
     Args:
-        curves: configuration name -> :func:`~trainables.metrics.summarize` result (uses ``froc`` and, when
-            present, ``froc_band``). Names starting with ``"iw-"`` are drawn solid, the others dashed; a
-            configuration and its ``iw-`` variant share a colour. The seeds of one configuration (``name/s0``,
-            ``name/s1``, ...) share colour and style and one legend entry with their mean avg recall.
+        curves: name (``iw-dice/s0``; seeds of one configuration share ``iw-dice``) -> a luna16
+            :func:`~trainables.metrics.summarize` result (``froc``, ``froc_band``, ``avg_recall``,
+            ``n_images``, ``n_lesions``).
         path: PNG to write.
-        title: figure title.
-        max_bands: bootstrap bands are drawn only up to this many curves (beyond, they hide the curves).
+        title: the figure's title; the case and lesion counts and ``hit_rule`` are added to it.
+        bands: ``auto``/``all``: shade a single seed's 95 % case-bootstrap band, or the range over several
+            seeds; ``none``: lines only.
 
-    Returns:
-        ``path``.
+    Each line is :func:`froc_line`: from 1/8 FP/image to the FP rate its model reaches. The legend (below each
+    panel, outside the data) gives each configuration's avg recall, its mean over seeds first.
     """
-    configs = {name: _configuration(name) for name in curves}
-    groups = list(dict.fromkeys(configs.values()))
-    means = {}
-    for g in groups:
-        avgs = [s.get("avg_recall") for n, s in curves.items() if configs[n] == g]
-        avgs = [a for a in avgs if a is not None]
-        means[g] = (sum(avgs) / len(avgs), len(avgs)) if avgs else (None, 0)
-    many = len(groups) > 6
-    fig = Figure(figsize=(8.4 if many else 6.4, 4.8))
-    ax = fig.add_subplot()
-    colours = _colours(groups)
-    labelled: set[str] = set()
-    for name, summary in curves.items():
-        group = configs[name]
-        colour = colours[_family(group)]
-        style = "-" if name.startswith(_IW_PREFIX) else "--"
-        froc = summary.get("froc") or {}
-        fps, recall = np.asarray(froc.get("fps", []), float), np.asarray(froc.get("recall", []), float)
-        label = None
-        if group not in labelled:
-            labelled.add(group)
-            avg, n = means[group]
-            label = group if avg is None else (f"{group} ({avg:.2f})" if n == 1 else f"{group} (mean {avg:.2f}, {n})")
-        keep = fps > 0  # the (0, 0) anchor has no place on a log axis
-        if keep.any():
-            # extend flat to the right edge, as the interpolation does
-            x = np.r_[fps[keep], max(8.0, fps[keep][-1])]
-            y = np.r_[recall[keep], recall[keep][-1]]
-            ax.plot(x, y, style, color=colour, label=label, lw=1.6 if len(curves) <= max_bands else 1.1)
-        else:
-            ax.plot([], [], style, color=colour, label=label)
-        band = summary.get("froc_band")
-        if band and band.get("lo") and len(curves) <= max_bands:
-            ax.fill_between(band["fps_grid"], band["lo"], band["hi"], color=colour, alpha=0.15, lw=0)
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(LUNA_FP_RATES[0], LUNA_FP_RATES[-1])
-    ax.set_xticks(LUNA_FP_RATES)
-    ax.set_xticklabels(["1/8", "1/4", "1/2", "1", "2", "4", "8"])
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("false positives per image")
-    ax.set_ylabel("recall (detected lesions)")
-    ax.grid(True, which="major", alpha=0.3)
-    if curves:
-        if many:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
-                      title="configuration (avg recall, seeds)" if len(groups) < len(curves) else None)
-        else:
-            ax.legend(loc="lower right", fontsize="small")
-    if title:
-        ax.set_title(title if len(curves) <= max_bands else f"{title} (one line per seed; no bands)")
-    return _save(fig, path)
+    if bands not in ("auto", "all", "none"):
+        raise ValueError(f"bands must be auto, all or none, got {bands!r}")
+    return _save(froc_figure(curves, title=title, hit_rule=hit_rule, bands=bands), path)
 
 
-def plot_size_groups(groups: Mapping[str, Mapping[str, dict]], path: str | os.PathLike) -> Path:
-    """Bars of avg recall and object Dice per size group (Fig. 3).
+def seed_aggregate(groups: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, dict]]:
+    """Size-group summaries of each configuration (``name/s0``, ``name/s1`` -> ``name``) averaged over its seeds:
+    ``avg_recall`` / ``obj_dice`` (mean), ``*_std`` (standard deviation over the seeds, None for one seed),
+    ``n_seeds`` and ``n_lesions`` (of the group)."""
+    by_config: dict[str, list] = {}
+    for label, g in groups.items():
+        by_config.setdefault(_configuration(label), []).append(g)
+    out: dict[str, dict[str, dict]] = {}
+    for config, runs in by_config.items():
+        out[config] = {}
+        for group in dict.fromkeys(g for r in runs for g in r):
+            entry: dict = {"n_seeds": len(runs),
+                           "n_lesions": next((r[group].get("n_lesions") for r in runs if group in r), None)}
+            for key in ("avg_recall", "obj_dice"):
+                vals = [r[group][key] for r in runs if r.get(group, {}).get(key) is not None]
+                entry[key] = float(np.mean(vals)) if vals else None
+                entry[f"{key}_std"] = float(np.std(vals)) if len(vals) > 1 else None
+            out[config][group] = entry
+    return out
 
-    Args:
-        groups: configuration -> group name -> summary (e.g. :func:`~trainables.metrics.size_groups`); error bars
-            from ``avg_recall_std`` / ``obj_dice_std`` when present.
-        path: PNG to write.
-    """
-    configs = list(groups)
-    group_names = list(dict.fromkeys(g for c in configs for g in groups[c]))
+
+def size_groups_figure(groups: Mapping[str, Mapping[str, dict]], *, title: str | None = None,
+                       hit_rule: str = "any overlap") -> Figure:
+    """:func:`plot_size_groups`'s figure."""
+    agg = seed_aggregate(groups)
+    configs = list(agg)
+    group_names = list(dict.fromkeys(g for c in configs for g in agg[c]))
+    n_les = {g: next((agg[c][g].get("n_lesions") for c in configs if g in agg[c]), None) for g in group_names}
+    n_seeds = sorted({e["n_seeds"] for c in configs for e in agg[c].values()})
     colours = _colours(configs)
-    fig = Figure(figsize=(max(6.4, 1.6 * len(group_names) + 3), 4.4))
+    fig = Figure(figsize=(max(8.0, 1.6 * len(group_names) * 2 + 2.5), 4.6))
     width = 0.8 / max(len(configs), 1)
-    for i, (key, label) in enumerate((("avg_recall", "avg recall"), ("obj_dice", "object Dice"))):
+    panels = (("avg_recall", f"avg recall ({hit_rule})"), ("obj_dice", "object Dice (detected lesions)"))
+    for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         for j, cfg in enumerate(configs):
-            vals = [groups[cfg].get(g, {}).get(key) for g in group_names]
-            errs = [groups[cfg].get(g, {}).get(f"{key}_std") for g in group_names]
+            vals = [agg[cfg].get(g, {}).get(key) for g in group_names]
+            errs = [agg[cfg].get(g, {}).get(f"{key}_std") for g in group_names]
             x = np.arange(len(group_names)) + (j - (len(configs) - 1) / 2) * width
-            ax.bar(
-                x,
-                [np.nan if v is None else v for v in vals],
-                width,
-                yerr=[0.0 if e is None else e for e in errs],
-                color=colours[_family(cfg)],
-                hatch=None if cfg.startswith(_IW_PREFIX) else "//",
-                edgecolor="black",
-                linewidth=0.5,
-                label=cfg,
-                capsize=2,
-            )
+            heights = [np.nan if v is None else v for v in vals]
+            ax.bar(x, heights, width, color=colours[_family(cfg)], hatch=None if cfg.startswith(_IW_PREFIX) else "//",
+                   edgecolor="black", linewidth=0.5, label=cfg)
+            has_err = [e is not None for e in errs]
+            if any(has_err):
+                ax.errorbar(x[has_err], np.asarray(heights)[has_err], yerr=np.asarray(errs, dtype=object)[has_err]
+                            .astype(float), fmt="none", ecolor="black", capsize=2, lw=0.9)
+            for xi, v in zip(x, vals):  # a zero is drawn, a missing value is said
+                if v is None:
+                    ax.text(xi, 0.015, "n/a", ha="center", va="bottom", fontsize=6.5)
+                elif v == 0:
+                    ax.plot([xi - width / 2, xi + width / 2], [0.004, 0.004], color=colours[_family(cfg)], lw=3,
+                            solid_capstyle="butt")
+                    ax.text(xi, 0.015, "0", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(np.arange(len(group_names)))
-        ax.set_xticklabels(group_names)
-        ax.set_ylim(0, 1)
+        ax.set_xticklabels([f"{g}\nn = {n_les[g]}" if n_les[g] is not None else g for g in group_names])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(label)
+        ax.set_xlabel("lesion equivalent diameter (n = hold-out lesions)")
         ax.set_title(label)
         ax.grid(True, axis="y", alpha=0.3)
     if configs:
-        fig.axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+        fig.axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    seeds = "/".join(map(str, n_seeds))
+    err = ("Error bars: ± 1 standard deviation over the seeds, on both panels." if max(n_seeds, default=1) > 1
+           else "One seed per configuration: no error bars (a case-level interval is in the report's tables).")
+    fig.suptitle(title or "By lesion size")
+    _caption(fig, f"Bars: mean over {seeds} seed(s) of each configuration; hatched: plain loss, solid: with iw. "
+             f"{err} A bar at 0 is drawn as a line with '0' above it; n/a: no value (no lesion detected).")
+    fig.tight_layout()
+    return fig
+
+
+def plot_size_groups(groups: Mapping[str, Mapping[str, dict]], path: str | os.PathLike, *,
+                     title: str | None = None, hit_rule: str = "any overlap") -> Path:
+    """Bars of avg recall and object Dice per lesion-size group (paper Fig. 3).
+
+    Args:
+        groups: run name (``iw-dice/s0``) -> group name -> summary (:func:`~trainables.metrics.size_groups`).
+            The seeds of a configuration are averaged (:func:`seed_aggregate`); the error bars are the
+            standard deviation over the seeds on both metrics, so that the two panels show the same kind of
+            interval.
+        path: PNG to write.
+    """
+    return _save(size_groups_figure(groups, title=title, hit_rule=hit_rule), path)
 
 
 def plot_diameters(
     diameters_mm: Mapping[str, Sequence[float]] | Sequence[float],
     path: str | os.PathLike,
     *,
+    cutoffs_mm: Sequence[float] = (),
     cutoff_mm: float | None = None,
 ) -> Path:
-    """Histogram of lesion equivalent diameters (Fig. 2), one series per dataset when a mapping is given;
-    ``cutoff_mm`` draws the "small lesion" line."""
+    """Histogram of lesion equivalent diameters (paper Fig. 2), one outlined series per split when a mapping
+    is given (outlines, so that overlapping splits stay readable); ``cutoffs_mm`` (or one ``cutoff_mm``) are
+    drawn and labelled as the size-group boundaries."""
     series = dict(diameters_mm) if isinstance(diameters_mm, Mapping) else {"lesions": diameters_mm}
     arrays = {k: np.asarray(v, dtype=float) for k, v in series.items()}
     values = np.concatenate([a for a in arrays.values() if a.size] or [np.zeros(0)])
-    fig = Figure(figsize=(6.4, 4.0))
+    cuts = [float(c) for c in cutoffs_mm] + ([] if cutoff_mm is None else [float(cutoff_mm)])
+    fig = Figure(figsize=(6.8, 4.2))
     ax = fig.add_subplot()
     bins = np.histogram_bin_edges(values, bins=30) if values.size else 10
-    for name, a in arrays.items():
-        ax.hist(a, bins=bins, alpha=0.6, label=f"{name} (n={a.size})")
-    if cutoff_mm is not None:
-        ax.axvline(cutoff_mm, color="black", ls="--", lw=1, label=f"{cutoff_mm:g} mm")
-    ax.set_xlabel("equivalent diameter (mm)")
+    for k, (name, a) in enumerate(arrays.items()):
+        ax.hist(a, bins=bins, histtype="step", lw=1.8, color=f"C{k % 10}", label=f"{name} (n = {a.size})")
+    for c in sorted(set(cuts)):
+        ax.axvline(c, color="black", ls=":", lw=1.2)
+        ax.annotate(f"{c:g} mm", (c, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
+                    textcoords="offset points", fontsize="small")
+    ax.set_xlabel("lesion equivalent diameter (mm)")
     ax.set_ylabel("lesions")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper right", title="split" if len(arrays) > 1 else None,
+              title_fontsize="small")
+    if cuts:
+        ax.set_title("dotted: the size-group cut-offs", fontsize="small")
     return _save(fig, path)
 
 
