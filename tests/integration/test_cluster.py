@@ -190,7 +190,7 @@ def test_two_node_study_with_mlflow_server_survives_a_lost_worker(cluster, tmp_p
     exp = client.get_experiment_by_name("cluster-tiny")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
     sweep = [r for r in runs if r.data.tags["stage"] == "sweep"]
-    holdout = [r for r in runs if r.data.tags["stage"] == "holdout"]
+    holdout = [r for r in runs if r.data.tags["stage"] == "retrain"]
     assert sorted(r.data.tags["config"] for r in sweep) == ["dice", "iw-dice"]
     assert sorted(r.data.tags["config"] for r in holdout) == ["dice", "iw-dice"]
     assert all(r.info.status == "FINISHED" for r in runs)

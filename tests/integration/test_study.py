@@ -8,6 +8,7 @@ whole study takes about a minute on two cores.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def _runs(study: Path, stage: str):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
     exp = client.get_experiment_by_name(study.name)
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{stage}' and tags.kind = 'trial'",
+    kind = "evaluation" if stage == "holdout" else "trial"  # hold-out runs evaluate the retrain trials
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{stage}' and tags.kind = '{kind}'",
                                max_results=1000)
 
 
@@ -86,7 +88,7 @@ def _histories(study: Path) -> dict[tuple[str, str], dict[str, list[tuple[int, f
 
     client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
     out = {}
-    for stage in ("sweep", "holdout"):
+    for stage in ("sweep", "retrain", "holdout"):
         for run in _runs(study, stage):
             out[(stage, run.info.run_name)] = {
                 key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
@@ -226,7 +228,7 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
         b, _ = read_image(out2 / f"{r[0]}_prob.nii.gz")
         np.testing.assert_allclose(a, b, atol=1e-6)
     # every trial run says what it was trained (and validated) on
-    for stage, contexts in (("sweep", {"training", "validation"}), ("holdout", {"training"})):
+    for stage, contexts in (("sweep", {"training", "validation"}), ("retrain", {"training"})):
         for r in _runs(study, stage):
             tags = {t.key: t.value for d in r.inputs.dataset_inputs for t in d.tags}
             got = {t.value for d in r.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
@@ -296,6 +298,62 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
     a = _numbers(json.loads((storage / "straight" / "holdout" / "summary.json").read_text()))
     b = _numbers(json.loads((study / "holdout" / "summary.json").read_text()))
     assert len(a) > 50 and a == b
+    _check_finished_study(storage, storage / "straight", tmp_path)  # last: its browser part may skip
+
+
+def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
+    """Issue 15 on a finished study: `study metrics` on its hold-out folder reproduces the report's numbers,
+    `study status --json` has the winners, hold-out table, verdict and report, the MLflow layout (stage parents,
+    selected winners, hold-out runs with records, the study run's verdict), and the UI in a real browser;
+    SIGTERM to `study ui` leaves nothing behind."""
+    from mlflow.tracking import MlflowClient
+
+    from . import ui_check
+    from .conftest import _service_pids
+
+    summary = json.loads((study / "holdout" / "summary.json").read_text())
+    res = run_study("metrics", str(study / "holdout"), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {d["file"]: d for d in map(json.loads, res.stdout.splitlines())}
+    report = (study / "report" / "report.md").read_text()
+    for label, c in summary["configs"].items():
+        got, want = rows[f"{label} (any)"], c["luna16"]
+        for key in ("avg_recall", "avg_recall_ci_low", "avg_recall_ci_high", "obj_dice", "fp_per_image"):
+            assert got[key] == want[key], (label, key)
+        assert f"| {label} | {got['avg_recall']:.3f} [{got['avg_recall_ci_low']:.3f}, " in report
+        assert rows[f"{label} (strict)"]["avg_recall"] == c["strict"]["avg_recall"]
+    status = run_study("status", study.name, "--storage", str(storage), "--json", cwd=tmp_path)
+    assert status.stdout.startswith("{\n")  # pretty-printed
+    st = json.loads(status.stdout)
+    assert sorted(w["configuration"] for w in st["selection"]["winners"]) == ["dice", "iw-dice"]
+    assert len(st["holdout"]["configurations"]) == 2 and st["holdout"]["verdict"][0]["comparison"] == "iw-dice vs dice"
+    assert st["report"].endswith("report.md") and all(s["seconds"] >= 0 for s in st["stages"].values())
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study.name)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
+    runs = _all_runs(study)
+    names = {r.info.run_name: r for r in runs}
+    assert {"stage:sweep", "stage:retrain", "stage:holdout", f"study:{study.name}"} <= set(names)
+    assert {r.data.tags.get("selected") for r in _runs(study, "sweep")} == {"true"}  # one trial per configuration
+    for r in _runs(study, "holdout"):
+        assert r.data.tags["retrain_run_id"] in {x.info.run_id for x in _runs(study, "retrain")}
+        assert {"holdout_avg_recall", "holdout_recall_at_0.125_fp"} <= set(r.data.metrics)
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"records_any.json", "records_strict.json", "froc.png"} <= files
+    root = names[f"study:{study.name}"]
+    assert root.data.tags["verdict.dice"] and "verdict.dice.avg_recall_strict" in root.data.metrics
+    assert root.data.params["training.optimizer.nesterov"] in ("true", "false")
+    assert "study.yaml" in {a.path for a in client.list_artifacts(root.info.run_id)}
+
+    ui_check.chromium()  # skips (after every other check) where no browser is installed
+    before = set(_service_pids())
+    proc, url = ui_check.start_ui(storage, study.name, tmp_path, tmp_path / "ui.log")
+    try:
+        ui_check.check_ui(url, Path(os.environ.get("STUDY_UI_SHOTS", tmp_path / "shots")),
+                          plain="dice/s0", iw="iw-dice/s0")
+    finally:
+        ui_check.sigterm_leaves_nothing(proc, before)
 
 
 def test_gpu_request_without_gpu_fails_fast(tmp_path, no_leftover_processes):

@@ -1,0 +1,130 @@
+"""The MLflow UI of a finished study in a real browser: Debian's headless Chromium driven by playwright.
+
+Used by the integration test on a finished tiny study; screenshots go to ``$STUDY_UI_SHOTS`` (default: the
+test's folder). Needs ``/usr/bin/chromium`` (``apt-get install chromium``; `.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import _service_pids, study_cmd
+
+PLACEHOLDER = 'metrics.rmse < 1 and params.model = "tree"'  # the runs page's search box (MLflow 3.17)
+PLUS = 'button:has(path[d^="M7.25 7.25V4.5"])'  # a collapsed parent run's expander
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium): the MLflow UI browser check needs it")
+    pytest.importorskip("playwright.sync_api")
+    return exe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(storage: Path, name: str, cwd: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`study ui` in its own process group; returns it and the URL it prints once the server answers."""
+    port = free_port()
+    fh = open(log, "w")  # noqa: SIM115
+    proc = subprocess.Popen(study_cmd("ui", name, "--storage", str(storage), "--port", str(port)), cwd=cwd,
+                            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        for line in log.read_text().splitlines():
+            if line.startswith("MLflow UI for study") and "http://" in line:
+                return proc, line.split(": ", 1)[1].split()[0]
+        if proc.poll() is not None:
+            pytest.fail(f"study ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"study ui printed no URL:\n{log.read_text()[-3000:]}")
+
+
+def sigterm_leaves_nothing(proc: subprocess.Popen, before: set[int]) -> None:
+    """`kill -TERM` of `study ui` (the command, not its group) ends it and everything it started."""
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    left = {}
+    while time.time() < deadline:
+        left = {p: c for p, c in _service_pids().items() if p not in before and ("mlflow" in c or "huey" in c
+                                                                                  or "uvicorn" in c or "study.cli" in c)}
+        if not left:
+            return
+        time.sleep(0.5)
+    pytest.fail("study ui left processes behind after SIGTERM: " + "; ".join(c[:100] for c in left.values()))
+
+
+def check_ui(url: str, shots: Path, *, plain: str, iw: str) -> None:
+    """Open the study's runs, filter the iw runs, compare an iw/plain sweep pair: its params and validation curve."""
+    from playwright.sync_api import sync_playwright
+
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(url, wait_until="load")
+            page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(shots / "ui_runs.png"))
+            body = page.inner_text("body")
+            assert "Token Usage" not in body, "the experiment opened on the GenAI overview"
+            for column in ("config", "iw", "val_avg_recall", "holdout_avg_recall"):  # the study's shared view
+                assert column in body, column
+
+            def search(text: str) -> list[str]:
+                box = page.get_by_placeholder(PLACEHOLDER)
+                box.fill(text)
+                box.press("Enter")
+                page.wait_for_timeout(2500)
+                for _ in range(30):  # expand the stage parents that hold the matching runs
+                    expander = page.locator("[role=gridcell] " + PLUS)
+                    if expander.count() == 0:
+                        break
+                    expander.first.click()
+                    page.wait_for_timeout(600)
+                cells = page.locator("[role=gridcell][col-id='attributes.`Run Name`']").all_inner_texts()
+                return [c.split("\n")[-1] for c in cells]
+
+            names = search("params.iw = 'true'")
+            page.screenshot(path=str(shots / "ui_iw_runs.png"))
+            trial_runs = [n for n in names if not n.startswith(("stage:", "study:"))]
+            assert trial_runs and all(n.split(":", 1)[1].startswith("iw-") for n in trial_runs), names
+            names = search("tags.stage = 'sweep'")
+            for name in (f"sweep:{plain}", f"sweep:{iw}"):
+                assert name in names, names
+                page.locator("[role=row]", has_text=name).first.locator("input[type=checkbox]").first.check()
+            page.get_by_role("button", name="Compare").click()
+            page.get_by_text("Comparing 2 Runs").wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(shots / "ui_compare.png"), full_page=True)
+            text = page.inner_text("body")
+            for param in ("loss", "iw", "config", "training.optimizer.lr"):
+                assert f"\n{param}\t" in text, param
+            assert "\niw\tfalse\ttrue" in text or "\niw\ttrue\tfalse" in text
+            page.get_by_role("link", name="val_avg_recall", exact=True).first.click()
+            page.get_by_text("Completed Runs").wait_for(timeout=60_000)
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(shots / "ui_val_curve.png"))
+            text = page.inner_text("body")
+            for name in (plain, iw):  # both runs' validation curves, at the epochs the console printed
+                assert f"sweep:{name} (val_avg_recall)" in text, text[:2000]
+            assert "(step=2)" in text and "(step=4)" in text, text[:2000]
+        finally:
+            browser.close()
