@@ -153,15 +153,15 @@ def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
     (``results``: Tune stage name -> ``study.tuner.outcomes``), the hold-out table and the verdict, the report."""
     from study.layout import STAGES
     from study.stages import SWEEP, trial_summary
-    from study.tracking import selection_rule, setting_label, verdict_short
-    from trainables.config import TrialSpec
+    from study.tracking import selection_rule, verdict_short
+    from trainables.naming import config_label
 
     out: dict = {"study": study_dir.name, "folder": str(study_dir.root), "tracking_uri": state.tracking_uri,
                  "stages": {s: state.data["stages"].get(s, {"done": False}) for s in STAGES}}
     if study_dir.selection_file.is_file():
         sel = json.loads(study_dir.selection_file.read_text())
         out["selection"] = {"rule": selection_rule(cfg), "metric": sel["metric"], "winners": [
-            {"configuration": setting_label(TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=0).label),
+            {"configuration": config_label(w),
              "loss": w["loss"], "iw": w["iw"], "params": w["params"], "score": w["score"],
              "val_obj_dice": w.get("val_obj_dice"), "seeds": len(w.get("trial_ids", []))}
             for w in sel["winners"]]}

@@ -284,9 +284,9 @@ def stage_holdout(ctx: StudyContext) -> None:
         log(f"holdout: records of {label} ready")
     summary = summarize_holdout(ctx, results, paths)
     write_text_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
-    _holdout_runs(ctx, summary)
-    _log_holdout_metrics(ctx, summary)
-    _log_models(ctx, results, summary)
+    run_ids = _holdout_runs(ctx, summary)
+    _log_holdout_metrics(ctx, summary, run_ids)
+    _log_models(ctx, results, summary, run_ids)
     tracking.finish_stage_runs(ctx.state, "holdout", {r.trial_id: "TERMINATED" for r in results})
     ctx.state.mark_done("holdout", configurations=len(results))
 
@@ -419,7 +419,7 @@ def baseline_pairs(configs: dict[str, dict[str, Any]], baseline: str) -> list[tu
             if setting[lb] != ref_setting and c["seed"] in ref]
 
 
-def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
+def _log_models(ctx: StudyContext, results, summary: dict[str, Any], run_ids: dict[str, str]) -> None:
     """Every retrained winner as an MLflow logged model, linked from its hold-out run (once: a run that has
     its model URI tag is skipped on resume), with what ``study predict --model`` needs as metadata."""
     from trainables.data import Cache
@@ -431,8 +431,10 @@ def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
     for r in results:
         label = trial_label(r.spec)
         try:
-            run = tracking.find_run(mlc, exp_id, {tracking.TRIAL_ID_TAG: r.trial_id, tracking.STAGE_TAG: "holdout"})
-            if run is None or run.data.tags.get(tracking.MODEL_URI_TAG):
+            if r.trial_id not in run_ids:
+                continue
+            run = mlc.get_run(run_ids[r.trial_id])
+            if run.data.tags.get(tracking.MODEL_URI_TAG):
                 continue
             earlier = tracking.logged_model_of(mlc, exp_id, run.info.run_id)  # logged, tag not yet set (killed)
             if earlier is not None:
@@ -452,38 +454,38 @@ def _log_models(ctx: StudyContext, results, summary: dict[str, Any]) -> None:
                 "`study predict` from the study folder still works")
 
 
-def _holdout_runs(ctx: StudyContext, summary: dict[str, Any]) -> None:
+def _holdout_runs(ctx: StudyContext, summary: dict[str, Any]) -> dict[str, str]:
     """One MLflow run per retrained winner under ``stage:holdout``: its retrain run's params plus the
-    evaluation's, its records files and a FROC figure of its own (the metrics follow)."""
+    evaluation's, its records files and a FROC figure of its own (the metrics and the model follow).
+    Returns retrain trial id -> hold-out run id."""
     from trainables.metrics.plots import plot_froc
 
     ev = ctx.cfg.evaluation
     parent = tracking.stage_parent(ctx.state, "holdout")
     mlc = tracking.client(ctx.state.tracking_uri)
     params = {"stage": "holdout", "splits.holdout": ",".join(ctx.cfg.data.holdout),
-              "holdout.cases": str((ctx.state.data["stages"].get("data") or {}).get("cases", {}).get("holdout")),
+              "holdout.cases": str(summary["splits"]["holdout"]["cases"]),
+              "holdout.lesions": str(summary["splits"]["holdout"]["lesions"]),
               "evaluation.n_boot": str(ev.n_boot), "evaluation.seed": str(ev.seed),
               "evaluation.threshold": ev.threshold,
               "evaluation.strict": f"{ev.strict.rule} {ev.strict.threshold}"}
+    run_ids = {}
     for label, c in summary["configs"].items():
-        run_id = tracking.holdout_run(ctx.state, trial_id=c["trial_id"], label=label, config=c["config"],
-                                      parent_run_id=parent, params=params)
+        run_id = run_ids[c["trial_id"]] = tracking.holdout_run(
+            ctx.state, trial_id=c["trial_id"], label=label, config=c["config"], parent_run_id=parent, params=params)
         out_dir = ctx.dir.holdout_dir / trial_folder(c)
         froc = plot_froc({label: c["luna16"]}, out_dir / "froc.png", title=f"Hold-out FROC of {label}",
                          hit_rule="any overlap")
         for path in [*c["records"].values(), froc]:
             mlc.log_artifact(run_id, str(path))
+    return run_ids
 
 
-def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
-
+def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any], run_ids: dict[str, str]) -> None:
+    """Each hold-out run's summary metrics (step 0) and its size groups' names as tags."""
     mlc = tracking.client(ctx.state.tracking_uri)
-    exp_id = ctx.state.mlflow_ids()["experiment_id"]
-    for label, c in summary["configs"].items():
-        run = tracking.find_run(mlc, exp_id, {tracking.TRIAL_ID_TAG: c["trial_id"], tracking.STAGE_TAG: "holdout"})
-        if run is None:
-            log(f"holdout: no MLflow run for {label} (trial {c['trial_id']})")
-            continue
+    for c in summary["configs"].values():
+        run_id = run_ids[c["trial_id"]]
         lu, st, pp = c["luna16"], c["strict"], c["paper2020"]
         metrics = {
             "holdout_avg_recall": lu["avg_recall"],
@@ -504,8 +506,8 @@ def _log_holdout_metrics(ctx: StudyContext, summary: dict[str, Any]) -> None:
         for name, (group, g) in zip(size_group_names(len(groups)), groups.items()):
             metrics[f"holdout_avg_recall_{name}"] = g["avg_recall"]
             metrics[f"holdout_obj_dice_{name}"] = g["obj_dice"]
-            mlc.set_tag(run.info.run_id, f"size_group_{name}", group)
-        tracking.log_metrics(mlc, run.info.run_id, metrics, step=0)
+            mlc.set_tag(run_id, f"size_group_{name}", group)
+        tracking.log_metrics(mlc, run_id, metrics, step=0)
 
 
 def size_group_names(n: int) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from trainables.config import TrialConfig
 from trainables.errors import UserError
+from trainables.naming import config_label
 
 TRIAL_ID_TAG = "trial_id"
 STAGE_TAG = "stage"
@@ -144,12 +145,6 @@ def logged_steps(mlflow_client, run_id: str) -> dict[str, set[int]]:
     return {key: {m.step for m in mlflow_client.get_metric_history(run_id, key)} for key in keys}
 
 
-def setting_label(label: str) -> str:
-    """``iw-focal[alpha=0.25,gamma=2]/s0`` -> ``iw-focal[alpha=0.25,gamma=2]``: a configuration and its
-    hyperparameters, without the seed."""
-    return label.rsplit("/", 1)[0]
-
-
 def trial_params(cfg: TrialConfig) -> dict[str, str]:
     """What a researcher compares runs by: loss, iw, the loss's own parameters (named by their loss:
     ``focal.alpha``), ``config`` (the configuration and its hyperparameters, ``iw-focal[alpha=0.25,gamma=2]``),
@@ -158,7 +153,7 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     params: dict[str, str] = {
         "loss": trial.loss,
         "iw": param_value(trial.iw),
-        "config": setting_label(trial.label),
+        "config": config_label(trial.as_dict()),
         "seed": str(trial.seed),
         "stage": run.stage,
     }
@@ -408,13 +403,7 @@ def finish_stage_runs(state, stage: str, trial_status: dict[str, str]) -> None:
     ``trial_status`` maps a Ray trial id to its final status (TERMINATED / ERROR).
     """
     mlc = client(state.tracking_uri)
-    ids = state.mlflow_ids()
-    runs = mlc.search_runs(
-        [ids["experiment_id"]],
-        filter_string=f"tags.{STUDY_TAG} = '{state.study_id}' and tags.{STAGE_TAG} = '{stage}'",
-        max_results=5000,
-    )
-    for run in runs:
+    for run in stage_runs(state, stage, kind=None):
         if run.info.status != "RUNNING":
             continue
         tid = run.data.tags.get(TRIAL_ID_TAG)
@@ -424,14 +413,13 @@ def finish_stage_runs(state, stage: str, trial_status: dict[str, str]) -> None:
             mlc.set_terminated(run.info.run_id, "FAILED" if trial_status[tid] == "ERROR" else "FINISHED")
 
 
-def stage_runs(state, stage: str, kind: str = "trial") -> list:
-    """The runs of a stage of this study (``kind``: ``trial``, ``evaluation``, ``stage``)."""
+def stage_runs(state, stage: str, kind: str | None = "trial") -> list:
+    """The runs of a stage of this study (``kind``: ``trial``, ``evaluation``, ``stage``; None: all)."""
     mlc = client(state.tracking_uri)
-    return mlc.search_runs(
-        [state.mlflow_ids()["experiment_id"]],
-        filter_string=f"tags.{STUDY_TAG} = '{state.study_id}' and tags.{STAGE_TAG} = '{stage}' "
-                      f"and tags.{KIND_TAG} = '{kind}'",
-        max_results=5000)
+    filt = f"tags.{STUDY_TAG} = '{state.study_id}' and tags.{STAGE_TAG} = '{stage}'"
+    if kind is not None:
+        filt += f" and tags.{KIND_TAG} = '{kind}'"
+    return mlc.search_runs([state.mlflow_ids()["experiment_id"]], filter_string=filt, max_results=5000)
 
 
 def tag_selection(state, selection: dict[str, Any], rule: str) -> None:

@@ -120,7 +120,7 @@ def froc_figure(curves: Mapping[str, dict], *, title: str | None = None, hit_rul
             if len(lines) == 1:
                 (name, (x, y)), = lines.items()
                 band = curves[name].get("froc_band") or {}
-                if bands in ("auto", "all") and band.get("lo"):
+                if bands == "auto" and band.get("lo"):
                     g = np.asarray(band["fps_grid"], float)
                     keep = g <= x[-1] * (1 + 1e-9)
                     if keep.sum() >= 1:
@@ -133,9 +133,8 @@ def froc_figure(curves: Mapping[str, dict], *, title: str | None = None, hit_rul
                     ax.plot(x, y, style, color=colour, lw=0.8, alpha=0.6, marker="o" if x.size == 1 else None,
                             ms=3, mfc="none")
                 x = FROC_GRID[FROC_GRID <= reach] if reach >= FROC_GRID[0] else FROC_GRID[:1]
-                ys = np.array([np.interp(x, np.asarray(curves[n]["froc"]["fps"], float),
-                                         np.asarray(curves[n]["froc"]["recall"], float)) for n in lines])
-                if bands in ("auto", "all"):
+                ys = np.array([np.interp(x, curves[n]["froc"]["fps"], curves[n]["froc"]["recall"]) for n in lines])
+                if bands == "auto":
                     ax.fill_between(x, ys.min(0), ys.max(0), color=colour, alpha=0.15, lw=0)
                     shading.add(f"range over the {len(lines)} seeds")
                 y = ys.mean(0)
@@ -180,14 +179,14 @@ def plot_froc(curves: Mapping[str, dict], path: str | os.PathLike, *, title: str
             ``n_images``, ``n_lesions``).
         path: PNG to write.
         title: the figure's title; the case and lesion counts and ``hit_rule`` are added to it.
-        bands: ``auto``/``all``: shade a single seed's 95 % case-bootstrap band, or the range over several
-            seeds; ``none``: lines only.
+        bands: ``auto``: shade a single seed's 95 % case-bootstrap band, or the range over several seeds;
+            ``none``: lines only.
 
     Each line is :func:`froc_line`: from 1/8 FP/image to the FP rate its model reaches. The legend (below each
     panel, outside the data) gives each configuration's avg recall, its mean over seeds first.
     """
-    if bands not in ("auto", "all", "none"):
-        raise ValueError(f"bands must be auto, all or none, got {bands!r}")
+    if bands not in ("auto", "none"):
+        raise ValueError(f"bands must be auto or none, got {bands!r}")
     return _save(froc_figure(curves, title=title, hit_rule=hit_rule, bands=bands), path)
 
 
