@@ -28,18 +28,27 @@ _ARTIFACTS = ("trial_config.json", "val_records.json", "val_froc.png")
 
 
 class StudyCallback(tune.Callback):
-    def __init__(self, stage: str):
+    """``asha_file``: the sweep's persisted rungs (:mod:`study.asha`), read for the trials ASHA stopped: their
+    runs are FINISHED with a ``stopped_at_epoch`` tag and never get metrics past that epoch."""
+
+    def __init__(self, stage: str, asha_file: str | None = None):
         self.stage = stage
+        self.asha_file = asha_file
         self._runs: dict[str, str] = {}
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
         self._configs: dict[str, TrialConfig] = {}
         self._client = None
 
     def __getstate__(self):  # pickled into the experiment: no client, no cache
-        return {"stage": self.stage}
+        return {"stage": self.stage, "asha_file": self.asha_file}
 
     def __setstate__(self, state):
-        self.__init__(state["stage"])
+        self.__init__(state["stage"], state.get("asha_file"))
+
+    def _asha(self):
+        from study.asha import AshaState
+
+        return AshaState.read(Path(self.asha_file)) if self.asha_file else None
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -100,6 +109,14 @@ class StudyCallback(tune.Callback):
             parts += [f"val recall {result['val_avg_recall']:.3f}", f"objDice {result.get('val_obj_dice', 0):.3f}",
                       f"FP/img {result.get('val_fp_per_image', 0):.1f}"]
         parts.append(f"{result.get('epoch_seconds', 0.0):.1f} s/epoch")
+        asha = self._asha()
+        stopped = asha.stopped_at(trial.trial_id) if asha is not None else None
+        if stopped is not None and epoch + 1 > stopped:
+            return  # restored past the rung where ASHA had stopped it: this epoch does not count
+        if stopped is not None:
+            parts.append(f"stopped by ASHA ({asha.describe(trial.trial_id)})")
+        elif asha is not None and asha.decision(trial.trial_id, epoch + 1) == "continue":
+            parts.append("ASHA: continues")
         self._print("  ".join(parts))
 
         def log():
@@ -117,10 +134,17 @@ class StudyCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials) + 1
-        self._print(f"{self._cfg(trial).trial.label} finished ({min(done, len(trials))}/{len(trials)})")
+        asha = self._asha()
+        stopped = asha.stopped_at(trial.trial_id) if asha is not None else None
+        how = f"stopped by ASHA after epoch {stopped}" if stopped is not None else "finished"
+        self._print(f"{self._cfg(trial).trial.label} {how} ({min(done, len(trials))}/{len(trials)})")
 
         def close():
             run_id = self._run_id(trial)
+            if asha is not None and asha.trials.get(trial.trial_id, {}).get("decisions"):
+                self._mlc().set_tag(run_id, "asha", asha.describe(trial.trial_id)[:5000])
+            if stopped is not None:
+                self._mlc().set_tag(run_id, "stopped_at_epoch", str(stopped))
             ckpt = trial.checkpoint
             if ckpt is not None:
                 for name in _ARTIFACTS:

@@ -23,7 +23,7 @@ from study.tables import fmt, text_table
 from trainables.config import StudyConfig, TrialSpec
 from trainables.errors import DataError, UserError
 from trainables.io_utils import json_default, write_text_atomic
-from trainables.naming import trial_folder, trial_label, trial_slug
+from trainables.naming import config_name, trial_folder, trial_label, trial_slug
 
 SWEEP, RETRAIN = "sweep", "retrain"
 
@@ -114,10 +114,22 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     space = param_space(ctx.cfg, trials=trials, cache_dir=ctx.cache_dir(), stage=stage_tag,
                         experiment_id=ids["experiment_id"], parent_run_id=parent, study_id=ctx.state.study_id)
     log(f"{name}: {len(trials)} trial(s), resources per trial {ctx.cfg.resources.as_ray()}")
+    scheduler = None
+    if stage_tag == "sweep":
+        from study.asha import make_scheduler, state_file
+
+        scheduler = make_scheduler(ctx.cfg, state_file(ctx.dir.ray_dir, name))
+        if scheduler is not None:
+            sch = ctx.cfg.scheduler
+            log(f"{name}: ASHA on {sch.metric}, rungs at epochs "
+                f"{', '.join(map(str, sch.milestones(ctx.cfg.training.epochs)))} of {ctx.cfg.training.epochs}, "
+                f"η = {sch.reduction_factor}, one set of rungs per "
+                f"{'(loss, iw) configuration' if ctx.cfg.selection.mode == 'per-config' else 'study'}; "
+                f"decisions kept in {state_file(ctx.dir.ray_dir, name)}")
     run_experiment(
         storage=ctx.dir.ray_dir, name=name, trainable=train_trial, resources=ctx.cfg.resources.as_ray(),
         param_space=space, metric=None, max_concurrent=ctx.cfg.max_concurrent_trials,
-        max_failures=ctx.cfg.failure.max_failures,
+        max_failures=ctx.cfg.failure.max_failures, scheduler=scheduler,
     )
     results = outcomes(ctx.dir.ray_dir, name)
     left = unfinished(results, len(trials))
@@ -159,12 +171,22 @@ def trial_table(results, indent: str = "") -> str:
     return text_table(rows, indent=indent)
 
 
+def trial_epochs(results) -> int:
+    """Epochs the trials of a stage trained (a stopped trial's up to its rung)."""
+    return sum(len(r.history) for r in results)
+
+
 def stage_sweep(ctx: StudyContext) -> None:
     results = _run_tune_stage(ctx, name=SWEEP, stage_tag="sweep", trials=list(ctx.cfg.trials))
     errors = [r for r in results if r.status == "ERROR"]
     for r in errors:
         log(f"sweep: trial {trial_label(r.spec)} ended in error: {r.error}")
-    ctx.state.mark_done("sweep", trials=len(results), errors=len(errors))
+    stopped = sum(r.status == "STOPPED" for r in results)
+    used, full = trial_epochs(results), len(results) * ctx.cfg.training.epochs
+    if ctx.cfg.scheduler.type == "asha":
+        log(f"sweep: ASHA stopped {stopped} of {len(results)} trial(s) early; {used} of {full} trial-epochs "
+            f"trained ({used / max(full, 1):.2f})")
+    ctx.state.mark_done("sweep", trials=len(results), errors=len(errors), stopped=stopped, trial_epochs=used)
 
 
 # ---------------------------------------------------------------------------------------------- select
@@ -177,12 +199,29 @@ def _score(outcome, metric: str, scope: str) -> float | None:
     return outcome.measured(metric)
 
 
+def _reached(r, epochs: int) -> int:
+    """The epochs a finished trial was judged at: all of them, or the rung where ASHA stopped it."""
+    return epochs if r.status == "TERMINATED" else int(r.stopped_at_epoch)
+
+
 def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
-    """Best hyperparameters per (loss, iw) configuration (mean over seeds), or the top-k overall."""
+    """Best hyperparameters per (loss, iw) configuration (mean over seeds), or the top-k overall.
+
+    Under ASHA the candidates of a configuration (of the study, for top-k) are its trials that reached the
+    highest epoch any of them reached (the last epoch, unless every one was stopped or errored), scored there;
+    the trials ASHA stopped below it are listed under ``stopped``."""
     sel = cfg.selection
-    finished = [r for r in results if r.status == "TERMINATED"]
+    epochs = cfg.training.epochs
+    done = [r for r in results if r.status in ("TERMINATED", "STOPPED")]
     excluded = [{"trial": r.spec, "status": r.status, "reason": r.error} for r in results
-                if r.status != "TERMINATED"]
+                if r.status not in ("TERMINATED", "STOPPED")]
+    group = (lambda r: config_name(r.spec["loss"], r.spec["iw"])) if sel.mode == "per-config" else (lambda r: "all")
+    top: dict[str, int] = {}
+    for r in done:
+        top[group(r)] = max(top.get(group(r), 0), _reached(r, epochs))
+    finished = [r for r in done if _reached(r, epochs) == top[group(r)]]
+    stopped = [{"trial": r.spec, "stopped_at_epoch": r.stopped_at_epoch} for r in done
+               if _reached(r, epochs) < top[group(r)]]
     points: dict[str, dict[str, Any]] = {}
     for r in finished:
         spec = TrialSpec.from_dict(r.spec)
@@ -192,6 +231,7 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
         p["scores"].append(_score(r, sel.metric, sel.scope))
         p["obj_dice"].append(r.measured("val_obj_dice"))
         p["trial_ids"].append(r.trial_id)
+        p["judged_at_epoch"] = _reached(r, epochs)
     ranked = []
     for order, p in enumerate(points.values()):
         scores = [s for s in p["scores"] if s is not None]
@@ -212,8 +252,11 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
         winners.sort(key=lambda p: p["order"])
     for p in winners:
         p.pop("order", None)
-    return {"metric": sel.metric, "scope": sel.scope, "mode": sel.mode, "winners": winners,
-            "excluded": excluded, "candidates": len(ranked)}
+    out = {"metric": sel.metric, "scope": sel.scope, "mode": sel.mode, "winners": winners,
+           "excluded": excluded, "candidates": len(ranked)}
+    if cfg.scheduler.type == "asha":
+        out["asha"] = {"max_epochs": epochs, "judged_at_epoch": top, "stopped": stopped}
+    return out
 
 
 def stage_select(ctx: StudyContext) -> None:
@@ -226,7 +269,9 @@ def stage_select(ctx: StudyContext) -> None:
     write_text_atomic(ctx.dir.selection_file, json.dumps(selection, indent=2))
     for w in selection["winners"]:
         spec = TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=0)
-        log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}")
+        at = w.get("judged_at_epoch", ctx.cfg.training.epochs)
+        where = "" if at == ctx.cfg.training.epochs else f" at epoch {at} (no trial of it reached the last epoch)"
+        log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}{where}")
     try:
         mlc = tracking.client(ctx.state.tracking_uri)
         mlc.log_artifact(ctx.state.mlflow_ids()["study_run_id"], str(ctx.dir.selection_file))
@@ -405,8 +450,6 @@ def iw_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, int, str, st
 def baseline_pairs(configs: dict[str, dict[str, Any]], baseline: str) -> list[tuple[str, int, str, str]]:
     """``(configuration, seed, baseline label, its label)`` for every configuration other than ``baseline``
     (a configuration name such as ``dice_ce``) retrained with a seed the baseline has too."""
-    from trainables.naming import config_name
-
     setting = {label: label.rsplit("/", 1)[0] for label in configs}  # configuration and parameters, no seed
     refs = {setting[lb] for lb, c in configs.items() if config_name(c["loss"], c["iw"]) == baseline}
     if len(refs) != 1:

@@ -164,6 +164,8 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     params["splits.train"] = ",".join(run.splits)
     plain = study.to_dict()
     params.update(flat_params({key: plain[key] for key in ("training", "model", "inference")}))
+    if run.validates:  # how the sweep validated and stopped trials (subset: the intermediate validations')
+        params.update(flat_params({key: plain[key] for key in ("validation", "scheduler")}))
     params["training.epochs"] = str(run.epochs)
     if trial.iw:
         clip = study.iw.clip

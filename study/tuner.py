@@ -4,7 +4,8 @@ Pitfalls handled here (see ../shared/reference/ray-tune-mlflow.md):
 
 * ``Tuner.restore`` needs the *same wrapped* trainable: resources come from the frozen config, so the
   restored trials get the same ``with_resources`` request (a bare function would silently give 1 CPU/0 GPU).
-* No scheduler: Tune does not persist scheduler state on restore (ray#30838), FIFO keeps resumes unbiased.
+* Tune does not persist a scheduler's state on restore (ray#30838): FIFO by default; ``scheduler: asha`` uses
+  :class:`study.asha.AshaScheduler`, whose rungs live in a file beside the experiment and are read back.
 * After Ctrl+C ``fit()`` returns normally and reports unfinished trials as TERMINATED; completion is
   decided here from what each trial last reported (``training_done``), never from Ray's status alone.
 * A GPU (or custom-resource) request that no node can satisfy fails fast instead of waiting forever.
@@ -85,11 +86,12 @@ def _dirname(trial) -> str:
 class TrialOutcome:
     trial_id: str
     spec: dict[str, Any]
-    status: str  # TERMINATED (really finished), ERROR, or UNFINISHED
+    status: str  # TERMINATED (really finished), STOPPED (by ASHA at a rung), ERROR, or UNFINISHED
     last: dict[str, Any]
     checkpoint_path: str | None
     error: str | None
     history: list[dict[str, Any]]
+    stopped_at_epoch: int | None = None  # the rung epoch (1-based) where ASHA stopped it
 
     def measured(self, metric: str) -> float | None:
         """``metric`` at the last epoch that measured it (the last result when no history was read)."""
@@ -109,11 +111,13 @@ def run_experiment(
     metric: str | None,
     max_concurrent: int | None,
     max_failures: int,
+    scheduler=None,
     verbose: int = 0,
 ) -> None:
     """Run (or resume) the Tune experiment ``storage/name`` until Tune returns."""
     from ray import tune
 
+    from study.asha import state_file as asha_state_file
     from study.callbacks import StudyCallback
 
     # frequent experiment-state snapshots are what makes a SIGKILL lose at most one epoch: don't warn about them
@@ -128,14 +132,14 @@ def run_experiment(
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max" if metric else None, num_samples=1,
-                max_concurrent_trials=max_concurrent, trial_dirname_creator=_dirname,
+                max_concurrent_trials=max_concurrent, trial_dirname_creator=_dirname, scheduler=scheduler,
             ),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[StudyCallback(name)],
+                callbacks=[StudyCallback(name, asha_file=str(asha_state_file(storage, name)))],
                 verbose=verbose,
             ),
         )
@@ -146,6 +150,8 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
     """Read the experiment's trials from disk (no running Ray needed), sorted by trial id (grid order)."""
     from ray import tune
 
+    from study.asha import AshaState
+    from study.asha import state_file as asha_state_file
     from study.callbacks import error_reason
 
     path = storage / name
@@ -153,19 +159,27 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
         return []
     analysis = tune.ExperimentAnalysis(str(path))
     histories = analysis.trial_dataframes  # trial id -> every reported result (progress.csv)
+    asha = AshaState.read(asha_state_file(storage, name))
     out = []
     for trial in analysis.trials:
         last = dict(trial.last_result or {})
+        history = epoch_history(histories.get(trial.trial_id))
+        stopped = asha.stopped_at(trial.trial_id) if asha is not None else None
         if trial.status == "ERROR":
             status = "ERROR"
         elif last.get("training_done"):
             status = "TERMINATED"
+        elif stopped is not None and trial.status == "TERMINATED":
+            status = "STOPPED"
+            # a trial restored past its rung after a kill may have reported one more epoch before it was stopped
+            # again: what counts is what it had at the rung
+            history = [h for h in history if int(h["epoch"]) < stopped]
+            last = {**last, **history[-1]} if history else last
         else:
             status = "UNFINISHED"
-        history = epoch_history(histories.get(trial.trial_id))
         ckpt = trial.checkpoint.path if trial.checkpoint is not None else None
         out.append(TrialOutcome(trial.trial_id, dict(trial.config.get("trial", {})), status, last, ckpt,
-                                error_reason(trial), history))
+                                error_reason(trial), history, stopped if status == "STOPPED" else None))
     out.sort(key=lambda o: o.trial_id)
     return out
 

@@ -233,16 +233,26 @@ class InferenceConfig(Section):
 
 
 class ValidationConfig(Section):
-    """Per-epoch validation of sweep trials (selection metric = ``val_avg_recall`` under luna16)."""
+    """Validation of sweep trials (selection metric = ``val_avg_recall`` under luna16): every ``every`` epochs,
+    at the ASHA rung epochs and at the last epoch.
+
+    ``subset: n``: the intermediate validations (rung decisions included) use a fixed subset of ``n`` validation
+    cases, the same for every trial (drawn with ``seed`` from the sorted case ids, at least one with a lesion);
+    the last epoch always validates on the whole split. ``null``: the whole split every time.
+    """
 
     n_boot: Int = 0
     every: Int = 1
+    subset: Int | None = None
+    seed: Int = 0
 
     def check(self, err: Err) -> None:
         if self.n_boot < 0:
             err("n_boot", "must be >= 0")
         if self.every < 1:
             err("every", "must be >= 1")
+        if self.subset is not None and self.subset < 1:
+            err("subset", "must be a positive number of validation cases or null (the whole split)")
 
 
 class StrictRuleConfig(Section):
@@ -292,6 +302,11 @@ class EvaluationConfig(Section):
             err("size_cutoff_mm", "must be > 0")
 
 
+#: the validation metrics a sweep trial reports at every validation (higher is better)
+SCORE_METRICS = ("val_avg_recall", "val_obj_dice")
+SCHEDULERS = ("fifo", "asha")
+
+
 class SelectionConfig(Section):
     """Winners: the best trial per (loss, iw) configuration (``per-config``) or the ``top-k`` overall."""
 
@@ -305,10 +320,51 @@ class SelectionConfig(Section):
             err("mode", "must be 'per-config' or 'top-k'")
         if self.k < 1:
             err("k", "must be >= 1")
-        if self.metric not in ("val_avg_recall", "val_obj_dice"):
-            err("metric", "must be val_avg_recall or val_obj_dice")
+        if self.metric not in SCORE_METRICS:
+            err("metric", f"must be one of {', '.join(SCORE_METRICS)}")
         if self.scope not in ("last", "best"):
             err("scope", "must be 'last' (the last epoch, as the paper) or 'best'")
+
+
+class SchedulerConfig(Section):
+    """How the sweep spends its trial-epochs: ``fifo`` (every trial to the end, the default) or ``asha``.
+
+    ASHA (asynchronous successive halving, Li et al. 2020; Ray's stop rule): rungs at ``grace_epochs`` ×
+    ``reduction_factor``^k epochs below ``max_epochs``; a trial reaching a rung stops when its ``metric`` is
+    below the (1 − 1/η) quantile of the values earlier trials of its (loss, iw) configuration recorded there.
+    ``study.asha`` keeps the rungs in the study folder, so a resumed sweep makes the same decisions.
+    ``max_epochs``: null = ``training.epochs``.
+    """
+
+    type: Str = "fifo"
+    metric: Str = "val_avg_recall"
+    grace_epochs: Int = 1
+    reduction_factor: Int = 3
+    max_epochs: Int | None = None
+
+    def check(self, err: Err) -> None:
+        if self.type not in SCHEDULERS:
+            err("type", f"unknown scheduler {self.type!r}; known: {', '.join(SCHEDULERS)}")
+        if self.metric not in SCORE_METRICS:
+            err("metric", f"{self.metric!r} is never reported by a trial; a trial reports "
+                          f"{', '.join(SCORE_METRICS)} (higher is better) at its validations")
+        if self.grace_epochs < 1:
+            err("grace_epochs", "must be a positive number of epochs")
+        if self.reduction_factor < 2:
+            err("reduction_factor", f"must be >= 2 (got {self.reduction_factor}): η keeps 1/η of the trials "
+                                    "at each rung")
+        if self.max_epochs is not None and self.grace_epochs >= self.max_epochs:
+            err("grace_epochs", f"must be < scheduler.max_epochs ({self.max_epochs}): no rung would be left")
+
+    def milestones(self, epochs: int) -> tuple[int, ...]:
+        """The rung epochs (1-based epoch counts) of a trial of ``epochs`` epochs: G·η^k < epochs."""
+        if self.type != "asha":
+            return ()
+        out, m = [], self.grace_epochs
+        while m < epochs:
+            out.append(m)
+            m *= self.reduction_factor
+        return tuple(out)
 
 
 class ResourcesConfig(Section):
@@ -415,6 +471,7 @@ class StudyConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     search: SearchConfig = SearchConfig()
     selection: SelectionConfig = SelectionConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     retrain_epochs: Int | None = None
     resources: ResourcesConfig = ResourcesConfig()
     max_concurrent_trials: Int | None = None
@@ -428,6 +485,13 @@ class StudyConfig(Section):
             err("retrain_epochs", "must be a positive integer or null")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             err("max_concurrent_trials", "must be a positive integer or null")
+        sch = self.scheduler
+        if sch.max_epochs is not None and sch.max_epochs != self.training.epochs:
+            err("scheduler.max_epochs", f"must equal training.epochs ({self.training.epochs}), the sweep trials' "
+                                        "full length (or be left out)")
+        if sch.type == "asha" and sch.grace_epochs >= self.training.epochs:
+            err("scheduler.grace_epochs", f"must be < scheduler.max_epochs ({self.training.epochs}): "
+                                          "no rung would be left")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON/YAML-safe), the frozen form written into the study folder (with ``data.cache_dir``

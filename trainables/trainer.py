@@ -104,6 +104,11 @@ class Trainer:
             next_batch = int(state["sampler"]["next_batch"])
         self.cache = Cache(study.data.cache_dir)
         self.val_ids = self.cache.case_ids(study.data.val) if cfg.run.validates else []
+        v = study.validation
+        self.val_subset = (validation_subset(self.cache, self.val_ids, v.subset, v.seed)
+                           if v.subset is not None and v.subset < len(self.val_ids) else self.val_ids)
+        # the ASHA rung epochs (1-based) of a sweep trial: validated there, on the subset, whatever `every` says
+        self.rungs = set(study.scheduler.milestones(cfg.run.epochs)) if cfg.run.stage == "sweep" else set()
         clip = study.iw.clip
         t = study.training
         self.sampler = PatchSampler(
@@ -127,24 +132,27 @@ class Trainer:
             loss_fn = functools.partial(loss_fn, **extras)
         return train_step(self.model, self.optimizer, self.scaler, loss_fn, image, target, weight, self.precision)
 
-    def validate(self, out_dir: str, *, calibrate: bool) -> dict[str, float]:
-        """Whole-volume validation: records under the ``any`` rule (saved in ``out_dir``), luna16 summary.
+    def validate(self, out_dir: str, *, calibrate: bool, case_ids: list[str] | None = None) -> dict[str, float]:
+        """Whole-volume validation of ``case_ids`` (default: the whole validation split): records under the
+        ``any`` rule (saved in ``out_dir``), luna16 summary, ``val_n_cases``.
 
         ``calibrate``: also choose the binarisation threshold that maximises the validation object Dice
         (``val_threshold``; ``evaluation.threshold: calibrated``), from the same logits.
         """
         study = self.cfg.study
+        case_ids = list(self.val_ids if case_ids is None else case_ids)
         thresholds = CALIBRATION_THRESHOLDS if calibrate else (0.5,)
-        by_t = predict_records(self.model, self.cache, self.val_ids, inference=study.inference,
+        by_t = predict_records(self.model, self.cache, case_ids, inference=study.inference,
                                rules={"any": ("any", None)}, device=self.device, precision=self.precision,
                                thresholds=thresholds)
         records = self.val_records = by_t[0.5]["any"]
         save_records(Path(out_dir) / VAL_RECORDS_FILE, records, meta={"splits": list(study.data.val)})
         summary = summarize(records, protocol="luna16", n_boot=study.validation.n_boot, seed=0)
         if summary["avg_recall"] is None:
-            raise ValueError(f"the validation cases ({', '.join(self.val_ids)}) contain no lesion: "
+            raise ValueError(f"the validation cases ({', '.join(case_ids)}) contain no lesion: "
                              "nothing to validate on")
         out = {
+            "val_n_cases": len(case_ids),
             "val_avg_recall": float(summary["avg_recall"]),
             # no lesion detected: no object Dice; 0 keeps the metric comparable across epochs
             "val_obj_dice": float(summary["obj_dice"]) if summary["obj_dice"] is not None else 0.0,
@@ -209,8 +217,10 @@ class Trainer:
                 if self.resumed and epoch == self.start_epoch:
                     metrics["resumed_from_epoch"] = self.start_epoch  # the driver tags the MLflow run with it
                 with tempfile.TemporaryDirectory() as ckpt_dir:
-                    if self.val_ids and ((epoch + 1) % every == 0 or last):
-                        metrics.update(self.validate(ckpt_dir, calibrate=last and calibrated))
+                    if self.val_ids and ((epoch + 1) % every == 0 or last or epoch + 1 in self.rungs):
+                        # intermediate validations on the fixed subset (if any), the last on the whole split
+                        metrics.update(self.validate(ckpt_dir, calibrate=last and calibrated,
+                                                     case_ids=None if last else self.val_subset))
                     metrics["epoch_seconds"] = time.perf_counter() - t0
                     metrics["train_seconds"] = train_seconds
                     self.checkpoint(epoch, ckpt_dir)
@@ -227,6 +237,19 @@ class Trainer:
             summary = summarize(self.val_records, protocol="luna16",
                                 n_boot=max(self.cfg.study.validation.n_boot, 100), seed=0)
             plot_froc({label: summary}, Path(ckpt_dir) / VAL_FROC_FILE, title=f"validation FROC, {label}")
+
+
+def validation_subset(cache: Cache, case_ids: list[str], n: int, seed: int) -> list[str]:
+    """``n`` of the validation cases, the same for every trial of a study: drawn with ``seed`` from the sorted
+    ids; when the draw holds no lesion, its last case is replaced by the first drawn-over case with one."""
+    ids = sorted(case_ids)
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    chosen = order[:n]
+    if not any(cache.meta(c).get("n_lesions", 0) for c in chosen):
+        with_lesion = next((c for c in order[n:] if cache.meta(c).get("n_lesions", 0)), None)
+        if with_lesion is not None:
+            chosen[-1] = with_lesion
+    return sorted(chosen)
 
 
 def inject_faults(trainer: Trainer, testing: TestingConfig) -> Trainer:
