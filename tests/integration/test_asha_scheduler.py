@@ -2,8 +2,8 @@
 Ray's own ASHA bracket makes when the same values arrive one after another in grid order.
 
 The trainable is synthetic (no network: each epoch sleeps and reports a value fixed by the trial's config) so
-the arrival order can be forced: later trials are faster, so they reach each rung before the trials they are
-judged against and have to wait (PAUSE) for them.
+the arrival order can be forced: the first three trials are slow at first, so later trials reach the first rung
+before the trials they are judged against and have to wait (PAUSE) for them.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ pytestmark = pytest.mark.integration
 
 EPOCHS = 9
 SCHED = SchedulerConfig(type="asha", metric="val_avg_recall", grace_epochs=1, reduction_factor=3)
-# (group, value per epoch): the value curve of each trial; later trials run faster
+# (iw, value per epoch): the value curve of each trial
 CURVES = [
     (False, [0.30, 0.40, 0.50, 0.55, 0.60, 0.62, 0.64, 0.65, 0.66]),
     (False, [0.20, 0.45, 0.46, 0.47, 0.48, 0.49, 0.50, 0.51, 0.52]),
     (True, [0.50, 0.50, 0.50, 0.50, 0.50, 0.50, 0.50, 0.50, 0.50]),
     (False, [0.25, 0.38, 0.60, 0.61, 0.62, 0.63, 0.64, 0.65, 0.70]),
     (False, [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90]),
-    (True, [0.40, 0.60, 0.70, 0.70, 0.70, 0.70, 0.70, 0.70, 0.70]),
+    (True, [0.60, 0.60, 0.70, 0.70, 0.70, 0.70, 0.70, 0.70, 0.70]),
     (False, [0.33, 0.52, 0.53, 0.54, 0.55, 0.56, 0.57, 0.58, 0.59]),
     (True, [0.45, 0.45, 0.40, 0.40, 0.40, 0.40, 0.40, 0.40, 0.40]),
 ]
@@ -44,12 +44,16 @@ def _trainable(config):
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
-    with open(config["starts"], "a") as fh:
-        fh.write(f"{i} {start}\n")
+    if start:
+        with open(config["arrivals"], "a") as fh:
+            fh.write(f"restart {i} {start}\n")
     for epoch in range(start, EPOCHS):
-        time.sleep(0.05 + 0.05 * (len(CURVES) - i))  # trial 7 is the fastest
+        # later trials reach the first rung before trials 0-2 do (trial 5 before trial 2, the first of its group)
+        time.sleep({0: 3.0, 1: 3.0, 2: 8.0}.get(i, 0.1) if epoch == 0 else 0.1)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            with open(config["arrivals"], "a") as fh:  # when this trial reached the end of this epoch
+                fh.write(f"{i} {epoch + 1} {time.time()}\n")
             tune.report({"epoch": epoch, "val_avg_recall": CURVES[i][1][epoch], "training_done": epoch + 1 == EPOCHS},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -81,10 +85,10 @@ def test_decisions_equal_serial_asha_whatever_the_arrival_order(tmp_path, no_lef
 
     expected = _serial_decisions()
     assert any(v is not None for v in expected.values()) and any(v is None for v in expected.values())
-    starts = tmp_path / "starts.txt"
+    arrivals = tmp_path / "arrivals.txt"
     state_path = tmp_path / "sweep-asha.json"
     scheduler = AshaScheduler(state_path, settings_of(SCHED, EPOCHS, per_config=True))
-    space = {"starts": str(starts), "trial": tune.grid_search(
+    space = {"arrivals": str(arrivals), "trial": tune.grid_search(
         [{"loss": "bce", "iw": iw, "params": {}, "seed": i} for i, (iw, _) in enumerate(CURVES)])}
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
@@ -105,6 +109,16 @@ def test_decisions_equal_serial_asha_whatever_the_arrival_order(tmp_path, no_lef
     for result in grid:
         i = result.config["trial"]["seed"]
         assert result.metrics["epoch"] + 1 == (expected[i] or EPOCHS), i
-    # the forced order made some trial wait for an earlier one (PAUSE: it restarted from its rung checkpoint)
-    restarts = [line.split() for line in starts.read_text().splitlines() if not line.endswith(" 0")]
-    assert restarts, "no trial had to wait: the test did not exercise the grid-order rule"
+    # the forced order: a trial reached the first rung before an earlier trial of its group did
+    first = {}
+    lines = arrivals.read_text().splitlines()
+    # a trial that waited and was then promoted resumed from its rung checkpoint (Tune's PAUSE, then unpause)
+    assert any(line.startswith("restart ") for line in lines), "no waiting trial was promoted"
+    for line in lines:
+        if line.startswith("restart "):
+            continue
+        i, epoch, t = line.split()
+        if int(epoch) == 1:
+            first.setdefault(int(i), float(t))
+    assert any(first[j] < first[i] for i in first for j in first if j > i and CURVES[i][0] == CURVES[j][0]), \
+        "every trial reached the first rung in grid order: the test did not exercise the grid-order rule"
