@@ -609,6 +609,45 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 }
 
 
+#: channels-last must beat the plain layout by this fraction of its step time to be chosen
+LAYOUT_MARGIN = 0.05
+
+
+def choose_layout(ctx: StudyContext) -> None:
+    """``model.channels_last: null``: the memory layout of this study's trials, chosen once from a measurement
+    and kept in ``state.json`` (so a resumed study, its retrain and its hold-out use the same numerics).
+
+    CPU trials: :func:`trainables.step.layout_seconds` times the study's own step in both layouts side by side;
+    channels-last is chosen only when it is at least 5 % faster (measured within noise of each other on this
+    project's 2-core machines at the CPU preset, so the plain layout stays). GPU trials are not timed on the
+    driver: the plain layout, unless ``model.channels_last: true`` (``python -m trainables.gpu_bench`` on a GPU
+    node measures both).
+    """
+    from trainables.step import layout_seconds
+
+    if ctx.cfg.model.channels_last is not None:
+        return
+    choice = ctx.state.data.get("layout")
+    if choice is None:
+        if ctx.cfg.resources.gpu > 0:
+            choice = {"channels_last": False, "measured": None,
+                      "reason": "GPU trials: not measured on the driver; the plain layout"}
+        else:
+            ms = layout_seconds(ctx.cfg, ctx.cfg.trials[0])
+            faster = ms["channels_last"] < (1 - LAYOUT_MARGIN) * ms["ncdhw"]
+            choice = {"channels_last": faster, "measured": {k: round(v, 4) for k, v in ms.items()},
+                      "reason": (f"CPU step {1000 * ms['ncdhw']:.0f} ms NCDHW vs {1000 * ms['channels_last']:.0f} ms "
+                                 f"channels-last, measured side by side "
+                                 f"({'channels-last' if faster else 'NCDHW'}: channels-last must be "
+                                 f"{100 * LAYOUT_MARGIN:.0f} % faster)")}
+        ctx.state.data["layout"] = choice
+        ctx.state.save()
+    ctx.cfg = ctx.cfg.model_copy(update={"model": ctx.cfg.model.model_copy(
+        update={"channels_last": bool(choice["channels_last"])})})
+    log(f"memory layout: {'channels-last' if choice['channels_last'] else 'NCDHW'} ({choice['reason']}; "
+        "set model.channels_last to fix it)")
+
+
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
     from study.plan import measured_step, step_line
@@ -616,6 +655,7 @@ def run_stages(ctx: StudyContext) -> None:
 
     tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name, cfg=ctx.cfg)
     ctx.state.record_environment(describe())
+    choose_layout(ctx)
     step = measured_step(ctx.cfg)
     if step is not None:
         ctx.state.data.setdefault("step_seconds", []).append(round(step, 4))

@@ -8,7 +8,8 @@
    fills ~40 % of the patch, the worst case of the fast path).
 2. One training iteration (forward + backward + SGD step, Dice loss) of :class:`trainables.unet.UNet3D` at width
    1.0 and at :data:`trainables.unet.CPU_PRESET_WIDTH` on a 2×1×64³ batch, and at the preset width on 2×1×32³
-   (the demo's batch), with the torch thread count printed.
+   (the demo's batch) in both memory layouts, alternating (NCDHW vs channels-last, their ratio), with the torch
+   thread count printed.
 
 Timings are medians over repeats after one warm-up; other processes on the machine inflate them. Default runtime
 is about a minute on 2 cores (``--quick``: ~20 s).
@@ -129,16 +130,29 @@ def bench_unet(repeats: int, quick: bool, threads: int) -> None:
     )
     print(f"{'width':>6}{'params':>12}{'batch':>12}  {'layout':<18}{'ms / iter':>10}")
     runs = [
-        (1.0, 64, None, 1 if quick else 2),
-        (CPU_PRESET_WIDTH, 64, None, repeats),
-        (CPU_PRESET_WIDTH, 32, None, repeats * 2),
-        (CPU_PRESET_WIDTH, 32, False, repeats * 2),
+        (1.0, 64, 1 if quick else 2),
+        (CPU_PRESET_WIDTH, 64, repeats),
     ]
-    for width, side, channels_last, n in runs:
-        ms = _median_ms(_step_fn(width, side, channels_last), n)
-        layout = {None: "auto (CL on CPU)", True: "channels-last", False: "NCDHW"}[channels_last]
+    for width, side, n in runs:
+        ms = _median_ms(_step_fn(width, side, False), n)
         params = count_parameters(UNet3D(width=width))
-        print(f"{width:>6g}{params:>12,}{f'2x1x{side}³':>12}  {layout:<18}{ms:>10.1f}")
+        print(f"{width:>6g}{params:>12,}{f'2x1x{side}³':>12}  {'NCDHW':<18}{ms:>10.1f}")
+    # the memory layout, side by side: the two models step in alternation, so a load change hits both
+    steps = {"NCDHW": _step_fn(CPU_PRESET_WIDTH, 32, False), "channels-last": _step_fn(CPU_PRESET_WIDTH, 32, True)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(repeats * 4 + 1):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            t0 = time.perf_counter()
+            steps[name]()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    params = count_parameters(UNet3D(width=CPU_PRESET_WIDTH))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    for name, value in ms.items():
+        print(f"{CPU_PRESET_WIDTH:>6g}{params:>12,}{'2x1x32³':>12}  {name:<18}{value:>10.1f}")
+    ratio = ms["channels-last"] / ms["NCDHW"]
+    print(f"channels-last / NCDHW = {ratio:.2f} (alternating A/B, {repeats * 4} steps each); a study with "
+          f"model.channels_last: null takes channels-last only when its own step measures >= 5 % faster")
     print(
         f"(CPU_PRESET_WIDTH = {CPU_PRESET_WIDTH:g}; its 2x1x32³ step is meant to be ~100-150 ms on 1 thread)"
     )

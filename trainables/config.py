@@ -131,7 +131,8 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The authors' U-Net; ``width`` scales every channel count (1.0 = 11,074,306 parameters).
 
-    ``channels_last``: run in ``torch.channels_last_3d`` memory format; null = on CPU only (faster there).
+    ``channels_last``: run in ``torch.channels_last_3d`` memory format; null = chosen per study from a
+    measurement of both layouts on the trials' device kind (``study.stages.choose_layout``).
     """
 
     width: Float = 1.0

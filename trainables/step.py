@@ -138,3 +138,41 @@ def step_seconds(study: StudyConfig, trial: TrialSpec, *, iters: int = 3, warmup
     finally:
         torch.set_num_threads(threads)
     return statistics.median(times)
+
+
+def layout_seconds(study: StudyConfig, trial: TrialSpec, *, rounds: int = 6, device: str = "cpu") -> dict[str, float]:
+    """Median seconds of one training step of ``trial`` in the plain NCDHW layout and in channels-last, measured
+    side by side: the two models (same weights) step in alternation, ``rounds`` times each after one warm-up
+    step, so a load change on the machine hits both. Returns ``{"ncdhw": s, "channels_last": s}``."""
+    import statistics
+
+    from trainables.evaluate import build_model
+    from trainables.losses import get_loss
+    from trainables.trainer import build_optimizer
+
+    t = study.training
+    threads = torch.get_num_threads()
+    torch.set_num_threads(study.resources.threads)
+    try:
+        shape = (t.batch_size, 1, *t.patch_size)
+        image = torch.rand(shape, device=device)
+        target = (torch.rand(shape, device=device) > 0.97).float()
+        weight = torch.ones(shape, device=device) if trial.iw else None
+        loss_fn = get_loss(trial.loss, **trial.params)
+        precision = Precision.for_device(device, t.amp)
+        runs = {}
+        for name, cl in (("ncdhw", False), ("channels_last", True)):
+            torch.manual_seed(0)
+            model = build_model(study.model.model_copy(update={"channels_last": cl})).to(device)
+            runs[name] = (model, build_optimizer(model, t.optimizer))
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(rounds + 1):
+            order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+            for name in order:
+                model, opt = runs[name]
+                step, _ = time_steps(model, opt, loss_fn, image, target, weight, precision, iters=1, warmup=0)
+                if r:  # round 0 warms both up
+                    times[name].extend(step)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -103,10 +103,10 @@ class UNet3D(nn.Module):
         width: channel multiplier, ``> 0``; 1.0 is the paper's network (11,074,306 parameters with one input and
             one output channel), :data:`CPU_PRESET_WIDTH` the CPU presets.
         channels_last: run the layers in ``torch.channels_last_3d`` memory format (the input is converted in
-            ``forward``; the output is returned contiguous). ``None`` (default) = on CPU inputs only, where oneDNN
-            is faster for narrow layers (a 4-channel 3×3×3 convolution backward on 2×4×32³: 2-3×; a whole
-            2×1×32³ step at widths 0.125-0.5: 0-25 %); ``True``/``False`` = always/never. Same results up to
-            float rounding.
+            ``forward``; the output is returned contiguous). ``None``/``False`` = the plain NCDHW layout. A study
+            leaves ``model.channels_last: null`` to the measurement of :func:`trainables.step.layout_seconds`
+            (the faster layout of its own step on the trials' device kind, chosen once per study). Same results
+            up to float rounding.
 
     Forward:
         ``x``: float tensor ``(B, in_channels, D, H, W)`` with D, H, W positive multiples of 8 (the network pools
@@ -161,7 +161,7 @@ class UNet3D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.channels_last or (self.channels_last is None and x.device.type == "cpu"):
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         x = self.init(x)
         e1 = self.enc1(x)

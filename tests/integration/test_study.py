@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 TINY = {
     "name": "tiny",
     "data": {"source": "phantom", "phantom": {"cases": 8, "seed": 0, "shape": [32, 48, 48]}},
-    "model": {"width": 0.125},
+    "model": {"width": 0.125, "channels_last": False},  # runs compared with each other: one layout
     "training": {"epochs": 4, "iterations": 4, "patch_size": [32, 32, 32],
                  "lr_schedule": {"milestones": [3], "gamma": 0.1}},
     "inference": {"window": [32, 48, 48], "stride": [32, 48, 48]},
@@ -242,23 +242,39 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and "--config focal: not a configuration" in res.stderr
 
 
+def _asha_log(study: Path) -> list[dict]:
+    p = study / "ray" / "sweep-asha.json"
+    return json.loads(p.read_text())["log"] if p.is_file() else []
+
+
+def _asha_outcome(study: Path) -> dict[str, tuple]:
+    """Trial label -> (how it ended, the epoch ASHA stopped it at, its decisions)."""
+    trials = json.loads((study / "ray" / "sweep-asha.json").read_text())["trials"]
+    return {t["label"]: (t["end"], t["stopped_at_epoch"], t["decisions"]) for t in trials.values()}
+
+
 def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_path, no_leftover_processes):
-    """Issues 6 and 10: one study killed mid-sweep, resumed, killed again during retrain and resumed ends with
-    exactly the MLflow history (one value per metric and step, equal values) and the summary.json numbers of
-    an uninterrupted run of the same seeds on this machine; the report and its figures appear."""
-    space = _space(tmp_path, search={"losses": {"dice": {"iw": [False, True]}}, "seeds": [0]},
-                   validation={"n_boot": 0, "every": 2}, testing={"sleep_per_iteration": 0.25})
+    """Issues 6, 10 and 16: one ASHA study killed after its first rung decision, resumed, killed again during
+    retrain and resumed ends with the same stopped and completed trials, winners and MLflow statuses, exactly
+    the MLflow history (one value per metric and step, equal values) and the summary.json numbers of an
+    uninterrupted run of the same seeds on this machine; the report and its figures appear."""
+    space = _space(tmp_path, search={"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]},
+                   training={**TINY["training"], "iterations": 8, "optimizer": {"lr": 0.05}},
+                   scheduler={"type": "asha", "metric": "val_obj_dice", "grace_epochs": 1, "reduction_factor": 2},
+                   validation={"n_boot": 0, "every": 2, "subset": 1}, testing={"sleep_per_iteration": 0.15})
     storage = tmp_path / "studies"
 
     reference = run_study("launch", str(space), "--storage", str(storage), "--name", "straight", cwd=tmp_path)
     assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
+    straight_asha = _asha_outcome(storage / "straight")
+    assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped"}, straight_asha
 
     study = storage / "killed"
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
-    wait_for(lambda: _checkpoints(study, "sweep", 1), timeout=300, proc=proc, log=log)
+    wait_for(lambda: len(_asha_log(study)) >= 1, timeout=300, proc=proc, log=log)
     assert not _state(study)["stages"].get("sweep", {}).get("done")
-    kill_group(proc)  # 1: mid-sweep
+    kill_group(proc)  # 1: mid-sweep, right after the first rung decision
 
     log2 = tmp_path / "resume.log"
     proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log2)
@@ -273,13 +289,26 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
     report = study / "report" / "report.md"
     text = report.read_text()
     assert "Table 2 analogue" in text and text.index("## Verdict") < text.index("## Hold-out results")
-    assert "- iw-dice vs dice (1 seed): strict (IoU ≥ 0.3) avg recall" in text
+    assert "- iw-dice vs dice (2 seeds): strict (IoU ≥ 0.3) avg recall" in text
+    # ASHA: the same trials stopped at the same rungs by the same decisions, the same winners, same run statuses
+    assert _asha_outcome(study) == straight_asha
+    winners = lambda st: [{k: v for k, v in w.items() if k != "trial_ids"}  # noqa: E731 (ids differ per study)
+                          for w in json.loads((st / "selection.json").read_text())["winners"]]
+    assert winners(study) == winners(storage / "straight")
+    statuses = lambda st: {(r.info.run_name, r.info.status, r.data.tags.get("stopped_at_epoch"))  # noqa: E731
+                           for r in _all_runs(st) if r.info.run_name != "study:" + st.name}
+    assert statuses(study) == statuses(storage / "straight")
+    stopped = {n: e for n, (_, e, _) in straight_asha.items() if e is not None}
+    for r in _runs(study, "sweep"):
+        label = r.info.run_name.removeprefix("sweep:")
+        assert r.info.status == "FINISHED"
+        assert r.data.tags.get("stopped_at_epoch") == (str(stopped[label]) if label in stopped else None)
     for png in ("froc.png", "size_groups.png", "diameters.png", "curves.png"):
         assert (study / "report" / png).stat().st_size > 1000
 
     holdout = _runs(study, "holdout")
-    assert sorted(r.data.tags["config"] for r in holdout) == ["dice", "iw-dice"]
-    assert len({r.data.tags["trial_id"] for r in holdout}) == 2
+    assert sorted(r.data.tags["config"] for r in holdout) == ["dice", "dice", "iw-dice", "iw-dice"]
+    assert len({r.data.tags["trial_id"] for r in holdout}) == 4
     assert all("holdout_avg_recall" in r.data.metrics for r in holdout)
     assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
 
@@ -291,8 +320,13 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
         for key, points in metrics.items():
             if key in ("train_loss", "lr") or key.startswith(("val_", "holdout_")):
                 assert killed[run][key] == points, (run, key)
-    sweep_val = [m["val_avg_recall"] for (stage, _), m in straight.items() if stage == "sweep"]
-    assert all([s for s, _ in v] == [2, 4] for v in sweep_val)  # validation every 2 epochs: logged there only
+    for (stage, name), m in straight.items():
+        if stage == "sweep":  # validation at the rungs (1, 2: one case) and every 2 epochs; the last on all cases
+            label = name.removeprefix("sweep:")
+            rungs = [1, 2][: stopped.get(label, 2)]
+            last = [] if label in stopped else [4]
+            assert [s for s, _ in m["val_avg_recall"]] == rungs + last, name
+            assert [v for _, v in m["val_n_cases"]] == [1] * len(rungs) + [2] * len(last), name
 
     # summary.json: every number identical (the same study twice on one machine, one run interrupted twice)
     a = _numbers(json.loads((storage / "straight" / "holdout" / "summary.json").read_text()))
@@ -326,7 +360,7 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     assert status.stdout.startswith("{\n")  # pretty-printed
     st = json.loads(status.stdout)
     assert sorted(w["configuration"] for w in st["selection"]["winners"]) == ["dice", "iw-dice"]
-    assert len(st["holdout"]["configurations"]) == 2 and st["holdout"]["verdict"][0]["comparison"] == "iw-dice vs dice"
+    assert len(st["holdout"]["configurations"]) == 4 and st["holdout"]["verdict"][0]["comparison"] == "iw-dice vs dice"
     assert st["report"].endswith("report.md") and all(s["seconds"] >= 0 for s in st["stages"].values())
 
     client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
@@ -335,7 +369,9 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     runs = _all_runs(study)
     names = {r.info.run_name: r for r in runs}
     assert {"stage:sweep", "stage:retrain", "stage:holdout", f"study:{study.name}"} <= set(names)
-    assert {r.data.tags.get("selected") for r in _runs(study, "sweep")} == {"true"}  # one trial per configuration
+    # the winners' trials that reached the last epoch are selected; a trial ASHA stopped is not
+    for r in _runs(study, "sweep"):
+        assert r.data.tags["selected"] == ("false" if r.data.tags.get("stopped_at_epoch") else "true"), r.info.run_name
     for r in _runs(study, "holdout"):
         assert r.data.tags["retrain_run_id"] in {x.info.run_id for x in _runs(study, "retrain")}
         assert {"holdout_avg_recall", "holdout_recall_at_0.125_fp"} <= set(r.data.metrics)
