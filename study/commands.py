@@ -163,7 +163,8 @@ def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
         out["selection"] = {"rule": selection_rule(cfg), "metric": sel["metric"], "winners": [
             {"configuration": config_label(w),
              "loss": w["loss"], "iw": w["iw"], "params": w["params"], "score": w["score"],
-             "val_obj_dice": w.get("val_obj_dice"), "seeds": len(w.get("trial_ids", []))}
+             "val_obj_dice": w.get("val_obj_dice"), "seeds": len(w.get("trial_ids", [])),
+             "judged_at_epoch": w.get("judged_at_epoch", cfg.training.epochs)}
             for w in sel["winners"]]}
     out["trials"] = {name: [trial_summary(r) for r in rs] for name, rs in results.items()}
     started = len(out["trials"][SWEEP])

@@ -107,6 +107,10 @@ def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
     lines += [f"  {label}" for label in p["trials"]]
     lines.append(f"trial-epochs: sweep {p['sweep_trial_epochs']}, retrain {p['retrain_trial_epochs']} "
                  f"({p['retrain_trials']} retrained winner trial(s)), {p['iterations_per_epoch']} iterations each")
+    if cfg.scheduler.type == "asha":
+        rungs = ", ".join(map(str, cfg.scheduler.milestones(cfg.training.epochs)))
+        lines.append(f"ASHA stops sweep trials early at epochs {rungs}: the sweep figures are the FIFO maximum "
+                     f"(python -m study.bench_asha measures the saving on the phantom)")
     if "step_seconds" not in p:
         lines.append(step_line(cfg, None))
     else:

@@ -176,6 +176,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
             f"batch {t.batch_size}, patches {'×'.join(map(str, t.patch_size))}, SGD lr {t.optimizer.lr:g}, "
             f"U-Net width {cfg.model.width:g}. Winners chosen by {cfg.selection.metric} "
             f"({cfg.selection.mode}) on validation, retrained on train+validation, last-epoch model evaluated.")))
+        blocks.append(("p", search_line(summary.get("search"), cfg)))
     blocks.append(("p", splits_line(summary)))
     blocks.append(("h2", "Hold-out results (Table 2 analogue)"))
     blocks.append(("p", (
@@ -226,6 +227,38 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
         "another machine (other CPU, other thread count, a GPU) changes the last bits of every SGD step, and "
         "models near a decision boundary (short iw training) can then differ visibly.")))
     return blocks
+
+
+def search_line(search: dict[str, Any] | None, cfg) -> str:
+    """How the sweep searched and validated: FIFO or ASHA (rungs, trials stopped, trial-epochs used, the epoch
+    the winners were judged at) and which validation cases the intermediate validations used."""
+    t, v = cfg.training, cfg.validation
+    search = search or {}
+    if cfg.scheduler.type == "asha":
+        used, full = search.get("trial_epochs"), search.get("full_trial_epochs") or len(cfg.trials) * t.epochs
+        rungs = ", ".join(map(str, cfg.scheduler.milestones(t.epochs)))
+        text = (f"Search: ASHA on {cfg.scheduler.metric} (rungs at epochs {rungs} of {t.epochs}, "
+                f"η = {cfg.scheduler.reduction_factor}, one set of rungs per "
+                f"{'(loss, iw) configuration' if cfg.selection.mode == 'per-config' else 'study'}, decisions in "
+                f"grid order): {search.get('stopped', '?')} of {search.get('trials', len(cfg.trials))} sweep "
+                f"trials stopped early")
+        if used is not None:
+            text += f", {used} of {full} trial-epochs trained ({used / full:.2f} of FIFO)"
+        early = {c: e for c, e in (search.get("judged_at_epoch") or {}).items() if e is not None and e < t.epochs}
+        text += (". Winners chosen among the trials that reached the last epoch" if not early else
+                 ". Winners chosen among the trials that reached the highest epoch of their configuration: "
+                 + ", ".join(f"{c} at epoch {e} (no trial of it reached the last)" for c, e in sorted(early.items())))
+        text += ". "
+    else:
+        text = f"Search: every sweep trial trained all {t.epochs} epochs (FIFO). "
+    rungs = ", at the ASHA rungs" if cfg.scheduler.type == "asha" else ""
+    text += f"Validation every {v.every} epoch(s){rungs} and at the last epoch"
+    if v.subset is not None:
+        text += (f"; the intermediate validations on a fixed subset of {v.subset} validation case(s) (seed "
+                 f"{v.seed}, the same for every trial), the last one on the whole validation split.")
+    else:
+        text += ", each on the whole validation split."
+    return text
 
 
 def splits_line(summary: dict[str, Any]) -> str:

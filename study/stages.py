@@ -420,10 +420,32 @@ def summarize_holdout(ctx: StudyContext, results, paths: dict[str, dict[str, str
     cut_rule = ("the study's cut-off (evaluation.size_cutoff_mm)" if ev.size_cutoff_mm is not None
                 else "the 1/3 and 2/3 quantiles of the hold-out lesion diameters" if cutoffs else None)
     return {"study": ctx.dir.name, "size_cutoffs_mm": cutoffs, "size_cut_rule": cut_rule, "splits": splits,
+            "search": search_summary(ctx),
             "configs": configs, "verdict": verdict,
             "baseline_comparison": baseline,
             "diameters_mm": diameters, "strict_rule": [ev.strict.rule, ev.strict.threshold],
             "environment": describe()}
+
+
+def search_summary(ctx: StudyContext) -> dict[str, Any]:
+    """How the sweep spent its trial-epochs and validated (for the report): scheduler, trials stopped early,
+    trial-epochs used of the FIFO total, the epoch each configuration's winner was judged at, the validation
+    subset."""
+    cfg, sweep = ctx.cfg, ctx.state.data["stages"].get("sweep", {})
+    out: dict[str, Any] = {"scheduler": cfg.scheduler.type, "trials": sweep.get("trials"),
+                           "trial_epochs": sweep.get("trial_epochs"),
+                           "full_trial_epochs": len(cfg.trials) * cfg.training.epochs,
+                           "validation_every": cfg.validation.every, "validation_subset": cfg.validation.subset,
+                           "validation_seed": cfg.validation.seed}
+    if cfg.scheduler.type == "asha":
+        sch = cfg.scheduler
+        out.update(metric=sch.metric, reduction_factor=sch.reduction_factor, stopped=sweep.get("stopped"),
+                   rungs=list(sch.milestones(cfg.training.epochs)))
+        if ctx.dir.selection_file.is_file():
+            sel = json.loads(ctx.dir.selection_file.read_text())
+            out["judged_at_epoch"] = {config_name(w["loss"], w["iw"]): w.get("judged_at_epoch")
+                                      for w in sel["winners"]}
+    return out
 
 
 def iw_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, int, str, str]]:
@@ -620,8 +642,8 @@ def choose_layout(ctx: StudyContext) -> None:
     CPU trials: :func:`trainables.step.layout_seconds` times the study's own step in both layouts side by side;
     channels-last is chosen only when it is at least 5 % faster (measured within noise of each other on this
     project's 2-core machines at the CPU preset, so the plain layout stays). GPU trials are not timed on the
-    driver: the plain layout, unless ``model.channels_last: true`` (``python -m trainables.gpu_bench`` on a GPU
-    node measures both).
+    driver: the plain layout, unless ``model.channels_last: true`` (``python -m trainables.gpu_bench --layout`` on
+    a GPU node measures both).
     """
     from trainables.step import layout_seconds
 
@@ -631,7 +653,8 @@ def choose_layout(ctx: StudyContext) -> None:
     if choice is None:
         if ctx.cfg.resources.gpu > 0:
             choice = {"channels_last": False, "measured": None,
-                      "reason": "GPU trials: not measured on the driver; the plain layout"}
+                      "reason": "GPU trials: not measured on the driver; `python -m trainables.gpu_bench --layout` "
+                                "on a GPU node compares both"}
         else:
             ms = layout_seconds(ctx.cfg, ctx.cfg.trials[0])
             faster = ms["channels_last"] < (1 - LAYOUT_MARGIN) * ms["ncdhw"]

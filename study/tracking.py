@@ -353,7 +353,10 @@ def selection_rule(cfg) -> str:
     sel = cfg.selection
     scope = "last validation" if sel.scope == "last" else "best validation over the epochs"
     who = "best per (loss, iw)" if sel.mode == "per-config" else f"top {sel.k} overall"
-    return f"{who} by {sel.metric} ({scope}), mean over seeds"
+    among = (", among the trials that reached the highest epoch of their "
+             f"{'configuration' if sel.mode == 'per-config' else 'study'} (ASHA)" if cfg.scheduler.type == "asha"
+             else "")
+    return f"{who} by {sel.metric} ({scope}), mean over seeds{among}"
 
 
 def describe_study(state, study_dir, cfg) -> None:

@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--configs", nargs="*", default=list(PAPER_CONFIGS), choices=list(PAPER_CONFIGS))
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--layout", action="store_true",
+                        help="only compare the NCDHW and channels-last memory layouts (Dice step, AMP off and on, "
+                             "alternating A/B): what `model.channels_last` should be on this device")
     args = parser.parse_args(argv)
     print_machine()
     device = torch.device(args.device)
@@ -92,6 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_params = count_parameters(UNet3D(width=args.width))
     print(f"# {card}; torch {torch.__version__}; UNet3D width {args.width:g} ({n_params:,} parameters); "
           f"batch {args.batch} x 1 x {args.size}^3; median of {args.iters} iterations after {args.warmup} warm-up")
+    if args.layout:
+        from trainables.config import ModelConfig, ResourcesConfig, StudyConfig, TrainingConfig, TrialSpec
+        from trainables.step import layout_seconds
+
+        for amp in (False, True):
+            study = StudyConfig(model=ModelConfig(width=args.width),
+                                training=TrainingConfig(batch_size=args.batch, patch_size=(args.size,) * 3, amp=amp),
+                                resources=ResourcesConfig(cpu=torch.get_num_threads()))
+            ms = layout_seconds(study, TrialSpec(loss="dice", iw=False, seed=0), rounds=args.iters,
+                                device=device.type)
+            print(f"AMP {'on' if amp else 'off'}: NCDHW {1000 * ms['ncdhw']:.1f} ms, channels-last "
+                  f"{1000 * ms['channels_last']:.1f} ms per step, ratio {ms['channels_last'] / ms['ncdhw']:.2f}",
+                  flush=True)
+        return 0
     print("| configuration | AMP | ms / iteration | peak GPU memory (GiB) | 10,000 iterations (h) |")
     print("|---|---|---|---|---|")
     rows = []

@@ -206,3 +206,35 @@ def test_verdict_sentence_names_resolved_size_groups():
     assert ("By size, resolved under the strict rule: <6.0 mm lesions: strict avg recall +0.15 [+0.03, +0.26], "
             "object Dice -0.01 [-0.20, +0.20].") in text
     assert ">=6.0 mm" not in text  # its strict interval spans 0
+
+
+@pytest.mark.parametrize("measured,gpu,chosen", [
+    ({"ncdhw": 0.100, "channels_last": 0.090}, 0, True),  # 10 % faster: channels-last
+    ({"ncdhw": 0.100, "channels_last": 0.097}, 0, False),  # within the 5 % margin: the plain layout
+    ({"ncdhw": 0.100, "channels_last": 0.120}, 0, False),
+    (None, 1, False),  # GPU trials are not timed on the driver
+])
+def test_layout_is_measured_once_and_kept(tmp_path, monkeypatch, measured, gpu, chosen):
+    import trainables.step
+    from study.layout import StudyDir, StudyState
+    from study.stages import StudyContext, choose_layout
+
+    calls = []
+
+    def fake(cfg, trial, **kw):
+        calls.append(trial.label)
+        return measured
+
+    monkeypatch.setattr(trainables.step, "layout_seconds", fake)
+    cfg = config_from_dict({"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": gpu}})
+    state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
+    ctx = StudyContext(StudyDir(tmp_path), cfg, state)
+    choose_layout(ctx)
+    assert ctx.cfg.model.channels_last is chosen and len(calls) == (gpu == 0)
+    again = StudyContext(StudyDir(tmp_path), cfg, StudyState.load(tmp_path / "state.json"))
+    choose_layout(again)  # a resumed study reads the choice back: no second measurement
+    assert again.cfg.model.channels_last is chosen and len(calls) == (gpu == 0)
+    fixed = StudyContext(StudyDir(tmp_path), cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"channels_last": True})}), state)
+    choose_layout(fixed)  # set in the search space: left as it is
+    assert fixed.cfg.model.channels_last is True
