@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.tune.schedulers import TrialScheduler
 
 from trainables.config import SchedulerConfig, StudyConfig
 from trainables.io_utils import write_text_atomic
@@ -194,13 +195,7 @@ def make_scheduler(cfg: StudyConfig, path: Path):
     return AshaScheduler(path, settings_of(cfg.scheduler, cfg.training.epochs, cfg.selection.mode == "per-config"))
 
 
-def _tune_scheduler_base():
-    from ray.tune.schedulers import TrialScheduler
-
-    return TrialScheduler
-
-
-class AshaScheduler(_tune_scheduler_base()):
+class AshaScheduler(TrialScheduler):
     """The Tune side of :class:`AshaState` (module docstring). Pickled with the experiment as its settings and
     the state file's path only; the rungs are read from the file."""
 
@@ -269,8 +264,6 @@ class AshaScheduler(_tune_scheduler_base()):
             self.state.end(trial.trial_id, ERRORED)
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        from ray.tune.schedulers import TrialScheduler
-
         tid = trial.trial_id
         self._promoted.discard(tid)
         if "epoch" not in result:

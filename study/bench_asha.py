@@ -28,7 +28,7 @@ from typing import Any
 
 from study.config import config_from_dict
 from trainables.environment import one_line, print_machine
-from trainables.naming import config_name
+from trainables.naming import config_label, config_name
 
 TARGET_RATIO = 0.40
 
@@ -80,12 +80,6 @@ def run_sweep(space: dict[str, Any], storage: Path, *, num_cpus: int | None) -> 
     return {"cfg": cfg, "results": results, "selection": select_winners(results, cfg), "seconds": seconds}
 
 
-def _point(spec: dict[str, Any]) -> str:
-    from trainables.naming import config_label
-
-    return config_label(spec)
-
-
 def point_scores(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Configuration (with its parameters) -> its (loss, iw), the epoch it was judged at (the highest any of its
     seeds reached) and the mean metric of those seeds there."""
@@ -94,7 +88,7 @@ def point_scores(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     by_point: dict[str, list] = defaultdict(list)
     for r in run["results"]:
         if r.status in ("TERMINATED", "STOPPED"):
-            by_point[_point(r.spec)].append(r)
+            by_point[config_label(r.spec)].append(r)
     out = {}
     for name, rs in by_point.items():
         level = max(epochs if r.status == "TERMINATED" else r.stopped_at_epoch for r in rs)
@@ -121,36 +115,32 @@ def kendall(fifo: dict[str, dict], asha: dict[str, dict], names: list[str]) -> f
     return None if tau != tau else float(tau)  # NaN: one side constant
 
 
-def trial_epochs(run: dict[str, Any]) -> int:
-    from study.stages import trial_epochs as count
-
-    return count(run["results"])
-
-
 def compare(fifo: dict[str, Any], asha: dict[str, Any]) -> dict[str, Any]:
     from study.asha import AshaState, state_file
-    from study.stages import SWEEP
+    from study.stages import SWEEP, trial_epochs
 
     f_scores, a_scores = point_scores(fifo), point_scores(asha)
     names = sorted(f_scores)
     groups = sorted({f_scores[n]["group"] for n in names})
     winners = {}
     state = AshaState.read(state_file(asha["dir"], SWEEP))
-    label_to_tid = {t["label"]: tid for tid, t in state.trials.items()}
+    point_tids = defaultdict(list)  # configuration (with parameters) -> its ASHA trial ids
+    for r in asha["results"]:
+        point_tids[config_label(r.spec)].append(r.trial_id)
     for w_f in fifo["selection"]["winners"]:
         group = config_name(w_f["loss"], w_f["iw"])
         w_a = next(w for w in asha["selection"]["winners"] if config_name(w["loss"], w["iw"]) == group)
-        name_f = _point({"loss": w_f["loss"], "iw": w_f["iw"], "params": w_f["params"], "seed": 0})
-        name_a = _point({"loss": w_a["loss"], "iw": w_a["iw"], "params": w_a["params"], "seed": 0})
+        name_f = config_label({"loss": w_f["loss"], "iw": w_f["iw"], "params": w_f["params"], "seed": 0})
+        name_a = config_label({"loss": w_a["loss"], "iw": w_a["iw"], "params": w_a["params"], "seed": 0})
         entry = {"fifo": name_f, "asha": name_a, "same": name_f == name_a}
         if not entry["same"]:
             entry["fifo_score_gap"] = f_scores[name_f]["score"] - f_scores[name_a]["score"]
-            tid = label_to_tid.get(f"{name_f}/s0")
-            entry["why"] = (f"ASHA stopped {name_f}: {state.describe(tid)}" if tid else "")
+            entry["why"] = "; ".join(f"ASHA stopped {name_f}: {state.describe(tid)}" for tid in point_tids[name_f]
+                                     if state.stopped_at(tid) is not None)
         winners[group] = entry
     return {
-        "trial_epochs": {"fifo": trial_epochs(fifo), "asha": trial_epochs(asha)},
-        "ratio": trial_epochs(asha) / trial_epochs(fifo),
+        "trial_epochs": {"fifo": trial_epochs(fifo["results"]), "asha": trial_epochs(asha["results"])},
+        "ratio": trial_epochs(asha["results"]) / trial_epochs(fifo["results"]),
         "seconds": {"fifo": fifo["seconds"], "asha": asha["seconds"]},
         "kendall_tau": {"all": kendall(f_scores, a_scores, names),
                         **{g: kendall(f_scores, a_scores, [n for n in names if f_scores[n]["group"] == g])

@@ -193,3 +193,17 @@ def test_validation_subset_is_fixed_seeded_and_holds_a_lesion():
     assert len(a) == 3 and "c7" in a  # the only lesion case replaces a drawn case
     assert len({tuple(validation_subset(Cache(), ids, 3, seed=s)) for s in range(5)}) > 1  # the seed draws
     assert sorted(validation_subset(Cache(), ids, 10, seed=0)) == sorted(ids)
+
+
+def test_bench_rank_agreement_orders_by_epoch_judged_then_score():
+    from study.bench_asha import kendall
+
+    fifo = {n: {"score": s} for n, s in zip("abcd", [0.9, 0.7, 0.5, 0.3])}
+    # ASHA ran a and b to the end (epoch 9) and stopped c, d earlier: the same order as FIFO
+    same = {"a": {"epoch": 9, "score": 0.8}, "b": {"epoch": 9, "score": 0.6}, "c": {"epoch": 3, "score": 0.95},
+            "d": {"epoch": 1, "score": 0.99}}
+    assert kendall(fifo, same, list("abcd")) == pytest.approx(1.0)
+    # the FIFO best stopped first: every pair with it is discordant, b/c/d keep their order
+    flipped = {**same, "a": {"epoch": 1, "score": 0.1}}
+    assert kendall(fifo, flipped, list("abcd")) == pytest.approx(0.0)
+    assert kendall(fifo, same, ["a"]) is None
