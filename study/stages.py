@@ -75,14 +75,22 @@ def stage_data(ctx: StudyContext) -> None:
 
     d = ctx.cfg.data
     if d.source == "phantom":
+        ph = d.phantom
         phantom_dir = ctx.dir.data_dir / "phantom"
         manifest = phantom_dir / "manifest.csv"
         if not manifest.is_file():
-            log(f"data: generating the phantom dataset ({d.phantom.cases} cases, seed {d.phantom.seed})")
-            manifest = make_phantom(phantom_dir, n_cases=d.phantom.cases, seed=d.phantom.seed,
-                                    shape=tuple(d.phantom.shape), contrast=tuple(d.phantom.contrast),
-                                    noise=d.phantom.noise)
-        cache = prepare_cache(manifest, ctx.cache_dir(), preset="none")
+            log(f"data: generating the {ph.kind} phantom dataset ({ph.cases} cases, seed {ph.seed})")
+            if ph.kind == "lidc":
+                from trainables.data.lidc_phantom import make_lidc_phantom, write_data_summary
+
+                manifest = make_lidc_phantom(phantom_dir, n_cases=ph.cases, seed=ph.seed, shape=tuple(ph.shape),
+                                             nodules_per_case=tuple(ph.nodules_per_case))
+                for line in write_data_summary(phantom_dir):
+                    log(f"data: {line.strip()}")
+            else:
+                manifest = make_phantom(phantom_dir, n_cases=ph.cases, seed=ph.seed, shape=tuple(ph.shape),
+                                        contrast=tuple(ph.contrast), noise=ph.noise)
+        cache = prepare_cache(manifest, ctx.cache_dir(), preset="luna16" if ph.kind == "lidc" else "none")
     elif d.source == "manifest":
         log(f"data: preparing {d.path} with preset {d.preset}")
         cache = prepare_cache(d.path, ctx.cache_dir(), preset=d.preset)

