@@ -114,3 +114,18 @@ def test_a_missing_or_unreadable_database_is_named_with_the_install_command(tmp_
     assert main(["data", "phantom", "--kind", "lidc", "--lidc-db", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.sqlite" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("phantom,key,needle", [
+    ({"kind": "ct"}, "data.phantom.kind", "unknown phantom 'ct'; known: ellipsoid, lidc"),
+    ({"kind": "lidc", "shape": [48, 48, 64]}, "data.phantom.shape", "at least 32 x 64 x 64"),
+    ({"kind": "lidc", "shape": [32, 64, 64], "nodules_per_case": [3, 1]}, "data.phantom.nodules_per_case", "1 <="),
+])
+def test_bad_phantom_settings_name_the_key(phantom, key, needle):
+    from study.config import config_from_dict
+    from trainables.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"search": {"configs": ["bce"]}, "data": {"source": "phantom", "phantom": phantom}},
+                         source="s.yaml")
+    assert str(err.value).startswith(f"s.yaml: {key}") and needle in str(err.value), str(err.value)
