@@ -180,8 +180,10 @@ def trial_table(results, indent: str = "") -> str:
 
 
 def trial_epochs(results) -> int:
-    """Epochs the trials of a stage trained (a stopped trial's up to its rung)."""
-    return sum(len(r.history) for r in results)
+    """Epochs the trials of a stage trained: a stopped trial's up to its rung (by its persisted decision: a
+    driver killed right after the decision may not have written that epoch into Tune's result file), the
+    others' as their results show."""
+    return sum(r.stopped_at_epoch if r.status == "STOPPED" else len(r.history) for r in results)
 
 
 def stage_sweep(ctx: StudyContext) -> None:
