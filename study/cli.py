@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "study.metrics_cli",
     "study.catalog",
     "study.predict_cli",
+    "study.slurm_cli",
 )
 
 
