@@ -92,3 +92,74 @@ def test_gpu_trials_are_not_timed_on_the_cpu():
     p = plan(cfg)
     assert "step_seconds" not in p and p["sweep_trial_epochs"] == 100
     assert "GPU trials, not timed on this machine" in describe_plan(cfg, p)
+
+
+def _slurm_space(tmp_path, gpu=0):
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": gpu}}))
+    return path
+
+
+def test_slurm_help_documents_every_option(capsys):
+    import pytest
+
+    from study.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["slurm", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--nodes", "--gpus-per-node", "--cpus-per-node", "--time", "--partition", "--storage", "--name",
+                   "--stop-before", "--script", "--submit"):
+        assert option in out, option
+
+
+def test_slurm_writes_the_script_without_sbatch(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from study.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch (nor anything else) on PATH
+    storage = tmp_path / "st"
+    assert main(["slurm", str(_slurm_space(tmp_path)), "--storage", str(storage), "--nodes", "2"]) == 0
+    script = storage / "s.slurm.sh"
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text
+    assert "srun --nodes=$(( ${#NODES[@]} - 1 ))" in text and "scontrol requeue" in text
+    assert subprocess.run(["/bin/bash", "-n", str(script)]).returncode == 0  # valid bash
+    token = storage / ".ray-auth" / "auth_token"
+    assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
+    assert main(["slurm", str(_slurm_space(tmp_path)), "--storage", str(storage), "--submit"]) == 2
+    assert "sbatch is not on PATH" in capsys.readouterr().err and script.is_file()
+
+
+def test_slurm_bad_input_exits_2(tmp_path, capsys):
+    from study.cli import main
+
+    space = _slurm_space(tmp_path)
+    cases = [
+        (["--nodes", "0"], "--nodes 0: a job needs at least one node"),
+        (["--gpus-per-node", "2"], "ask for no GPU (resources.gpu: 0)"),
+        (["--time", "90 minutes"], "expected [D-]HH:MM:SS"),
+    ]
+    for extra, needle in cases:
+        assert main(["slurm", str(space), "--storage", str(tmp_path / "st"), *extra]) == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        import os
+
+        if os.geteuid() == 0:  # root writes anywhere: a path below a file stands in for an unwritable folder
+            (tmp_path / "file").write_text("")
+            target = tmp_path / "file" / "studies"
+        else:
+            target = ro / "studies"
+        assert main(["slurm", str(space), "--storage", str(target)]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+    assert main(["slurm", str(_slurm_space(tmp_path, gpu=1)), "--storage", str(tmp_path / "st")]) == 2
+    assert "--gpus-per-node is 0" in capsys.readouterr().err
