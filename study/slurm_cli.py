@@ -39,6 +39,8 @@ def register(sub) -> None:
         "the first; a requeued job resumes the study.",
     )
     p.add_argument("space", type=Path, help="search-space YAML of the study")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a prepared cache folder or manifest CSV replacing data.path (as `study launch --data`)")
     p.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per node (default 0; needs resources.gpu > 0 in the search space)")
@@ -105,7 +107,7 @@ def ensure_token(storage: Path) -> Path:
 
 def slurm_script(*, space: Path, name: str, storage: Path, nodes: int, gpus_per_node: int,
                  cpus_per_node: int | None, time_limit: str, partition: str | None, stop_before: int,
-                 python: str, token: Path, workdir: Path) -> str:
+                 python: str, token: Path, workdir: Path, data: Path | None = None) -> str:
     """The batch script's text (see the module docstring)."""
     q = shlex.quote
     sbatch = [f"--job-name=iw-{name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={time_limit}",
@@ -164,7 +166,7 @@ fi
 if [ -f "$STORAGE/$NAME/state.json" ]; then
     ARGS=(resume "$NAME")
 else
-    ARGS=(launch "$SPACE" --name "$NAME")
+    ARGS=(launch "$SPACE" --name "$NAME"{'' if data is None else ' --data ' + q(str(data))})
 fi
 "$PY" -m study.cli "${{ARGS[@]}}" --storage "$STORAGE" --address "$HEAD_IP:$BASE" &
 DRIVER=$!
@@ -193,7 +195,7 @@ exit $RC
 def cmd_slurm(args) -> int:
     from study.config import load_config
 
-    cfg = load_config(args.space)
+    cfg = load_config(args.space, data_path=args.data)
     _check(args, cfg)
     storage = _writable(args.storage)
     name = args.name or cfg.name
@@ -205,7 +207,8 @@ def cmd_slurm(args) -> int:
     text = slurm_script(space=args.space.expanduser().resolve(), name=name, storage=storage, nodes=args.nodes,
                         gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, time_limit=args.time,
                         partition=args.partition, stop_before=args.stop_before, python=sys.executable,
-                        token=token, workdir=Path.cwd())
+                        token=token, workdir=Path.cwd(),
+                        data=args.data.expanduser().resolve() if args.data else None)
     try:
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(text)

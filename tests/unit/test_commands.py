@@ -110,7 +110,7 @@ def test_slurm_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["slurm", "--help"])
     out = capsys.readouterr().out
-    for option in ("--nodes", "--gpus-per-node", "--cpus-per-node", "--time", "--partition", "--storage", "--name",
+    for option in ("--data", "--nodes", "--gpus-per-node", "--cpus-per-node", "--time", "--partition", "--storage", "--name",
                    "--stop-before", "--script", "--submit"):
         assert option in out, option
 
