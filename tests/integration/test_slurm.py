@@ -31,7 +31,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort=16817
 SlurmdPort=16818
 AuthType=auth/munge
-AuthInfo=socket={d}/munge/munge.socket
+AuthInfo=socket={d}/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -143,9 +143,10 @@ def test_cancelled_job_requeues_and_resumes(slurm, tmp_path, no_leftover_process
     study = storage / "requeued"
     wait_for(lambda: _snapshotted(study, "sweep", 1), timeout=300)
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=slurm, check=True)
-    wait_for(lambda: "PENDING" in _queue(slurm), timeout=120)  # requeued (SLURM holds it ~2 min: start it now)
+    # requeued: SLURM starts it again once the old job credential has expired (cred_expire, 10 s in this test's
+    # slurm.conf, 120 s by default); starting it sooner gets it killed as "Job credential revoked"
+    wait_for(lambda: "PENDING" in _queue(slurm), timeout=120)
     assert not _state(study)["stages"].get("sweep", {}).get("done")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
     wait_for(lambda: job not in _queue(slurm), timeout=600)
     log = (storage / f"requeued.slurm-{job}.out").read_text()
     assert "requeueing job" in log and log.count("exited with 0") == 1, log[-3000:]
