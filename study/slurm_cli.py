@@ -168,20 +168,23 @@ if [ -f "$STORAGE/$NAME/state.json" ]; then
 else
     ARGS=(launch "$SPACE" --name "$NAME"{'' if data is None else ' --data ' + q(str(data))})
 fi
-"$PY" -m study.cli "${{ARGS[@]}}" --storage "$STORAGE" --address "$HEAD_IP:$BASE" &
-DRIVER=$!
-
 # Before the time limit (--signal=B:USR1) or on `scancel --signal=TERM`: stop the driver like Ctrl+C (it saves the
 # sweep and exits 130), stop Ray, and put the job back in the queue; the next run resumes the study.
+DRIVER=""
 stop_and_requeue() {{
     echo "[slurm] signal: stopping the study driver and requeueing job $SLURM_JOB_ID"
-    kill -INT "$DRIVER" 2>/dev/null
-    wait "$DRIVER"
+    if [ -n "$DRIVER" ]; then
+        kill -INT "$DRIVER" 2>/dev/null
+        wait "$DRIVER"
+    fi
     "$RAY" stop --force >/dev/null 2>&1
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 }}
-trap stop_and_requeue USR1 TERM
+trap stop_and_requeue USR1 TERM  # set before the driver starts: no signal can slip between the two
+
+"$PY" -m study.cli "${{ARGS[@]}}" --storage "$STORAGE" --address "$HEAD_IP:$BASE" &
+DRIVER=$!
 
 wait "$DRIVER"
 RC=$?

@@ -132,7 +132,7 @@ BASE = {"search": {"configs": ["bce"]}, "training": {"epochs": 9}}
     ({"type": "asha", "reduction_factor": 1}, "scheduler.reduction_factor", "must be >= 2"),
     ({"type": "asha", "metric": "val_loss"}, "scheduler.metric", "'val_loss' is never reported by a trial"),
     ({"type": "asha", "max_epochs": 12}, "scheduler.max_epochs", "must equal training.epochs (9)"),
-    ({"type": "asha", "reduction_factor": 2.5}, "scheduler.reduction_factor", ""),
+    ({"type": "asha", "reduction_factor": 2.5}, "scheduler.reduction_factor", "must be an integer, got 2.5"),
 ])
 def test_bad_scheduler_names_the_key(scheduler, key, needle):
     with pytest.raises(ConfigError) as err:

@@ -186,7 +186,6 @@ def _smooth(rng, shape, sigma_vox) -> np.ndarray:
 
 def _chest(rng: np.random.Generator, shape, spacing):
     """HU volume of an empty chest (body, fat, spine, mediastinum, lungs with texture) and the lung mask."""
-    nz, ny, nx = shape
     z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) / ((n - 1) / 2) for n in shape], indexing="ij")
     body = (y / 0.80) ** 2 + (x / 0.95) ** 2 <= 1.0
     fat = body & ((y / 0.74) ** 2 + (x / 0.89) ** 2 > 1.0)
