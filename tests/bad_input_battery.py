@@ -56,21 +56,15 @@ resources: {cpu: 1, gpu: 0}
 
 
 def _demo(**changes) -> dict:
-    """The demo YAML as data, with dotted-key ``changes`` (``{"training.epochs": 0}``; None deletes)."""
+    """The demo YAML as data, with dotted-key ``changes`` (``{"training.epochs": 0}``)."""
     data = yaml.safe_load(DEMO)
     for dotted, value in changes.items():
         *path, last = dotted.split(".")
         node = data
         for k in path:
             node = node.setdefault(k, {})
-        if value is _DELETE:
-            node.pop(last, None)
-        else:
-            node[last] = value
+        node[last] = value
     return data
-
-
-_DELETE = object()
 
 
 def _write(p: Path, text: str | bytes) -> Path:
@@ -156,6 +150,18 @@ def _study(tmp: Path, name: str = "s", *, holdout: bool = False) -> Path:
     return study.root
 
 
+def _edit_state(tmp: Path) -> None:
+    root = _study(tmp)
+    data = json.loads((root / "state.json").read_text())
+    data["stages"] = ["data"]
+    (root / "state.json").write_text(json.dumps(data))
+
+
+def _edit_frozen(tmp: Path) -> None:
+    root = _study(tmp)
+    (root / "study.yaml").write_text((root / "study.yaml").read_text().replace("epochs: 4", "epochs: 0"))
+
+
 def _damage(relpath: str, content: str | bytes, **study_kw) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         root = _study(tmp, **study_kw)
@@ -230,10 +236,6 @@ def C(*argv, **builders) -> Callable[[Path], list[str]]:  # noqa: N802
             values[k] = b(tmp)
         return [a.format(**values) for a in argv]
     return make
-
-
-def _demo_text(**changes) -> dict:
-    return _demo(**changes)
 
 
 _RO = _readonly_dir()
@@ -338,11 +340,7 @@ CASES: list[Case] = [
          ("cases.csv", "mask")),
     Case("--data manifest with a missing image", C(
         "launch", "{space}", "--storage", "{studies}", "--data", "{man}", space=lambda t: _space(t, DEMO),
-        man=lambda t: _manifest(t, [{"case_id": "c0", "image": "gone.nii.gz", "mask": "m.nii.gz", "split": "train",
-                                     "_skip_image": True},
-                                    {"case_id": "c1", "image": "c1.nii.gz", "mask": "c1m.nii.gz", "split": "val"},
-                                    {"case_id": "c2", "image": "c2.nii.gz", "mask": "c2m.nii.gz",
-                                     "split": "holdout"}])),
+        man=lambda t: _missing_image_manifest(t)),
          ("c0", "gone.nii.gz")),
     Case("--data manifest with an unknown split", C(
         "launch", "{space}", "--storage", "{studies}", "--data", "{man}", space=lambda t: _space(t, DEMO),
@@ -391,15 +389,16 @@ CASES: list[Case] = [
       for cmd in ("status", "resume", "report")
       for what, content, hint in (("{}", "{}", "study_id"), ("[]", "[]", "object"),
                                   ("truncated", '{"study_id": "ab', "JSON"),
-                                  ("not UTF-8", b'{"name": "\xff"}', "UTF-8"),
-                                  ("stages a list", None, "stages"))
-      if not (what == "stages a list" and cmd != "status")],
+                                  ("not UTF-8", b'{"name": "\xff"}', "UTF-8"))],
+    Case("status: state.json stages a list", C("status", "s", "--storage", "{studies}", s=lambda t: _edit_state(t)),
+         ("state.json", "stages")),
     *[Case(f"{cmd}: study.yaml {what}", C(cmd, "s", "--storage", "{studies}", s=_damage("study.yaml", content)),
            ("study.yaml", hint))
       for cmd in ("status", "resume")
       for what, content, hint in (("empty", "", "empty"), ("malformed", "name: [x\n", "YAML"),
-                                  ("a list", "- 1\n", "study.yaml"),
-                                  ("edited to epochs 0", None, "training.epochs"))],
+                                  ("a list", "- 1\n", "study.yaml"))],
+    *[Case(f"{cmd}: study.yaml edited to epochs 0", C(cmd, "s", "--storage", "{studies}", s=_edit_frozen),
+           ("study.yaml", "training.epochs")) for cmd in ("status", "resume")],
     Case("status: truncated Ray state", C("status", "s", "--storage", "{studies}",
                                           s=_damage("ray/sweep/experiment_state-2026-01-01_00-00-00.json", '{"tri')),
          ("ray/sweep", "experiment_state")),
@@ -455,10 +454,7 @@ CASES: list[Case] = [
                                              {"case_id": "c0", "image": "b.nii.gz", "mask": "bm.nii.gz", "split": "val"}])),
          ("c0", "duplicate")),
     Case("prepare: image missing", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
-                                     m=lambda t: _manifest(t, [{"case_id": "c0", "image": "gone.nii.gz",
-                                                                "mask": "m.nii.gz", "split": "train",
-                                                                "_skip_image": True}],
-                                                           )), ("gone.nii.gz",)),
+                                     m=lambda t: _missing_image_manifest(t)), ("c0", "gone.nii.gz")),
     Case("prepare: image unreadable", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
                                         m=lambda t: _garbage_image_manifest(t)), ("c0", "cannot read")),
     Case("prepare: mask does not match image", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
@@ -551,6 +547,14 @@ def _del_first_record(key):
     return mutate
 
 
+def _missing_image_manifest(tmp: Path) -> str:
+    """One case per split; case c0's image is not on disk."""
+    man = Path(_manifest(tmp))
+    text = man.read_text().replace("c0.nii.gz", "gone.nii.gz")
+    man.write_text(text)
+    return str(man)
+
+
 def _mismatched_manifest(tmp: Path) -> str:
     man = Path(_manifest(tmp))
     _image(man.parent / "c0-mask.nii.gz", shape=(8, 16, 12), dtype="uint8")
@@ -581,31 +585,6 @@ def _busy_port_argv(tmp: Path) -> list[str]:
 _BUSY: list[socket.socket] = []
 
 
-def _state_stages_list(tmp: Path) -> None:
-    pass
-
-
-# rows whose content is built from the study itself
-def _fill_dynamic() -> None:
-    for case in CASES:
-        if case.id.endswith("state.json stages a list"):
-            def setup(tmp: Path) -> None:
-                root = _study(tmp)
-                data = json.loads((root / "state.json").read_text())
-                data["stages"] = ["data"]
-                (root / "state.json").write_text(json.dumps(data))
-            case.argv = C("status", "s", "--storage", "{studies}", s=setup)
-        if case.id.endswith("study.yaml edited to epochs 0"):
-            cmd = case.id.split(":")[0]
-
-            def setup(tmp: Path) -> None:
-                root = _study(tmp)
-                text = (root / "study.yaml").read_text().replace("epochs: 4", "epochs: 0")
-                (root / "study.yaml").write_text(text)
-            case.argv = C(cmd, "s", "--storage", "{studies}", s=setup)
-
-
-_fill_dynamic()
 
 
 # ------------------------------------------------------------------------------------------ running a row
