@@ -49,7 +49,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the filesystem said no: permission, not a folder, exists, disk full
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"error: a file is not UTF-8 text ({exc})", file=sys.stderr)
+        return 2
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"\nThis is a bug in study (not a problem with your input): please report it with the traceback "
+              f"above and the command (study {' '.join(argv if argv is not None else sys.argv[1:])}).",
+              file=sys.stderr)
+        return 1
     return int(rc or 0)
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OS error: the path(s) and what the system said, with a hint for the common kinds."""
+    import errno
+
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    hints = {errno.EACCES: "no permission; pick a folder you can write (--storage / --out) or fix its mode",
+             errno.EPERM: "not permitted; pick another folder",
+             errno.EROFS: "read-only filesystem; pick a folder on a writable disk",
+             errno.ENOSPC: "the disk is full; free space, then run the command again (`study resume` continues "
+                           "a study)",
+             errno.EDQUOT: "the disk quota is exceeded; free space, then run the command again",
+             errno.ENOTDIR: "a part of this path is a file, not a folder",
+             errno.EISDIR: "is a folder where a file is expected",
+             errno.EEXIST: "already exists; remove it or pick another name",
+             errno.ENOENT: "does not exist"}
+    what = exc.strerror or str(exc)
+    hint = hints.get(exc.errno)
+    text = f"{paths}: {what}" if paths else what
+    return text + (f" ({hint})" if hint and hint != what.lower() else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

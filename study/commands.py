@@ -51,8 +51,8 @@ def register(sub) -> None:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder holding the studies (default ./studies)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; only change it "
                    "behind a firewall)")
-    p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
-    p.add_argument("--timeout", type=float, default=180.0,
+    p.add_argument("--port", type=_port, default=5000, help="port to serve on (default 5000)")
+    p.add_argument("--timeout", type=_positive_float, default=180.0,
                    help="seconds to wait for the server to answer before giving up (default 180)")
     p.set_defaults(func=cmd_ui)
 
@@ -71,7 +71,37 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--wait-for-resources", action="store_true",
                    help="do not fail when no node has the requested GPUs/resources yet (autoscaling clusters)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
 
 
 def _run(ctx) -> int:
@@ -93,44 +123,123 @@ def _run(ctx) -> int:
 def cmd_launch(args) -> int:
     from search_spaces import builtin_path
     from study.config import load_config
-    from study.layout import StudyDir, StudyState, write_frozen_config
+    from study.layout import StudyDir, StudyState, check_name, write_frozen_config
+    from study.preflight import check_data, check_storage, preflight
     from study.stages import StudyContext
     from study.tracking import check_server, check_tracking_uri
 
     space = Path(args.space) if args.space else Path(str(builtin_path("demo")))
     cfg = load_config(space, data_path=args.data)
+    checks = dict(address=args.address, num_cpus=args.num_cpus, wait_for_resources=args.wait_for_resources)
     if args.dry_run:
         from study.plan import describe_plan, plan
 
-        print(f"study {args.name or cfg.name} from {space} (dry run: nothing is started or written)")
+        if args.name is not None:
+            check_name(args.name)
+        check_data(cfg)  # the machine is not checked: a dry run plans a study for another one too
+        _warn(cfg)
+        print(f"study {args.name if args.name is not None else cfg.name} from {space} (dry run: nothing is started or written)")
         print(describe_plan(cfg, plan(cfg, num_cpus=args.num_cpus)))
         return 0
-    study_dir = StudyDir.of(args.storage, args.name or cfg.name)
-    if study_dir.root.exists() and any(study_dir.root.iterdir()):
+    study_dir = StudyDir.of(args.storage, args.name if args.name is not None else cfg.name)
+    check_storage(args.storage)
+    if study_dir.root.exists() and (not study_dir.root.is_dir() or any(study_dir.root.iterdir())):
         if study_dir.exists():
             raise UserError(f"study {study_dir.name!r} already exists at {study_dir.root}; continue it with "
                             f"`study resume {study_dir.name} --storage {args.storage}` or pick another --name")
-        raise UserError(f"{study_dir.root} exists and is not empty; pick another --name or --storage")
+        raise UserError(f"{study_dir.root} exists and is not an empty folder; pick another --name or --storage")
     uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else study_dir.default_tracking_uri()
+    preflight(cfg, storage=args.storage, tracking_uri=uri if args.tracking_uri else None, **checks)
     if uri.startswith(("http://", "https://")):
         check_server(uri)  # before the study folder exists: fix the server, launch again
+    _warn(cfg)
+    made = [p for p in (study_dir.root, *study_dir.root.parents) if not p.exists()]
     study_dir.root.mkdir(parents=True, exist_ok=True)
-    write_frozen_config(study_dir, cfg.to_dict())
-    state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=uri)
-    print(f"study {study_dir.name}: {len(cfg.trials)} sweep trial(s) from {space}\n"
-          f"  folder  {study_dir.root}\n  MLflow  {uri}", flush=True)
-    ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
-                       num_cpus=args.num_cpus)
-    return _run(ctx)
+    try:
+        write_frozen_config(study_dir, cfg.to_dict())
+        state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=uri)
+        print(f"study {study_dir.name}: {len(cfg.trials)} sweep trial(s) from {space}\n"
+              f"  folder  {study_dir.root}\n  MLflow  {uri}", flush=True)
+        ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
+                           num_cpus=args.num_cpus)
+        return _run(ctx)
+    except Exception as exc:
+        note = _undo_launch(study_dir, made, cfg.data.source)
+        if note is None:
+            raise
+        if isinstance(exc, UserError):
+            raise type(exc)(f"{exc}\n{note}") from None
+        print(note, file=sys.stderr)
+        raise
 
 
-def _load(args):
+def _warn(cfg) -> None:
+    from study.preflight import warnings
+
+    for line in warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _undo_launch(study_dir, made: list[Path], source: str) -> str | None:
+    """After a launch failed: when no trial was started, remove what the launch made (the study folder, the
+    storage folders it created, its MLflow experiment on a tracking server) so that the corrected command runs
+    as if it were the first, and say so; None (nothing removed) once training has begun: the study resumes."""
+    from study.layout import StudyState
+
+    state = None
+    if study_dir.state_file.is_file():
+        try:
+            state = StudyState.load(study_dir.state_file)
+        except UserError:
+            state = None
+    if state is not None and state.data.get("training_started"):
+        return None
+    kept = ""
+    prepared = study_dir.data_dir / "cache"
+    if source == "manifest" and state is not None and state.done("data") and prepared.is_dir():
+        target = study_dir.root.parent / f"{study_dir.name}.prepared-cache"  # hours of preprocessing: kept
+        if not target.exists():
+            shutil.move(str(prepared), target)
+            kept = f"; the prepared cache is kept at {target} (launch again with --data {target})"
+    if state is not None and not state.tracking_uri.startswith("sqlite:"):
+        _forget_experiment(state)
+    shutil.rmtree(study_dir.root, ignore_errors=True)
+    for p in reversed(made[1:]):  # storage folders this launch created, innermost first
+        try:
+            p.rmdir()
+        except OSError:
+            break
+    return (f"(nothing was trained: the study folder {study_dir.root} was removed{kept}, so the corrected "
+            "command can run as is)")
+
+
+def _forget_experiment(state) -> None:
+    """Rename and delete the MLflow experiment this failed launch made on a tracking server (a deleted
+    experiment keeps its name reserved, so it is renamed first)."""
+    exp_id = state.mlflow_ids().get("experiment_id")
+    if not exp_id:
+        return
+    try:
+        from study.tracking import client
+
+        mlc = client(state.tracking_uri)
+        mlc.rename_experiment(exp_id, f"{state.data.get('name', 'study')}-failed-launch-{state.study_id[:8]}")
+        mlc.delete_experiment(exp_id)
+    except Exception as exc:  # the server went away: say what is left
+        print(f"warning: could not remove MLflow experiment {exp_id} at {state.tracking_uri} ({exc}); delete it "
+              "in the MLflow UI before launching under the same name", file=sys.stderr)
+
+
+def _load(args, *, writes: bool = True):
     from study.config import frozen_config_from_dict
-    from study.layout import StudyDir, StudyState, read_frozen_config
+    from study.layout import StudyDir, StudyState, read_frozen_config, relocate
 
     study_dir = StudyDir.of(args.storage, args.name).require()
-    cfg = frozen_config_from_dict(read_frozen_config(study_dir))
+    cfg = frozen_config_from_dict(read_frozen_config(study_dir), path=study_dir.config_file)
     state = StudyState.load(study_dir.state_file)
+    note = relocate(study_dir, state, writes=writes)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     return study_dir, cfg, state
 
 
@@ -159,7 +268,7 @@ def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
     out: dict = {"study": study_dir.name, "folder": str(study_dir.root), "tracking_uri": state.tracking_uri,
                  "stages": {s: state.data["stages"].get(s, {"done": False}) for s in STAGES}}
     if study_dir.selection_file.is_file():
-        sel = json.loads(study_dir.selection_file.read_text())
+        sel = study_dir.read_selection()
         out["selection"] = {"rule": selection_rule(cfg), "metric": sel["metric"], "winners": [
             {"configuration": config_label(w),
              "loss": w["loss"], "iw": w["iw"], "params": w["params"], "score": w["score"],
@@ -172,7 +281,7 @@ def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
         out["not_started"] = {SWEEP: len(cfg.trials) - started}
     summary_file = study_dir.holdout_dir / "summary.json"
     if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+        summary = study_dir.read_summary()
         out["holdout"] = {
             "strict_rule": summary.get("strict_rule"), "splits": summary.get("splits"),
             "configurations": [
@@ -235,7 +344,7 @@ def cmd_status(args) -> int:
     from study.stages import RETRAIN, SWEEP
     from study.tuner import outcomes
 
-    study_dir, cfg, state = _load(args)
+    study_dir, cfg, state = _load(args, writes=False)
     results = {name: outcomes(study_dir.ray_dir, name) for name in (SWEEP, RETRAIN)}
     status = study_status(study_dir, cfg, state, results)
     if args.json:
@@ -253,7 +362,7 @@ def cmd_ui(args) -> int:
 
     from study.tracking import experiment_url
 
-    study_dir, _cfg, state = _load(args)
+    study_dir, _cfg, state = _load(args, writes=False)
     uri = state.tracking_uri
     exp_id = state.mlflow_ids().get("experiment_id", "0")
     if uri.startswith(("http://", "https://")):
@@ -353,7 +462,7 @@ def cmd_report(args) -> int:
     if args.markdown:
         from study.report import readme_block
 
-        summary = json.loads((study_dir.holdout_dir / "summary.json").read_text())
+        summary = study_dir.read_summary()
         print(readme_block(summary, state.data, study_name=study_dir.name), end="")
         return 0
     stage_report(StudyContext(study_dir, cfg, state))

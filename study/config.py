@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
+from pydantic import BaseModel
 
 from trainables.config import (  # noqa: F401  (re-exported: the driver's names for the shared types)
     INTERNAL_KEYS,
@@ -27,6 +27,7 @@ from trainables.config import (  # noqa: F401  (re-exported: the driver's names 
     validate,
 )
 from trainables.errors import ConfigError
+from trainables.io_utils import read_yaml
 from trainables.losses import LOSSES, PAPER_CONFIGS, canonical_params, loss_record
 from trainables.naming import trial_folder
 
@@ -121,12 +122,11 @@ def load_config(path: str | Path, *, data_path: str | Path | None = None) -> Stu
     ``data_path`` (the ``--data`` flag) replaces ``data.path``: a prepared cache folder or a manifest CSV.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a search-space file (not found as a YAML file)")
     if not path.is_file():
         raise ConfigError(f"{path}: search-space file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, what="the search space")
     if data_path is not None and isinstance(data, dict):
         p = Path(data_path).expanduser().resolve()
         if not p.exists():
@@ -139,11 +139,30 @@ def load_config(path: str | Path, *, data_path: str | Path | None = None) -> Stu
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 
-def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = None) -> StudyConfig:
+def _check_milestones(data: dict, cfg: StudyConfig, errors: _Errors) -> None:
+    """Milestones the YAML gives (not the default ``[80]``, which simply never fires in a short run) must fall
+    before the last epoch, where they lower the lr."""
+    given = ((data.get("training") or {}).get("lr_schedule") or {}).get("milestones")
+    epochs = cfg.training.epochs
+    late = [m for m in cfg.training.lr_schedule.milestones if m >= epochs] if given is not None else []
+    if late:
+        errors.fail("training.lr_schedule.milestones", f"{late} at or beyond the last epoch (training.epochs "
+                                                       f"{epochs}: epochs 0..{epochs - 1}) would never lower the lr")
+
+
+def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = None,
+                     frozen: bool = False) -> StudyConfig:
     """Validate plain data (a parsed YAML) into the study config with its trials enumerated."""
     errors = _Errors(source)
     if data is None:
         errors.fail("<top level>", "the file is empty")
+    if not isinstance(data, dict):
+        errors.fail("<top level>", f"must be a mapping of sections (name, data, training, search, ...), "
+                                   f"got a {type(data).__name__}")
+    for key, value in data.items():
+        field = StudyConfig.model_fields.get(key) if isinstance(key, str) else None
+        if value is None and field is not None and isinstance(field.default, BaseModel):
+            errors.fail(key, "is null (an empty section); remove the line for the defaults or give its keys")
     if isinstance(data, dict):
         for key in INTERNAL_KEYS:
             if key in data:
@@ -152,6 +171,8 @@ def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = Non
         if isinstance(data.get("data"), dict) and "cache_dir" in data["data"]:
             errors.fail("data.cache_dir", "is set by the study (the cache it prepares); use data.path")
     cfg = validate(StudyConfig, data, source=source)
+    if not frozen:
+        _check_milestones(data, cfg, errors)
     trials = enumerate_trials(cfg.search, errors)
     data_cfg = cfg.data
     if data_cfg.path is not None:
@@ -174,14 +195,20 @@ def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = Non
     return cfg.model_copy(update={"data": data_cfg, "trials": trials, "source_file": source})
 
 
-def frozen_config_from_dict(data: dict[str, Any]) -> StudyConfig:
-    """Rebuild a config written by :meth:`StudyConfig.to_dict` (the study folder's frozen copy)."""
+def frozen_config_from_dict(data: dict[str, Any], *, path: str | Path | None = None) -> StudyConfig:
+    """Rebuild a config written by :meth:`StudyConfig.to_dict` (the study folder's frozen copy at ``path``;
+    errors name that file, and the search space it was frozen from)."""
     data = dict(data)
     trials = data.pop("trials", [])
     source = data.pop("source_file", "")
-    cfg = config_from_dict(data, source=source or "study.yaml")
+    label = str(path or "study.yaml") + (f" (frozen from {source}; was it edited?)" if source else "")
+    try:
+        cfg = config_from_dict(data, source=label, frozen=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; `study resume` runs the frozen config as launched: undo the edit, or launch "
+                          "a corrected search space under another --name") from None
     frozen = tuple(TrialSpec.from_dict(t) for t in trials)
     key = lambda t: json.dumps(t.as_dict(), sort_keys=True)  # noqa: E731
     if sorted(map(key, frozen)) != sorted(map(key, cfg.trials)):
-        raise ConfigError(f"{source}: the frozen trial list does not match its search space")
-    return cfg.model_copy(update={"trials": frozen})  # the frozen order is the order Tune was given
+        raise ConfigError(f"{label}: the frozen trial list does not match its search space")
+    return cfg.model_copy(update={"trials": frozen, "source_file": source})  # the frozen order is the order Tune was given

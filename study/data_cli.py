@@ -128,11 +128,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _outputs(args: argparse.Namespace, *flags: str) -> None:
+    """Each output folder flag names a folder this process can write (checked before any work)."""
+    from study.preflight import check_output_folder
+
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            check_output_folder(flag, value)
+
+
 def _phantom(args: argparse.Namespace) -> int:
     from trainables.data import make_phantom, prepare_cache
+    from trainables.errors import DataError
 
     if args.shape is None:
         args.shape = (64, 128, 128) if args.kind == "lidc" else (48, 64, 64)
+    if args.cases < 3:
+        raise DataError(f"--cases {args.cases}: the phantom needs at least 3 cases (one per split)")
+    if any(s < 8 for s in args.shape):
+        raise DataError(f"--shape {' '.join(map(str, args.shape))}: every side must be at least 8 voxels (z y x)")
+    _outputs(args, "--out", "--prepare")
     if args.kind == "lidc":
         from trainables.data.lidc_phantom import make_lidc_phantom, write_data_summary
         from trainables.data.luna16 import LidcDatabase
@@ -153,6 +169,7 @@ def _phantom(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from trainables.data import prepare_cache
 
+    _outputs(args, "--out")
     prepare_cache(
         args.manifest, args.out, preset=args.preset, progress=not args.quiet, keep_partial=args.keep_partial
     )
@@ -162,6 +179,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _luna16(args: argparse.Namespace) -> int:
     from trainables.data.luna16 import prepare_luna16
 
+    _outputs(args, "--out")
     prepare_luna16(
         args.raw,
         args.out,
@@ -180,6 +198,7 @@ def _luna16(args: argparse.Namespace) -> int:
 def _lits(args: argparse.Namespace) -> int:
     from trainables.data.lits import prepare_lits
 
+    _outputs(args, "--out")
     prepare_lits(
         args.raw, args.out, splits=args.splits, progress=not args.quiet, keep_partial=args.keep_partial
     )

@@ -79,10 +79,44 @@ class StudyDir:
     def exists(self) -> bool:
         return self.config_file.is_file() and self.state_file.is_file()
 
+    @property
+    def summary_file(self) -> Path:
+        return self.holdout_dir / "summary.json"
+
+    def read_summary(self) -> dict[str, Any]:
+        """``holdout/summary.json``, checked: a damaged file is a UserError naming it and the remedy (the hold-out
+        stage recomputes it from the saved records on ``study resume`` once it is removed)."""
+        from trainables.io_utils import read_json
+
+        remedy = (f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which "
+                  "recomputes it from the hold-out records")
+        data = read_json(self.summary_file, what="the hold-out summary", remedy=remedy)
+        if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
+            raise UserError(f"{self.summary_file}: the hold-out summary has no 'configs' mapping (damaged or "
+                            f"hand-edited); {remedy}")
+        return data
+
+    def read_selection(self) -> dict[str, Any]:
+        """``selection.json`` (the sweep's winners), checked like :meth:`read_summary`."""
+        from trainables.io_utils import read_json
+
+        remedy = (f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which selects the "
+                  "winners again from the sweep's results")
+        data = read_json(self.selection_file, what="the selection of winners", remedy=remedy)
+        if not isinstance(data, dict) or not isinstance(data.get("winners"), list):
+            raise UserError(f"{self.selection_file}: the selection has no 'winners' list (damaged or hand-edited); "
+                            f"{remedy}")
+        return data
+
     def require(self) -> StudyDir:
         if not self.exists():
             raise UserError(f"no study at {self.root} (missing study.yaml/state.json); check NAME and --storage")
         return self
+
+
+#: the keys ``state.json`` must have and their JSON types
+_STATE_SCHEMA = {"study_id": str, "tracking_uri": str, "mlflow": dict, "stages": dict}
+_KIND_NAMES = {str: "string", dict: "JSON object"}
 
 
 class StudyState:
@@ -95,16 +129,32 @@ class StudyState:
     @classmethod
     def create(cls, path: Path, *, name: str, tracking_uri: str) -> StudyState:
         state = cls(path, {"study_id": uuid.uuid4().hex, "name": name, "tracking_uri": tracking_uri,
-                           "created": now(), "mlflow": {}, "stages": {}})
+                           "created": now(), "mlflow": {}, "stages": {}, "folder": str(path.parent)})
         state.save()
         return state
 
     @classmethod
     def load(cls, path: Path) -> StudyState:
-        try:
-            return cls(path, json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot read the study state ({exc})") from None
+        """Read and check ``state.json``; a damaged one (truncated, hand-edited, not UTF-8) is a UserError that
+        names the file, what is wrong and what the user can do."""
+        from trainables.io_utils import read_json
+
+        remedy = ("it is the study's state (ids and finished stages): restore it from a backup, or launch the "
+                  "study again under another --name")
+        data = read_json(path, what="the study state", remedy=remedy)
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: the study state must be a JSON object, got a {type(data).__name__}; {remedy}")
+        for key, kind in _STATE_SCHEMA.items():
+            if key not in data:
+                raise UserError(f"{path}: the study state lacks {key!r}; {remedy}")
+            if not isinstance(data[key], kind):
+                raise UserError(f"{path}: the study state's {key!r} must be a {_KIND_NAMES[kind]}, got "
+                                f"{type(data[key]).__name__}; {remedy}")
+        for stage, info in data["stages"].items():
+            if stage not in STAGES or not isinstance(info, dict):
+                raise UserError(f"{path}: the study state's stages.{stage} is not a stage record "
+                                f"(stages are {', '.join(STAGES)}); {remedy}")
+        return cls(path, data)
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
@@ -147,7 +197,84 @@ def write_frozen_config(study_dir: StudyDir, config_dict: dict[str, Any]) -> Non
 
 
 def read_frozen_config(study_dir: StudyDir) -> dict[str, Any]:
-    try:
-        return yaml.safe_load(study_dir.config_file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{study_dir.config_file}: cannot read the frozen config ({exc})") from None
+    """The frozen config as data; an empty or non-mapping file is refused naming it and the remedy."""
+    from trainables.io_utils import read_yaml
+
+    remedy = ("it is the study's frozen config: restore it from a backup, or launch the study again under "
+              "another --name")
+    data = read_yaml(study_dir.config_file, what="the study's frozen config", remedy=remedy)
+    if not isinstance(data, dict) or not data:
+        what = "empty" if data is None or data == {} else f"a {type(data).__name__}, not a mapping of sections"
+        raise UserError(f"{study_dir.config_file}: the study's frozen config is {what}; {remedy}")
+    return data
+
+
+def recorded_folder(state: StudyState) -> Path | None:
+    """The folder the study was launched in: ``state.json``'s ``folder``, or (older studies) the folder of its
+    default sqlite store."""
+    if state.data.get("folder"):
+        return Path(state.data["folder"])
+    uri = state.tracking_uri
+    if uri.startswith("sqlite:////") and uri.endswith("/mlflow.db"):
+        return Path(uri[len("sqlite:///"):]).parent
+    return None
+
+
+def relocate(study_dir: StudyDir, state: StudyState, *, writes: bool = True) -> str | None:
+    """Make a moved or copied study folder its own again; returns what was done (None: nothing to do).
+
+    A study keeps absolute paths (its sqlite store, the store's artifact locations). When the folder is not
+    where it was launched: a study with its own store (sqlite in the folder) gets the paths in ``state.json``
+    and in the store rewritten to the new folder, so a copy logs into its copy of the store and never into the
+    original's. A study that logs to a tracking server shares that server's experiment with the original: a
+    copy (the original folder still holds the same study) is refused by the commands that write (``writes``),
+    a move is accepted.
+    """
+    old = recorded_folder(state)
+    new = study_dir.root
+    if old is None or old == new:
+        return None
+    original = old / "state.json"
+    is_copy = False
+    if original.is_file():
+        try:
+            is_copy = json.loads(original.read_text()).get("study_id") == state.study_id
+        except (OSError, ValueError, AttributeError):
+            is_copy = False
+    own_store = state.tracking_uri == "sqlite:///" + str(old / "mlflow.db")
+    if not own_store:
+        if not writes:  # status, ui: they read, and write nothing into the shared experiment
+            return None
+        if is_copy:
+            raise UserError(f"{study_dir.root} is a copy of the study at {old}, which logs to {state.tracking_uri}: "
+                            "both would write into the same MLflow experiment; run the study from its original "
+                            f"folder, or move (not copy) it")
+        state.data["folder"] = str(new)
+        state.save()
+        return f"study {study_dir.name} was moved from {old} to {new}"
+    if study_dir.mlflow_db.is_file():
+        _rewrite_store_paths(study_dir.mlflow_db, old, new)
+    state.data["tracking_uri"] = study_dir.default_tracking_uri()
+    state.data["folder"] = str(new)
+    stages = state.data["stages"]
+    if isinstance(stages.get("data"), dict) and str(stages["data"].get("cache_dir", "")).startswith(str(old)):
+        stages["data"]["cache_dir"] = str(new) + stages["data"]["cache_dir"][len(str(old)):]
+    state.save()
+    return (f"study {study_dir.name} was {'copied' if is_copy else 'moved'} from {old}: its MLflow store "
+            f"{study_dir.mlflow_db} now points at this folder")
+
+
+def _rewrite_store_paths(db: Path, old: Path, new: Path) -> None:
+    """Replace the old folder by the new one in the artifact locations an MLflow sqlite store keeps."""
+    import sqlite3
+
+    pairs = [(Path(old).as_uri(), Path(new).as_uri()), (str(old), str(new))]
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            cols = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
+            for col in cols:
+                if col in ("artifact_location", "artifact_uri", "source", "storage_location"):
+                    for a, b in pairs:
+                        con.execute(f'UPDATE "{table}" SET "{col}" = ? || substr("{col}", ?) '
+                                    f'WHERE substr("{col}", 1, ?) = ?', (b, len(a) + 1, len(a), a))

@@ -100,22 +100,18 @@ class StudyRecords:
     (from ``holdout/summary.json``)."""
 
     def __init__(self, root: Path):
-        import yaml
+        from trainables.io_utils import read_json, read_yaml
 
         self.root = root
-        try:
-            frozen = yaml.safe_load((root / "study.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise RecordsError(f"{root / 'study.yaml'}: cannot read the study's config ({exc})") from None
+        frozen = read_yaml(root / "study.yaml", what="the study's frozen config") or {}
+        if not isinstance(frozen, dict):
+            raise RecordsError(f"{root / 'study.yaml'}: the study's frozen config is not a mapping")
         ev = frozen.get("evaluation") or {}
         self.n_boot, self.seed = int(ev.get("n_boot", 1000)), int(ev.get("seed", 0))
         self.labels: dict[str, tuple[str, str]] = {}  # holdout-relative path -> (label, rule)
         summary = root / "holdout" / "summary.json"
         if summary.is_file():
-            try:
-                configs = json.loads(summary.read_text()).get("configs", {})
-            except (OSError, json.JSONDecodeError) as exc:
-                raise RecordsError(f"{summary}: cannot read the study's hold-out summary ({exc})") from None
+            configs = read_json(summary, what="the study's hold-out summary").get("configs", {})
             for label, c in configs.items():
                 for rule, path in (c.get("records") or {}).items():
                     self.labels["/".join(Path(path).parts[-3:])] = (label, rule)

@@ -9,7 +9,6 @@ the study used ``evaluation.threshold: calibrated``. The work itself is :mod:`tr
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,7 +107,7 @@ def cmd_predict(args) -> int:
     if not args.name:
         raise UserError("study predict: give a study NAME or --model URI")
 
-    from study.layout import StudyDir, StudyState, read_frozen_config
+    from study.layout import StudyDir, StudyState, read_frozen_config, relocate
     from study.stages import StudyContext
     from study.tuner import outcomes
     from trainables.config import StudyConfig, validate
@@ -119,14 +118,18 @@ def cmd_predict(args) -> int:
     from trainables.step import Precision
 
     sd = StudyDir.of(args.storage, args.name).require()
+    if not Path(args.input).expanduser().exists():
+        raise UserError(f"--input {args.input}: no such file or folder (a folder of images or a manifest CSV)")
     summary_file = sd.holdout_dir / "summary.json"
     if not summary_file.is_file():
         raise UserError(f"study {sd.name}: the hold-out stage has not finished ({summary_file} missing); "
                         f"`study resume {sd.name}` completes it")
-    summary = json.loads(summary_file.read_text())
+    summary = sd.read_summary()
     cfg = validate(StudyConfig, read_frozen_config(sd), source=str(sd.config_file))
     labels = choose_models(summary, args.config, args.ensemble)
-    cache = Cache(StudyContext(sd, cfg, StudyState.load(sd.state_file)).cache_dir())
+    state = StudyState.load(sd.state_file)
+    relocate(sd, state)
+    cache = Cache(StudyContext(sd, cfg, state).cache_dir())
     preset = cache.preset  # the preset the training cases were prepared with
     checkpoints = {trial_label(r.spec): r.checkpoint_path for r in outcomes(sd.ray_dir, "retrain")}
     missing = [lb for lb in labels if not checkpoints.get(lb)]

@@ -200,13 +200,19 @@ def cmd_slurm(args) -> int:
 
     cfg = load_config(args.space, data_path=args.data)
     _check(args, cfg)
-    storage = _writable(args.storage)
-    name = args.name or cfg.name
     from study.layout import check_name
+    from study.preflight import check_output_folder
 
+    name = args.name if args.name is not None else cfg.name
     check_name(name)
-    token = ensure_token(storage)
+    if args.script is not None:  # before the storage folder and its token are made
+        if args.script.expanduser().is_dir():
+            raise UserError(f"--script {args.script}: is a folder; give the batch script's file name")
+        check_output_folder("--script", args.script.expanduser().absolute().parent, purpose="the batch script")
+    check_output_folder("--storage", args.storage, purpose="the studies")
+    storage = _writable(args.storage)
     script = (args.script or storage / f"{name}.slurm.sh").expanduser().resolve()
+    token = ensure_token(storage)
     text = slurm_script(space=args.space.expanduser().resolve(), name=name, storage=storage, nodes=args.nodes,
                         gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, time_limit=args.time,
                         partition=args.partition, stop_before=args.stop_before, python=sys.executable,

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from study import tracking
-from study.layout import STAGES, StudyDir, StudyState
+from study.layout import STAGES, StudyDir, StudyState, now
 from study.tables import fmt, text_table
 from trainables.config import StudyConfig, TrialSpec
-from trainables.errors import DataError, UserError
+from trainables.errors import UserError
 from trainables.io_utils import json_default, write_text_atomic
 from trainables.naming import config_name, trial_folder, trial_label, trial_slug
 
@@ -71,6 +71,7 @@ class StudyContext:
 
 
 def stage_data(ctx: StudyContext) -> None:
+    from study.preflight import check_lesions
     from trainables.data import Cache, make_phantom, prepare_cache
 
     d = ctx.cfg.data
@@ -96,13 +97,7 @@ def stage_data(ctx: StudyContext) -> None:
         cache = prepare_cache(d.path, ctx.cache_dir(), preset=d.preset)
     else:
         cache = Cache(d.path)
-    counts = {}
-    for key in ("train", "val", "holdout"):
-        ids = cache.case_ids(list(getattr(d, key)))
-        counts[key] = len(ids)
-        if key != "holdout" and not any(cache.meta(cid).get("n_lesions", 0) for cid in ids):
-            raise DataError(f"data: the {key} split ({', '.join(getattr(d, key))}) of {ctx.cache_dir()} has no "
-                            "lesion: training samples lesion-centred patches and validation measures recall")
+    counts = check_lesions(cache, ctx.cfg, where=ctx.cache_dir())
     log(f"data: cache {ctx.cache_dir()}: {counts['train']} train, {counts['val']} val, "
         f"{counts['holdout']} hold-out cases")
     ctx.state.mark_done("data", cache_dir=ctx.cache_dir(), cases=counts)
@@ -134,6 +129,9 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
                 f"η = {sch.reduction_factor}, one set of rungs per "
                 f"{'(loss, iw) configuration' if ctx.cfg.selection.mode == 'per-config' else 'study'}; "
                 f"decisions kept in {state_file(ctx.dir.ray_dir, name)}")
+    if not ctx.state.data.get("training_started"):  # from here on a failed launch keeps its folder (resume)
+        ctx.state.data["training_started"] = now()
+        ctx.state.save()
     run_experiment(
         storage=ctx.dir.ray_dir, name=name, trainable=train_trial, resources=ctx.cfg.resources.as_ray(),
         param_space=space, metric=None, max_concurrent=ctx.cfg.max_concurrent_trials,
@@ -292,7 +290,7 @@ def stage_select(ctx: StudyContext) -> None:
 
 
 def winner_trials(ctx: StudyContext) -> list[TrialSpec]:
-    selection = json.loads(ctx.dir.selection_file.read_text())
+    selection = ctx.dir.read_selection()
     return [TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=seed)
             for w in selection["winners"] for seed in ctx.cfg.search.seeds]
 
@@ -452,7 +450,7 @@ def search_summary(ctx: StudyContext) -> dict[str, Any]:
         out.update(metric=sch.metric, reduction_factor=sch.reduction_factor, stopped=sweep.get("stopped"),
                    rungs=list(sch.milestones(cfg.training.epochs)))
         if ctx.dir.selection_file.is_file():
-            sel = json.loads(ctx.dir.selection_file.read_text())
+            sel = ctx.dir.read_selection()
             out["judged_at_epoch"] = {config_name(w["loss"], w["iw"]): w.get("judged_at_epoch")
                                       for w in sel["winners"]}
     return out
@@ -599,7 +597,7 @@ def stage_report(ctx: StudyContext) -> None:
     from study.verdict import sentence
 
     summary_file = ctx.dir.holdout_dir / "summary.json"
-    summary = json.loads(summary_file.read_text())
+    summary = ctx.dir.read_summary()
     strict = strict_rule_name(summary.get("strict_rule") or ("iou", 0.3))
     entries = (summary.get("verdict") or {}).get("entries") or []
     if any(e.get("sentence") != sentence(e, strict) for e in entries):  # written by an older version

@@ -157,8 +157,14 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
     path = storage / name
     if not (path.is_dir() and any(path.glob("experiment_state-*.json"))):
         return []
-    analysis = tune.ExperimentAnalysis(str(path))
-    histories = analysis.trial_dataframes  # trial id -> every reported result (progress.csv)
+    try:
+        analysis = tune.ExperimentAnalysis(str(path))
+        histories = analysis.trial_dataframes  # trial id -> every reported result (progress.csv)
+    except Exception as exc:  # a truncated or hand-edited experiment_state-*.json, a damaged result file
+        files = ", ".join(p.name for p in sorted(path.glob("experiment_state-*.json")))
+        raise UserError(f"{path}: the Ray Tune state of the {name} stage ({files}) cannot be read "
+                        f"({type(exc).__name__}: {exc}); restore the folder from a backup, or remove it and "
+                        f"`study resume` runs the {name} stage again from its start") from None
     asha = AshaState.read(asha_state_file(storage, name))
     out = []
     for trial in analysis.trials:

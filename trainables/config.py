@@ -140,9 +140,19 @@ class DataConfig(Section):
             err("path", "is only used with source 'cache' or 'manifest'")
         if self.preset not in PRESETS:
             err("preset", f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        from trainables.data.manifest import SPLITS
+
+        seen: dict[str, str] = {}
         for key in ("train", "val", "holdout"):
             if not getattr(self, key):
                 err(key, "needs at least one split name")
+            for name in getattr(self, key):
+                if name not in SPLITS:
+                    err(key, f"unknown split {name!r}; a manifest's split column holds {', '.join(SPLITS)}")
+                if name in seen:
+                    err(key, f"split {name!r} is already data.{seen[name]}: the stages would train and judge "
+                             "on the same cases")
+                seen[name] = key
 
 
 class ModelConfig(Section):
@@ -216,12 +226,22 @@ class TrainingConfig(Section):
         for key in ("epochs", "iterations", "batch_size"):
             if getattr(self, key) < 1:
                 err(key, "must be a positive integer")
+            if getattr(self, key) > TRAINING_LIMITS[key]:
+                err(key, f"{getattr(self, key)} is beyond any study this tool runs (at most "
+                         f"{TRAINING_LIMITS[key]}; the paper trains 100 epochs of 100 iterations of batch 2)")
         if any(s < 8 or s % 8 for s in self.patch_size):
             err("patch_size", "every side must be a positive multiple of 8 (the U-Net pools three times)")
         if not 0 <= self.lesion_prob <= 1:
             err("lesion_prob", "must be in [0, 1]")
         if self.sampler_workers < 0:
             err("sampler_workers", "must be >= 0")
+        if self.sampler_workers > TRAINING_LIMITS["sampler_workers"]:
+            err("sampler_workers", f"{self.sampler_workers} patch-sampling processes per trial is beyond any "
+                                   f"machine (at most {TRAINING_LIMITS['sampler_workers']}; 1-4 keep a GPU busy)")
+
+
+#: upper bounds that catch a typo (an extra zero or three) before a study runs for years
+TRAINING_LIMITS = {"epochs": 100_000, "iterations": 1_000_000, "batch_size": 4096, "sampler_workers": 64}
 
 
 class IwConfig(Section):

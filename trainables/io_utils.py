@@ -5,12 +5,13 @@ Standard library only at import time (the command line imports this through ``st
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["json_default", "write_text_atomic"]
+__all__ = ["json_default", "read_json", "read_text", "read_yaml", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -31,6 +32,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full at flush/fsync carries no file name: name the file being written
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -48,3 +54,60 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def read_text(path: str | os.PathLike, *, what: str, remedy: str = "") -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 is a :class:`~trainables.errors.UserError` naming it
+    (``what``: the kind of file, ``remedy``: what the user can do). OS errors (missing, permission) propagate:
+    the command line turns them into one line naming the path."""
+    from trainables.errors import UserError
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"
+                        + (f"; {remedy}" if remedy else "")) from None
+
+
+def read_json(path: str | os.PathLike, *, what: str, remedy: str = "") -> Any:
+    """Parsed JSON of ``path``; not UTF-8 or not JSON (a truncated write, a hand edit) is a UserError naming
+    the file, where it broke and ``remedy``."""
+    from trainables.errors import UserError
+
+    text = read_text(path, what=what, remedy=remedy)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+                        + (f"; {remedy}" if remedy else "")) from None
+
+
+def read_yaml(path: str | os.PathLike, *, what: str, remedy: str = "") -> Any:
+    """Parsed YAML of ``path`` (safe loader) that refuses a key given twice in one mapping, which PyYAML
+    silently resolves to the last value; errors are :class:`~trainables.errors.ConfigError` naming the file,
+    the key and its line."""
+    import yaml
+
+    from trainables.errors import ConfigError
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{path}: duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                                  "YAML keeps only the last one, so remove one of them")
+            seen[key] = line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    text = read_text(path, what=what, remedy=remedy)
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}" + (f"; {remedy}" if remedy else "")) from None

@@ -2,8 +2,9 @@
 Ray's own ASHA bracket makes when the same values arrive one after another in grid order.
 
 The trainable is synthetic (no network: each epoch sleeps and reports a value fixed by the trial's config) so
-the arrival order can be forced: the first three trials are slow at first, so later trials reach the first rung
-before the trials they are judged against and have to wait (PAUSE) for them.
+the arrival order can be forced: the first three trials are slow at first (trial 2 holds its first epoch until
+trial 5 has reached the first rung), so later trials reach the first rung before the trials they are judged
+against and have to wait (PAUSE) for them.
 """
 
 from __future__ import annotations
@@ -48,14 +49,27 @@ def _trainable(config):
         with open(config["arrivals"], "a") as fh:
             fh.write(f"restart {i} {start}\n")
     for epoch in range(start, EPOCHS):
-        # later trials reach the first rung before trials 0-2 do (trial 5 before trial 2, the first of its group)
-        time.sleep({0: 3.0, 1: 3.0, 2: 8.0}.get(i, 0.1) if epoch == 0 else 0.1)
+        # later trials reach the first rung before trials 0-2 do; trial 2 (the first of its group) holds its first
+        # epoch until trial 5 has reached the rung, so trial 5 waits for it and is then promoted, however slowly
+        # the workers start on a loaded machine
+        if i == 2 and epoch == 0:
+            _wait_for_line(config["arrivals"], "5 1 ", timeout=180.0)
+        time.sleep({0: 3.0, 1: 3.0}.get(i, 0.1) if epoch == 0 else 0.1)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
             with open(config["arrivals"], "a") as fh:  # when this trial reached the end of this epoch
                 fh.write(f"{i} {epoch + 1} {time.time()}\n")
             tune.report({"epoch": epoch, "val_avg_recall": CURVES[i][1][epoch], "training_done": epoch + 1 == EPOCHS},
                         checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _wait_for_line(path: str, prefix: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(path).is_file() and any(line.startswith(prefix) for line in Path(path).read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no line starting {prefix!r} in {path} within {timeout} s")
 
 
 def _serial_decisions() -> dict[int, int | None]:

@@ -172,6 +172,7 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
     holdout = _runs(study, "holdout")
     assert sorted(r.data.tags["config"] for r in holdout) == ["bce", "dice"]
     _check_predict(storage, study, tmp_path)  # the finished study also serves `study predict`
+    _check_relocated(study, tmp_path)  # after _check_predict: it reuses its inputs and outputs
 
 
 def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
@@ -240,6 +241,54 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
     res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--output",
                     str(tmp_path / "o2"), "--config", "focal", cwd=tmp_path)
     assert res.returncode == 2 and "--config focal: not a configuration" in res.stderr
+
+
+def _store_paths(db: Path) -> list[str]:
+    """Every artifact location an MLflow sqlite store keeps (experiments and runs)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return sorted([r[0] for r in con.execute("SELECT artifact_location FROM experiments")]
+                      + [r[0] for r in con.execute("SELECT artifact_uri FROM runs")])
+
+
+def _check_relocated(study: Path, tmp_path: Path) -> None:
+    """Issue 19: a copied study folder is a study of its own: its state and its MLflow store are rewritten to
+    point at the copy (the original's store is untouched), `study report` logs into the copy's store, and with
+    the original folder gone (a move) the copy still predicts what the original predicted."""
+    import shutil
+
+    import numpy as np
+
+    from trainables.data.io import read_image
+
+    elsewhere = tmp_path / "elsewhere"
+    copy = elsewhere / study.name
+    shutil.copytree(study, copy)
+    original_paths = _store_paths(study / "mlflow.db")
+    assert all(str(study) in p for p in original_paths)
+    res = run_study("report", study.name, "--storage", str(elsewhere), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"was copied from {study}" in res.stderr
+    state = json.loads((copy / "state.json").read_text())
+    assert state["tracking_uri"] == f"sqlite:///{copy / 'mlflow.db'}" and state["folder"] == str(copy)
+    paths = _store_paths(copy / "mlflow.db")
+    assert len(paths) == len(original_paths) and all(p.startswith(copy.as_uri()) for p in paths), paths[:3]
+    assert _store_paths(study / "mlflow.db") == original_paths
+    report_artifacts = copy / "mlartifacts"
+    assert any(p.name == "report.md" for p in report_artifacts.rglob("report.md"))
+    aside = study.with_name(study.name + "-aside")  # a move: nothing of the original is left to read
+    study.rename(aside)
+    try:
+        out = tmp_path / "predict_copy"
+        res = run_study("predict", study.name, "--storage", str(elsewhere), "--input", str(tmp_path / "predict_in"),
+                        "--roi", str(tmp_path / "predict_roi"), "--output", str(out), "--config", "dice/s0",
+                        cwd=tmp_path)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        for f in sorted((tmp_path / "predict_out").glob("*_prob.nii.gz")):
+            np.testing.assert_array_equal(read_image(out / f.name)[0], read_image(f)[0])
+    finally:
+        aside.rename(study)
 
 
 def _asha_log(study: Path) -> list[dict]:
@@ -397,4 +446,5 @@ def test_gpu_request_without_gpu_fails_fast(tmp_path, no_leftover_processes):
     space = _space(tmp_path, resources={"cpu": 1, "gpu": 1})
     res = run_study("launch", str(space), "--storage", str(tmp_path / "studies"), cwd=tmp_path, timeout=180)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "GPU" in res.stderr and "no Ray node can run a trial" in res.stderr
+    assert "resources.gpu" in res.stderr and "0 GPU(s)" in res.stderr
+    assert not (tmp_path / "studies" / "tiny").exists()  # checked before the study folder is made

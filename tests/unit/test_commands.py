@@ -154,11 +154,11 @@ def test_slurm_bad_input_exits_2(tmp_path, capsys):
 
         if os.geteuid() == 0:  # root writes anywhere: a path below a file stands in for an unwritable folder
             (tmp_path / "file").write_text("")
-            target = tmp_path / "file" / "studies"
+            target, needle = tmp_path / "file" / "studies", "which is a file, not a folder"
         else:
-            target = ro / "studies"
+            target, needle = ro / "studies", "cannot write in"
         assert main(["slurm", str(space), "--storage", str(target)]) == 2
-        assert "not writable" in capsys.readouterr().err
+        assert f"--storage {target}: " in (err := capsys.readouterr().err) and needle in err
     finally:
         ro.chmod(0o700)
     assert main(["slurm", str(_slurm_space(tmp_path, gpu=1)), "--storage", str(tmp_path / "st")]) == 2

@@ -220,7 +220,7 @@ def test_per_lesion_losses_get_the_samplers_labels(cache_dir, loss):
 
     data = json.loads(json.dumps(TINY))
     data["search"] = {"losses": {loss: {}}, "seeds": [3]}
-    data["training"] = {**data["training"], "iterations": 1, "epochs": 1}
+    data["training"] = {**data["training"], "iterations": 1, "epochs": 1, "lr_schedule": {"milestones": []}}
     cfg = config_from_dict(data)
     config = {"trial": cfg.trials[0].as_dict(), "study": study_payload(cfg, cache_dir),
               "run": {"stage": "sweep", "splits": ["train"], "validate": False, "epochs": 1}}

@@ -330,6 +330,7 @@ def build_cache(
     written: list[Path] = []
     n = len(sources)
     n_lesions = 0
+    split_lesions = dict.fromkeys(SPLITS, 0)
     width = len(str(n))
     for i, s in enumerate(sources, start=1):
         head = f"[{i:>{width}}/{n}] {s.case_id} ({s.split})"
@@ -341,6 +342,7 @@ def build_cache(
                 meta["split"] = s.split
                 write_json_atomic(meta_path, meta)
             n_lesions += int(meta["n_lesions"])
+            split_lesions[s.split] = split_lesions.get(s.split, 0) + int(meta["n_lesions"])
             log(f"{head}: already prepared, skipped")
             continue
         tmp = out / "cases" / f"{_TMP_PREFIX}{s.case_id}-{os.getpid()}"
@@ -350,25 +352,25 @@ def build_cache(
             if final.exists():  # an incomplete folder (not written by us): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-        except DataError as exc:
+        except (DataError, OSError) as exc:  # bad input, or the disk refused (full, permission)
             shutil.rmtree(tmp, ignore_errors=True)
             if keep_partial:
-                raise DataError(
-                    f"{exc} [the {len(written)} case(s) finished in this run were kept; fix the "
-                    "input and rerun to resume]"
-                ) from None
-            for d in written:
-                shutil.rmtree(d, ignore_errors=True)
-            for d in reversed(created_dirs):
-                shutil.rmtree(d, ignore_errors=True)
-            raise DataError(
-                f"{exc} [nothing of this run was kept: the cache at {out} is as it was]"
-            ) from None
+                kept = f"the {len(written)} case(s) finished in this run were kept; fix the input and rerun to resume"
+            else:
+                for d in written:
+                    shutil.rmtree(d, ignore_errors=True)
+                for d in reversed(created_dirs):
+                    shutil.rmtree(d, ignore_errors=True)
+                kept = f"nothing of this run was kept: the cache at {out} is as it was"
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, f"{exc.strerror or exc} [{kept}]", exc.filename) from None
+            raise DataError(f"{exc} [{kept}]") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         written.append(final)
         n_lesions += meta["n_lesions"]
+        split_lesions[s.split] = split_lesions.get(s.split, 0) + int(meta["n_lesions"])
         shape = "x".join(str(v) for v in meta["shape"])
         log(f"{head}: {shape} voxels, {meta['n_lesions']} lesion(s), {time.perf_counter() - t_case:.1f} s")
 
@@ -384,6 +386,13 @@ def build_cache(
         f"prepared {len(written)} case(s), skipped {len(done)} already prepared; {n} cases ({counts}), "
         f"{n_lesions} lesions, preset {p.name}, {time.perf_counter() - t0:.1f} s -> {out}"
     )
+    for sp, k in split_lesions.items():
+        if k == 0 and any(s.split == sp for s in sources):
+            # said whatever ``progress``: a study needs lesions to train on and to measure recall with
+            print(f"warning: split {sp!r} of {out} has no lesion in any of its "
+                  f"{sum(1 for s in sources if s.split == sp)} case(s): a study cannot "
+                  f"{'train on' if sp == 'train' else 'select with' if sp == 'val' else 'measure recall on'} it",
+                  file=sys.stderr, flush=True)
     return Cache(out)
 
 

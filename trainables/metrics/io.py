@@ -54,6 +54,10 @@ def _check_record(rec: Any, where: str) -> None:
             raise RecordsError(f"{where}: {name} must be a number, got {value!r}")
         if math.isnan(value):
             raise RecordsError(f"{where}: {name} is NaN")
+    if not 0.0 <= rec["hit_dice"] <= 1.0:
+        raise RecordsError(f"{where}: hit_dice {rec['hit_dice']!r} is not a Dice score (must be in [0, 1])")
+    if not 0.0 <= rec["diameter"] < math.inf:
+        raise RecordsError(f"{where}: diameter {rec['diameter']!r} mm is not a size (must be finite and >= 0)")
 
 
 def validate_records(recordset: RecordSet, source: str | os.PathLike = "<records>") -> None:

@@ -6,18 +6,17 @@ key or case at fault), that no traceback was printed, and that the folder is exa
 made, nothing that blocks the corrected command). Rows marked ``warn`` are inputs that must be accepted with a
 warning instead.
 
-``python -m tests.bad_input_battery`` runs the same table outside pytest and prints a tally per outcome (clean,
-poor message, traceback, accepted, wrote files): the before/after measurement of the battery.
-
-Status (issue 19, in progress): this file is the battery only, kept out of pytest's collection (its name is not
-``test_*.py``) until the fixes it measures land; then it moves to ``tests/unit/test_bad_input.py``. Rows that a
-broken build accepts can start a whole study; the tally stops each row after 40 s (such rows then show as
-"traceback" from the interrupted Ray call, or as "accepted").
+``python -m tests.unit.test_bad_input`` runs the same table outside pytest and prints a tally per outcome (clean,
+poor message, traceback, accepted, wrote files): the before/after measurement of the battery. Rows that a broken
+build accepts can start a whole study; the tally stops each row after 40 s (such a row then shows as "accepted").
+Rows with a ``patch`` run with the filesystem made to fail (a full disk, a refused permission) while the command
+runs, since this suite runs as root, where permissions do not bind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -150,6 +149,17 @@ def _study(tmp: Path, name: str = "s", *, holdout: bool = False) -> Path:
     return study.root
 
 
+def _copied_server_study(tmp: Path) -> None:
+    """A study launched under ``tmp/orig`` that logs to a tracking server, copied into ``tmp/studies``."""
+    import shutil
+
+    root = _study(tmp / "orig")
+    data = json.loads((root / "state.json").read_text())
+    data["tracking_uri"] = "http://127.0.0.1:9"
+    (root / "state.json").write_text(json.dumps(data))
+    shutil.copytree(root, tmp / "studies" / "s")
+
+
 def _edit_state(tmp: Path) -> None:
     root = _study(tmp)
     data = json.loads((root / "state.json").read_text())
@@ -220,6 +230,7 @@ class Case:
     code: int = 2
     warn: bool = False  # accepted (exit 0) with a warning that carries ``expect``
     needs: Callable[[], bool] | None = None  # skip when False
+    patch: Callable[[], contextlib.AbstractContextManager] | None = None  # active while the command runs
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -423,6 +434,9 @@ CASES: list[Case] = [
     Case("report before the hold-out", C("report", "s", "--storage", "{studies}", s=_study), ("hold-out",)),
     Case("status: --storage is a file", C("status", "s", "--storage", "{f}",
                                           f=lambda t: str(_write(t / "in" / "afile", "x"))), ("afile",)),
+    Case("resume: a copy of a study that logs to a tracking server", C("resume", "s", "--storage", "{studies}",
+                                                                        s=lambda t: _copied_server_study(t)),
+         ("is a copy of the study at", "same MLflow experiment")),
     # --- study ui
     Case("ui: port 70000", C("ui", "s", "--storage", "{studies}", "--port", "70000", s=_study), ("--port", "70000")),
     Case("ui: port -1", C("ui", "s", "--storage", "{studies}", "--port", "-1", s=_study), ("--port",)),
@@ -456,7 +470,7 @@ CASES: list[Case] = [
     Case("prepare: image missing", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
                                      m=lambda t: _missing_image_manifest(t)), ("c0", "gone.nii.gz")),
     Case("prepare: image unreadable", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
-                                        m=lambda t: _garbage_image_manifest(t)), ("c0", "cannot read")),
+                                        m=lambda t: _garbage_image_manifest(t)), ("c0", "cannot be read")),
     Case("prepare: mask does not match image", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
                                                  m=lambda t: _mismatched_manifest(t)), ("c0", "mask")),
     Case("prepare: non-binary mask", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
@@ -523,10 +537,34 @@ CASES: list[Case] = [
                                                   f=lambda t: str(_write(t / "in" / "afile", "x"))), ("afile",)),
     Case("slurm: bad space", C("slurm", "{sp}", "--script", "{tmp}/job.sh",
                                sp=lambda t: _space(t, _demo(**{"training.epochs": 0}))), ("training.epochs",)),
+    # --- the filesystem says no
+    Case("launch: disk full writing the study", L(DEMO), ("No space left on device", "study.yaml", "was removed"),
+         patch=lambda: _failing("os.fsync", errno.ENOSPC)),
+    Case("prepare: disk full writing the cache", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c",
+                                                   m=lambda t: _manifest(t)),
+         ("No space left on device", "/c/"), patch=lambda: _failing("os.fsync", errno.ENOSPC)),
+    Case("status: permission denied reading the study", C("status", "s", "--storage", "{studies}", s=_study),
+         ("Permission denied", "study.yaml"), patch=lambda: _failing("pathlib.Path.read_text", errno.EACCES)),
+    Case("metrics: permission denied reading records", C("metrics", "{r}", r=lambda t: _records(t)),
+         ("Permission denied", "records.json"),
+         patch=lambda: _failing("trainables.metrics.io.open", errno.EACCES, create=True)),
     # --- accepted with a warning
     Case("patch larger than the volume", L(_demo(**{"data.phantom.shape": [24, 64, 64]}), "--dry-run"),
          ("training.patch_size", "larger than"), code=0, warn=True),
 ]
+
+
+@contextlib.contextmanager
+def _failing(target: str, err: int, create: bool = False):
+    """``target`` (a dotted function) raises the OS error ``err`` while the command runs, as the kernel would."""
+    from unittest import mock
+
+    def fail(*args, **kwargs):
+        path = next((a for a in args if isinstance(a, (str, os.PathLike))), None)
+        raise OSError(err, os.strerror(err), None if path is None else str(path))
+
+    with mock.patch(target, fail, create=create):
+        yield
 
 
 def _has_gpu() -> bool:
@@ -612,7 +650,8 @@ def run_case(case: Case, tmp: Path) -> Outcome:
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
-                code = main(argv)
+                with case.patch() if case.patch else contextlib.nullcontext():
+                    code = main(argv)
             except SystemExit as exc:  # argparse
                 code = exc.code if isinstance(exc.code, int) else 2
             except Exception as exc:  # an escaped exception is a traceback for the user

@@ -1,0 +1,182 @@
+"""Checks a launch makes before the study folder exists.
+
+``study launch`` runs :func:`preflight` after the search space is validated and before it writes anything: the
+storage folder can be written, the tracking URI is one MLflow 3 accepts, the data is there (a cache opens and
+its training and validation splits hold lesions; a manifest's rows and image headers read), and one trial fits
+the machine it will run on (a local Ray: this machine's CPUs and GPUs; a cluster: its address answers). Each
+failure is a :class:`~trainables.errors.UserError` naming the flag, file or key, so a wrong launch leaves
+nothing behind and the corrected command runs as if it were the first. :func:`warnings` lists what is allowed
+but probably not meant (a patch larger than the volumes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from trainables.config import StudyConfig
+from trainables.errors import DataError, UserError
+
+#: MLflow 3 backends a study can log to (the file store is deprecated and refused)
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+
+
+def preflight(cfg: StudyConfig, *, storage: str | os.PathLike | None, tracking_uri: str | None,
+              address: str | None, num_cpus: int | None, wait_for_resources: bool) -> None:
+    """Every check that needs no running Ray and writes nothing (``storage`` None: the dry run)."""
+    if storage is not None:
+        check_storage(storage)
+    if tracking_uri is not None:
+        check_tracking_target(tracking_uri)
+    check_data(cfg)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+    elif not wait_for_resources:
+        check_local_resources(cfg, num_cpus=num_cpus)
+
+
+def check_storage(storage: str | os.PathLike) -> None:
+    """``--storage`` is (or can become) a folder this process can write."""
+    check_output_folder("--storage", storage, purpose="the studies")
+
+
+def check_output_folder(flag: str, folder: str | os.PathLike, *, purpose: str = "the output") -> None:
+    """``folder`` (given by ``flag``) is, or can become, a folder this process can write: its first existing
+    ancestor is a folder and a probe folder can be made and removed there. Writes nothing that stays."""
+    storage = folder
+    path = Path(storage).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == path else f"lies below {probe}, which is a file"
+        raise UserError(f"{flag} {storage}: {what}, not a folder; pick a folder for {purpose}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".study-write-probe-", dir=probe))
+    except OSError as exc:
+        raise UserError(f"{flag} {storage}: cannot write in {probe} ({exc.strerror}); pick a folder you can "
+                        "write") from None
+
+
+def check_tracking_target(uri: str) -> None:
+    """The URI's scheme is one MLflow 3 serves studies from; an sqlite file's folder exists."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise UserError(f"--tracking-uri {uri}: unsupported scheme {scheme or '(none)'!r}; use "
+                        "sqlite:////absolute/path/mlflow.db, an http(s):// tracking server or a database URI "
+                        f"({', '.join(TRACKING_SCHEMES)})")
+    if scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise UserError(f"--tracking-uri {uri}: the folder {db.parent} does not exist; create it or point "
+                            "the store elsewhere")
+        if db.exists() and not db.is_file():
+            raise UserError(f"--tracking-uri {uri}: {db} is not a file")
+
+
+def check_data(cfg: StudyConfig) -> None:
+    """A cache opens and its train/val splits have lesions; a manifest's rows and image headers read."""
+    d = cfg.data
+    if d.source == "cache":
+        from trainables.data import Cache
+
+        cache = Cache(d.path)
+        check_lesions(cache, cfg, where=str(d.path))
+    elif d.source == "manifest":
+        from trainables.data.cache import FileCaseSource
+        from trainables.data.manifest import read_manifest
+        from trainables.data.preprocess import get_preset
+
+        preset = get_preset(d.preset)
+        rows = read_manifest(d.path, require_roi=preset.roi_required)
+        for r in rows:
+            FileCaseSource(case_id=r.case_id, split=r.split, image=r.image, mask=r.mask, roi=r.roi,
+                           roi_required=preset.roi_required).preflight()
+
+
+def check_lesions(cache, cfg: StudyConfig, *, where: str) -> dict[str, int]:
+    """The case count of each stage's splits; the train and val splits must hold lesions."""
+    d = cfg.data
+    counts = {}
+    for key in ("train", "val", "holdout"):
+        ids = cache.case_ids(list(getattr(d, key)))
+        counts[key] = len(ids)
+        if key != "holdout" and not any(cache.meta(cid).get("n_lesions", 0) for cid in ids):
+            raise DataError(f"data: the {key} split ({', '.join(getattr(d, key))}) of {where} has no lesion: "
+                            "training samples lesion-centred patches and validation measures recall")
+    return counts
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """A Ray cluster answers at ``address`` (``host:port`` or ``ray://host:port``; ``auto`` is left to Ray)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected host:port (the Ray head's GCS address, e.g. "
+                        "10.0.0.1:6379) or ray://host:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start it "
+                        "(`ray up cluster.yaml`, or `ray start --head` on the head node) or fix the address") from None
+
+
+def check_local_resources(cfg: StudyConfig, *, num_cpus: int | None) -> None:
+    """One trial must fit the local Ray this launch starts (Tune would otherwise wait forever)."""
+    res = cfg.resources
+    cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
+    where = f"--num-cpus {num_cpus}" if num_cpus is not None else f"this machine's {cpus} CPUs"
+    if res.cpu > cpus:
+        raise UserError(f"resources.cpu: {res.cpu:g} CPUs per trial, but the local Ray has {where}; lower "
+                        "resources.cpu, raise --num-cpus, or run on a cluster (--address)")
+    if res.gpu > 0:
+        try:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        except Exception:  # pragma: no cover - a broken CUDA install counts as no GPU
+            gpus = 0
+        if res.gpu > gpus:
+            raise UserError(f"resources.gpu: {res.gpu:g} GPU(s) per trial, but this machine has {gpus} GPU(s) "
+                            "torch can use; set `resources: {cpu: N, gpu: 0}` to train on the CPU, run on a "
+                            "cluster with GPU nodes (--address), or pass --wait-for-resources on an autoscaling "
+                            "one")
+    if res.custom:
+        names = ", ".join(sorted(res.custom))
+        raise UserError(f"resources.custom: {names}: a local Ray has no custom resources, so no trial could "
+                        "start; remove them, or run on a cluster whose nodes declare them (--address)")
+
+
+def warnings(cfg: StudyConfig) -> list[str]:
+    """Allowed but probably not meant: a training patch larger than the volumes (patches get padded)."""
+    out = []
+    shapes = _volume_shapes(cfg)
+    if shapes:
+        patch = cfg.training.patch_size
+        larger = sum(any(p > s for p, s in zip(patch, shape)) for shape in shapes)
+        if larger * 2 > len(shapes):
+            example = next(shape for shape in shapes if any(p > s for p, s in zip(patch, shape)))
+            out.append(f"training.patch_size {list(patch)} is larger than {larger} of {len(shapes)} volumes "
+                       f"(e.g. {' x '.join(map(str, example))} voxels): those patches are mostly padding; a "
+                       "patch at most the volume size trains on more tissue")
+    return out
+
+
+def _volume_shapes(cfg: StudyConfig) -> list[tuple[int, ...]]:
+    d = cfg.data
+    if d.source == "phantom":  # a lidc chest is resampled by its preset: its prepared shape is not known here
+        return [tuple(d.phantom.shape)] * d.phantom.cases if d.phantom.kind == "ellipsoid" else []
+    if d.source == "cache":
+        from trainables.data import Cache
+
+        cache = Cache(d.path)
+        ids = cache.case_ids(list(d.train))
+        return [tuple(cache.meta(c)["shape"]) for c in ids]
+    return []
