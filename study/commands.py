@@ -245,14 +245,15 @@ def _load(args, *, writes: bool = True):
 
 def cmd_resume(args) -> int:
     from study.layout import STAGES
-    from study.stages import StudyContext
+    from study.stages import StudyContext, redo_missing_outputs
 
     study_dir, cfg, state = _load(args)
+    ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
+                       num_cpus=args.num_cpus)
+    redo_missing_outputs(ctx)
     if all(state.done(s) for s in STAGES):
         print(f"study {study_dir.name} is complete; report: {study_dir.report_dir / 'report.md'}")
         return 0
-    ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
-                       num_cpus=args.num_cpus)
     return _run(ctx)
 
 

@@ -88,8 +88,8 @@ class StudyDir:
         stage recomputes it from the saved records on ``study resume`` once it is removed)."""
         from trainables.io_utils import read_json
 
-        remedy = (f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which "
-                  "recomputes it from the hold-out records")
+        remedy = (f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which runs the "
+                  "hold-out stage (inference with the retrained models) and the report again")
         data = read_json(self.summary_file, what="the hold-out summary", remedy=remedy)
         if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
             raise UserError(f"{self.summary_file}: the hold-out summary has no 'configs' mapping (damaged or "

@@ -128,7 +128,7 @@ def cmd_predict(args) -> int:
     cfg = validate(StudyConfig, read_frozen_config(sd), source=str(sd.config_file))
     labels = choose_models(summary, args.config, args.ensemble)
     state = StudyState.load(sd.state_file)
-    relocate(sd, state)
+    relocate(sd, state, writes=False)  # predict reads the study; it logs nothing
     cache = Cache(StudyContext(sd, cfg, state).cache_dir())
     preset = cache.preset  # the preset the training cases were prepared with
     checkpoints = {trial_label(r.spec): r.checkpoint_path for r in outcomes(sd.ray_dir, "retrain")}

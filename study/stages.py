@@ -679,6 +679,20 @@ def choose_layout(ctx: StudyContext) -> None:
         "set model.channels_last to fix it)")
 
 
+def redo_missing_outputs(ctx: StudyContext) -> None:
+    """A finished stage whose output file was removed (the remedy for a damaged one) runs again, with the stages
+    that read it: ``selection.json`` (select), ``holdout/summary.json`` (hold-out, report), ``report.md``."""
+    outputs = {"select": (ctx.dir.selection_file, ()), "holdout": (ctx.dir.summary_file, ("report",)),
+               "report": (ctx.dir.report_dir / "report.md", ())}
+    for stage, (path, after) in outputs.items():
+        if ctx.state.done(stage) and not path.is_file():
+            log(f"{stage}: {path} is missing: the {stage} stage runs again"
+                + (f" (and {', '.join(after)})" if after else ""))
+            for s in (stage, *after):
+                ctx.state.data["stages"].pop(s, None)
+            ctx.state.save()
+
+
 def run_stages(ctx: StudyContext) -> None:
     """Run every stage not yet finished, in order; print where the report is at the end."""
     from study.plan import measured_step, step_line
@@ -691,6 +705,7 @@ def run_stages(ctx: StudyContext) -> None:
     if step is not None:
         ctx.state.data.setdefault("step_seconds", []).append(round(step, 4))
     log(step_line(ctx.cfg, step))
+    redo_missing_outputs(ctx)
     t0 = time.perf_counter()
     try:
         for i, stage in enumerate(STAGES, 1):

@@ -163,8 +163,8 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
     except Exception as exc:  # a truncated or hand-edited experiment_state-*.json, a damaged result file
         files = ", ".join(p.name for p in sorted(path.glob("experiment_state-*.json")))
         raise UserError(f"{path}: the Ray Tune state of the {name} stage ({files}) cannot be read "
-                        f"({type(exc).__name__}: {exc}); restore the folder from a backup, or remove it and "
-                        f"`study resume` runs the {name} stage again from its start") from None
+                        f"({type(exc).__name__}: {exc}); restore the folder from a backup (its trials and "
+                        "checkpoints are recorded there), or launch the study again under another --name") from None
     asha = AshaState.read(asha_state_file(storage, name))
     out = []
     for trial in analysis.trials:

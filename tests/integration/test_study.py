@@ -244,12 +244,14 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
 
 
 def _store_paths(db: Path) -> list[str]:
-    """Every artifact location an MLflow sqlite store keeps (experiments and runs)."""
+    """Every artifact location an MLflow sqlite store keeps for the study (its experiment, runs and logged
+    models; not MLflow's own Default experiment, which points at the working folder)."""
     import sqlite3
 
     with sqlite3.connect(db) as con:
-        return sorted([r[0] for r in con.execute("SELECT artifact_location FROM experiments")]
-                      + [r[0] for r in con.execute("SELECT artifact_uri FROM runs")])
+        return sorted([r[0] for r in con.execute("SELECT artifact_location FROM experiments WHERE name != 'Default'")]
+                      + [r[0] for r in con.execute("SELECT artifact_uri FROM runs")]
+                      + [r[0] for r in con.execute("SELECT artifact_location FROM logged_models")])
 
 
 def _check_relocated(study: Path, tmp_path: Path) -> None:

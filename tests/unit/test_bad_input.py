@@ -549,6 +549,9 @@ CASES: list[Case] = [
          ("Permission denied", "records.json"),
          patch=lambda: _failing("trainables.metrics.io.open", errno.EACCES, create=True)),
     # --- accepted with a warning
+    Case("prepare: a split without lesions", C("data", "prepare", "--manifest", "{m}", "--out", "{tmp}/c", "--quiet",
+                                               m=lambda t: _lesionless_val_manifest(t)),
+         ("split 'val'", "has no lesion"), code=0, warn=True),
     Case("patch larger than the volume", L(_demo(**{"data.phantom.shape": [24, 64, 64]}), "--dry-run"),
          ("training.patch_size", "larger than"), code=0, warn=True),
 ]
@@ -590,6 +593,12 @@ def _missing_image_manifest(tmp: Path) -> str:
     man = Path(_manifest(tmp))
     text = man.read_text().replace("c0.nii.gz", "gone.nii.gz")
     man.write_text(text)
+    return str(man)
+
+
+def _lesionless_val_manifest(tmp: Path) -> str:
+    man = Path(_manifest(tmp))
+    _image(man.parent / "c1-mask.nii.gz", dtype="uint8", value=0)  # c1 is the val case
     return str(man)
 
 

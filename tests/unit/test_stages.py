@@ -238,3 +238,25 @@ def test_layout_is_measured_once_and_kept(tmp_path, monkeypatch, measured, gpu, 
         update={"channels_last": True})}), state)
     choose_layout(fixed)  # set in the search space: left as it is
     assert fixed.cfg.model.channels_last is True
+
+
+def test_a_finished_stage_whose_output_was_removed_runs_again(tmp_path):
+    """The remedy for a damaged selection.json / summary.json is to remove it: `study resume` then runs the stage
+    that writes it again (and the stages that read it), and only those."""
+    from study.layout import STAGES, StudyDir, StudyState
+    from study.stages import StudyContext, redo_missing_outputs
+
+    cfg = config_from_dict({"search": {"configs": ["bce"]}})
+    state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
+    for stage in STAGES:
+        state.mark_done(stage)
+    d = StudyDir(tmp_path)
+    d.selection_file.write_text("{}")
+    (d.report_dir).mkdir()
+    (d.report_dir / "report.md").write_text("#")
+    redo_missing_outputs(StudyContext(d, cfg, state))  # summary.json is missing: hold-out and report again
+    assert [s for s in STAGES if not state.done(s)] == ["holdout", "report"]
+    assert [s for s in STAGES if not StudyState.load(tmp_path / "state.json").done(s)] == ["holdout", "report"]
+    d.selection_file.unlink()
+    redo_missing_outputs(StudyContext(d, cfg, state))
+    assert [s for s in STAGES if not state.done(s)] == ["select", "holdout", "report"]
