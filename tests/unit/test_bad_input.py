@@ -360,6 +360,11 @@ CASES: list[Case] = [
     Case("--data manifest mask does not match image", C(
         "launch", "{space}", "--storage", "{studies}", "--data", "{man}", space=lambda t: _space(t, DEMO),
         man=lambda t: _mismatched_manifest(t)), ("c0", "mask")),
+    # passes every check made before the folder exists (headers read) and fails preparing c0 inside the study:
+    # the launch removes the folder it made, so the corrected command is not blocked by it
+    Case("--data manifest with a non-binary mask", C(
+        "launch", "{space}", "--storage", "{studies}", "--data", "{man}", space=lambda t: _space(t, DEMO),
+        man=lambda t: _nonbinary_manifest(t)), ("c0", "binary", "was removed")),
     Case("--data manifest not UTF-8", C("launch", "{space}", "--storage", "{studies}", "--data", "{man}",
                                         space=lambda t: _space(t, DEMO),
                                         man=lambda t: str(_write(t / "in" / "m.csv", b"case_id,image\n\xff\xfe\n"))),
