@@ -204,7 +204,9 @@ def _undo_launch(study_dir, made: list[Path], source: str) -> str | None:
     if state is not None and not state.tracking_uri.startswith("sqlite:"):
         _forget_experiment(state)
     shutil.rmtree(study_dir.root, ignore_errors=True)
-    for p in reversed(made[1:]):  # storage folders this launch created, innermost first
+    if not made:  # the launch was given an empty folder that already existed: it stays, empty
+        study_dir.root.mkdir(exist_ok=True)
+    for p in made[1:]:  # storage folders this launch created, innermost first (made[0] is the study folder)
         try:
             p.rmdir()
         except OSError:

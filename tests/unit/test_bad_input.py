@@ -365,6 +365,9 @@ CASES: list[Case] = [
     Case("--data manifest with a non-binary mask", C(
         "launch", "{space}", "--storage", "{studies}", "--data", "{man}", space=lambda t: _space(t, DEMO),
         man=lambda t: _nonbinary_manifest(t)), ("c0", "binary", "was removed")),
+    Case("--data manifest with a non-binary mask, new nested --storage", C(
+        "launch", "{space}", "--storage", "{tmp}/new/nested/studies", "--data", "{man}",
+        space=lambda t: _space(t, DEMO), man=lambda t: _nonbinary_manifest(t)), ("c0", "binary", "was removed")),
     Case("--data manifest not UTF-8", C("launch", "{space}", "--storage", "{studies}", "--data", "{man}",
                                         space=lambda t: _space(t, DEMO),
                                         man=lambda t: str(_write(t / "in" / "m.csv", b"case_id,image\n\xff\xfe\n"))),
