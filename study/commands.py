@@ -74,34 +74,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(kind: type, what: str, low: float, high: float = float("inf")):
+    """An argparse type: a ``kind`` number in [low, high], refused with ``what`` it must be."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
-    return value
+_positive_int = _number(int, "a positive integer", 1)
+_positive_float = _number(float, "a positive number of seconds", 1e-9)
+_port = _number(int, "a TCP port (1-65535)", 1, 65535)
 
 
 def _run(ctx) -> int:

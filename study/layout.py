@@ -84,28 +84,24 @@ class StudyDir:
         return self.holdout_dir / "summary.json"
 
     def read_summary(self) -> dict[str, Any]:
-        """``holdout/summary.json``, checked: a damaged file is a UserError naming it and the remedy (the hold-out
-        stage recomputes it from the saved records on ``study resume`` once it is removed)."""
-        from trainables.io_utils import read_json
-
-        remedy = (f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which runs the "
-                  "hold-out stage (inference with the retrained models) and the report again")
-        data = read_json(self.summary_file, what="the hold-out summary", remedy=remedy)
-        if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
-            raise UserError(f"{self.summary_file}: the hold-out summary has no 'configs' mapping (damaged or "
-                            f"hand-edited); {remedy}")
-        return data
+        """``holdout/summary.json``, checked: a damaged file is a UserError naming it and the remedy (removed, the
+        hold-out stage runs again on ``study resume``)."""
+        return self._read_output(self.summary_file, "the hold-out summary", "configs", dict,
+                                 "runs the hold-out stage (inference with the retrained models) and the report again")
 
     def read_selection(self) -> dict[str, Any]:
         """``selection.json`` (the sweep's winners), checked like :meth:`read_summary`."""
+        return self._read_output(self.selection_file, "the selection of winners", "winners", list,
+                                 "selects the winners again from the sweep's results")
+
+    def _read_output(self, path: Path, what: str, key: str, kind: type, redo: str) -> dict[str, Any]:
         from trainables.io_utils import read_json
 
-        remedy = (f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which selects the "
-                  "winners again from the sweep's results")
-        data = read_json(self.selection_file, what="the selection of winners", remedy=remedy)
-        if not isinstance(data, dict) or not isinstance(data.get("winners"), list):
-            raise UserError(f"{self.selection_file}: the selection has no 'winners' list (damaged or hand-edited); "
-                            f"{remedy}")
+        remedy = f"remove it and run `study resume {self.name} --storage {self.root.parent}`, which {redo}"
+        data = read_json(path, what=what, remedy=remedy)
+        if not isinstance(data, dict) or not isinstance(data.get(key), kind):
+            raise UserError(f"{path}: {what} has no {key!r} {'mapping' if kind is dict else 'list'} (damaged or "
+                            f"hand-edited); {remedy}")
         return data
 
     def require(self) -> StudyDir:

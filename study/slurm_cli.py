@@ -82,15 +82,13 @@ def _check(args, cfg) -> None:
 
 
 def _writable(folder: Path) -> Path:
+    """``--storage`` as a folder this process can write (made if missing): the study, its MLflow store and the Ray
+    token live there."""
+    from study.preflight import check_output_folder
+
+    check_output_folder("--storage", folder, purpose="the studies, their MLflow stores and the Ray token")
     folder = folder.expanduser().resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--storage {folder}: not writable ({exc.strerror or exc}); the study, its MLflow store "
-                        "and the Ray token live there") from None
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -209,7 +207,6 @@ def cmd_slurm(args) -> int:
         if args.script.expanduser().is_dir():
             raise UserError(f"--script {args.script}: is a folder; give the batch script's file name")
         check_output_folder("--script", args.script.expanduser().absolute().parent, purpose="the batch script")
-    check_output_folder("--storage", args.storage, purpose="the studies")
     storage = _writable(args.storage)
     script = (args.script or storage / f"{name}.slurm.sh").expanduser().resolve()
     token = ensure_token(storage)
