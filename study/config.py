@@ -163,13 +163,12 @@ def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = Non
         field = StudyConfig.model_fields.get(key) if isinstance(key, str) else None
         if value is None and field is not None and isinstance(field.default, BaseModel):
             errors.fail(key, "is null (an empty section); remove the line for the defaults or give its keys")
-    if isinstance(data, dict):
-        for key in INTERNAL_KEYS:
-            if key in data:
-                known = ", ".join(k for k in StudyConfig.model_fields if k not in INTERNAL_KEYS)
-                errors.fail(key, f"unknown key; known keys here: {known}")
-        if isinstance(data.get("data"), dict) and "cache_dir" in data["data"]:
-            errors.fail("data.cache_dir", "is set by the study (the cache it prepares); use data.path")
+    for key in INTERNAL_KEYS:
+        if key in data:
+            known = ", ".join(k for k in StudyConfig.model_fields if k not in INTERNAL_KEYS)
+            errors.fail(key, f"unknown key; known keys here: {known}")
+    if isinstance(data.get("data"), dict) and "cache_dir" in data["data"]:
+        errors.fail("data.cache_dir", "is set by the study (the cache it prepares); use data.path")
     cfg = validate(StudyConfig, data, source=source)
     if not frozen:
         _check_milestones(data, cfg, errors)

@@ -100,18 +100,16 @@ class StudyRecords:
     (from ``holdout/summary.json``)."""
 
     def __init__(self, root: Path):
-        from trainables.io_utils import read_json, read_yaml
+        from study.layout import StudyDir, read_frozen_config
 
         self.root = root
-        frozen = read_yaml(root / "study.yaml", what="the study's frozen config") or {}
-        if not isinstance(frozen, dict):
-            raise RecordsError(f"{root / 'study.yaml'}: the study's frozen config is not a mapping")
+        study = StudyDir(root)
+        frozen = read_frozen_config(study)
         ev = frozen.get("evaluation") or {}
         self.n_boot, self.seed = int(ev.get("n_boot", 1000)), int(ev.get("seed", 0))
         self.labels: dict[str, tuple[str, str]] = {}  # holdout-relative path -> (label, rule)
-        summary = root / "holdout" / "summary.json"
-        if summary.is_file():
-            configs = read_json(summary, what="the study's hold-out summary").get("configs", {})
+        if study.summary_file.is_file():
+            configs = study.read_summary()["configs"]
             for label, c in configs.items():
                 for rule, path in (c.get("records") or {}).items():
                     self.labels["/".join(Path(path).parts[-3:])] = (label, rule)
