@@ -119,17 +119,17 @@ def cmd_launch(args) -> int:
     space = Path(args.space) if args.space else Path(str(builtin_path("demo")))
     cfg = load_config(space, data_path=args.data)
     checks = dict(address=args.address, num_cpus=args.num_cpus, wait_for_resources=args.wait_for_resources)
+    name = args.name if args.name is not None else cfg.name  # --name "" is refused, not replaced
     if args.dry_run:
         from study.plan import describe_plan, plan
 
-        if args.name is not None:
-            check_name(args.name)
+        check_name(name)
         check_data(cfg)  # the machine is not checked: a dry run plans a study for another one too
         _warn(cfg)
-        print(f"study {args.name if args.name is not None else cfg.name} from {space} (dry run: nothing is started or written)")
+        print(f"study {name} from {space} (dry run: nothing is started or written)")
         print(describe_plan(cfg, plan(cfg, num_cpus=args.num_cpus)))
         return 0
-    study_dir = StudyDir.of(args.storage, args.name if args.name is not None else cfg.name)
+    study_dir = StudyDir.of(args.storage, name)
     check_storage(args.storage)
     if study_dir.root.exists() and (not study_dir.root.is_dir() or any(study_dir.root.iterdir())):
         if study_dir.exists():
@@ -137,7 +137,7 @@ def cmd_launch(args) -> int:
                             f"`study resume {study_dir.name} --storage {args.storage}` or pick another --name")
         raise UserError(f"{study_dir.root} exists and is not an empty folder; pick another --name or --storage")
     uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else study_dir.default_tracking_uri()
-    preflight(cfg, storage=args.storage, tracking_uri=uri if args.tracking_uri else None, **checks)
+    preflight(cfg, **checks)
     if uri.startswith(("http://", "https://")):
         check_server(uri)  # before the study folder exists: fix the server, launch again
     _warn(cfg)
@@ -270,7 +270,7 @@ def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
     started = len(out["trials"][SWEEP])
     if started < len(cfg.trials):
         out["not_started"] = {SWEEP: len(cfg.trials) - started}
-    summary_file = study_dir.holdout_dir / "summary.json"
+    summary_file = study_dir.summary_file
     if summary_file.is_file():
         summary = study_dir.read_summary()
         out["holdout"] = {
@@ -447,7 +447,7 @@ def cmd_report(args) -> int:
     from study.stages import StudyContext, stage_report
 
     study_dir, cfg, state = _load(args)
-    if not (study_dir.holdout_dir / "summary.json").is_file():
+    if not (study_dir.summary_file).is_file():
         raise UserError(f"study {study_dir.name}: the hold-out stage has not finished; run `study resume "
                         f"{study_dir.name}` first")
     if args.markdown:

@@ -140,14 +140,16 @@ def _outputs(args: argparse.Namespace, *flags: str) -> None:
 
 def _phantom(args: argparse.Namespace) -> int:
     from trainables.data import make_phantom, prepare_cache
+    from trainables.data.phantom import check_shape, phantom_splits
     from trainables.errors import DataError
 
     if args.shape is None:
         args.shape = (64, 128, 128) if args.kind == "lidc" else (48, 64, 64)
-    if args.cases < 3:
-        raise DataError(f"--cases {args.cases}: the phantom needs at least 3 cases (one per split)")
-    if any(s < 8 for s in args.shape):
-        raise DataError(f"--shape {' '.join(map(str, args.shape))}: every side must be at least 8 voxels (z y x)")
+    for flag, check in (("--cases", lambda: phantom_splits(args.cases)), ("--shape", lambda: check_shape(args.shape))):
+        try:  # the phantom's own rules, checked before anything is written, with the flag named
+            check()
+        except DataError as exc:
+            raise DataError(f"{flag}: {exc}") from None
     _outputs(args, "--out", "--prepare")
     if args.kind == "lidc":
         from trainables.data.lidc_phantom import make_lidc_phantom, write_data_summary

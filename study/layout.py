@@ -70,6 +70,7 @@ class StudyDir:
     holdout_dir = property(lambda self: self.root / "holdout")
     report_dir = property(lambda self: self.root / "report")
     selection_file = property(lambda self: self.root / "selection.json")
+    summary_file = property(lambda self: self.root / "holdout" / "summary.json")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
     artifacts_dir = property(lambda self: self.root / "mlartifacts")
 
@@ -79,9 +80,6 @@ class StudyDir:
     def exists(self) -> bool:
         return self.config_file.is_file() and self.state_file.is_file()
 
-    @property
-    def summary_file(self) -> Path:
-        return self.holdout_dir / "summary.json"
 
     def read_summary(self) -> dict[str, Any]:
         """``holdout/summary.json``, checked: a damaged file is a UserError naming it and the remedy (removed, the

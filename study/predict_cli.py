@@ -120,7 +120,7 @@ def cmd_predict(args) -> int:
     sd = StudyDir.of(args.storage, args.name).require()
     if not Path(args.input).expanduser().exists():
         raise UserError(f"--input {args.input}: no such file or folder (a folder of images or a manifest CSV)")
-    summary_file = sd.holdout_dir / "summary.json"
+    summary_file = sd.summary_file
     if not summary_file.is_file():
         raise UserError(f"study {sd.name}: the hold-out stage has not finished ({summary_file} missing); "
                         f"`study resume {sd.name}` completes it")

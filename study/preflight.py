@@ -19,17 +19,10 @@ from pathlib import Path
 from trainables.config import StudyConfig
 from trainables.errors import DataError, UserError
 
-#: MLflow 3 backends a study can log to (the file store is deprecated and refused)
-TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
 
-
-def preflight(cfg: StudyConfig, *, storage: str | os.PathLike | None, tracking_uri: str | None,
-              address: str | None, num_cpus: int | None, wait_for_resources: bool) -> None:
-    """Every check that needs no running Ray and writes nothing (``storage`` None: the dry run)."""
-    if storage is not None:
-        check_storage(storage)
-    if tracking_uri is not None:
-        check_tracking_target(tracking_uri)
+def preflight(cfg: StudyConfig, *, address: str | None, num_cpus: int | None, wait_for_resources: bool) -> None:
+    """The data and machine checks of a launch: they need no running Ray and write nothing (``--storage`` and
+    ``--tracking-uri`` are checked before, by :func:`check_storage` and ``study.tracking.check_tracking_uri``)."""
     check_data(cfg)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -46,8 +39,7 @@ def check_storage(storage: str | os.PathLike) -> None:
 def check_output_folder(flag: str, folder: str | os.PathLike, *, purpose: str = "the output") -> None:
     """``folder`` (given by ``flag``) is, or can become, a folder this process can write: its first existing
     ancestor is a folder and a probe folder can be made and removed there. Writes nothing that stays."""
-    storage = folder
-    path = Path(storage).expanduser().absolute()
+    path = Path(folder).expanduser().absolute()
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -55,28 +47,12 @@ def check_output_folder(flag: str, folder: str | os.PathLike, *, purpose: str = 
         probe = probe.parent
     if not probe.is_dir():
         what = "is a file" if probe == path else f"lies below {probe}, which is a file"
-        raise UserError(f"{flag} {storage}: {what}, not a folder; pick a folder for {purpose}")
+        raise UserError(f"{flag} {folder}: {what}, not a folder; pick a folder for {purpose}")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".study-write-probe-", dir=probe))
     except OSError as exc:
-        raise UserError(f"{flag} {storage}: cannot write in {probe} ({exc.strerror}); pick a folder you can "
+        raise UserError(f"{flag} {folder}: cannot write in {probe} ({exc.strerror}); pick a folder you can "
                         "write") from None
-
-
-def check_tracking_target(uri: str) -> None:
-    """The URI's scheme is one MLflow 3 serves studies from; an sqlite file's folder exists."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
-    if scheme not in TRACKING_SCHEMES:
-        raise UserError(f"--tracking-uri {uri}: unsupported scheme {scheme or '(none)'!r}; use "
-                        "sqlite:////absolute/path/mlflow.db, an http(s):// tracking server or a database URI "
-                        f"({', '.join(TRACKING_SCHEMES)})")
-    if scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):])
-        if not db.parent.is_dir():
-            raise UserError(f"--tracking-uri {uri}: the folder {db.parent} does not exist; create it or point "
-                            "the store elsewhere")
-        if db.exists() and not db.is_file():
-            raise UserError(f"--tracking-uri {uri}: {db} is not a file")
 
 
 def check_data(cfg: StudyConfig) -> None:
@@ -88,15 +64,10 @@ def check_data(cfg: StudyConfig) -> None:
         cache = Cache(d.path)
         check_lesions(cache, cfg, where=str(d.path))
     elif d.source == "manifest":
-        from trainables.data.cache import FileCaseSource
-        from trainables.data.manifest import read_manifest
-        from trainables.data.preprocess import get_preset
+        from trainables.data.cache import manifest_sources
 
-        preset = get_preset(d.preset)
-        rows = read_manifest(d.path, require_roi=preset.roi_required)
-        for r in rows:
-            FileCaseSource(case_id=r.case_id, split=r.split, image=r.image, mask=r.mask, roi=r.roi,
-                           roi_required=preset.roi_required).preflight()
+        for source in manifest_sources(d.path, preset=d.preset):
+            source.preflight()
 
 
 def check_lesions(cache, cfg: StudyConfig, *, where: str) -> dict[str, int]:

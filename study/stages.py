@@ -336,7 +336,7 @@ def stage_holdout(ctx: StudyContext) -> None:
         paths[label] = ray.get(ref)
         log(f"holdout: records of {label} ready")
     summary = summarize_holdout(ctx, results, paths)
-    write_text_atomic(ctx.dir.holdout_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
+    write_text_atomic(ctx.dir.summary_file, json.dumps(summary, indent=2, default=json_default))
     run_ids = _holdout_runs(ctx, summary)
     _log_holdout_metrics(ctx, summary, run_ids)
     _log_models(ctx, results, summary, run_ids)
@@ -596,7 +596,7 @@ def stage_report(ctx: StudyContext) -> None:
     from study.tuner import outcomes
     from study.verdict import sentence
 
-    summary_file = ctx.dir.holdout_dir / "summary.json"
+    summary_file = ctx.dir.summary_file
     summary = ctx.dir.read_summary()
     strict = strict_rule_name(summary.get("strict_rule") or ("iou", 0.3))
     entries = (summary.get("verdict") or {}).get("entries") or []

@@ -33,14 +33,31 @@ PARENT_TAG = "mlflow.parentRunId"
 _SECRET_HINTS = ("password", "token", "secret", "credential", "tracking_uri", "access_key")
 
 
+#: MLflow 3 backends a study can log to (the file store is deprecated and refused)
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql")
+
+
 def check_tracking_uri(uri: str) -> str:
+    """``--tracking-uri``: a backend MLflow 3 serves studies from; an sqlite store by absolute path, in a folder
+    that exists. Returns the URI."""
     if uri.startswith("file:") or "://" not in uri:
         raise UserError(
             f"--tracking-uri {uri}: the MLflow file store is deprecated and refused by MLflow >= 3.13; "
             "use sqlite:////absolute/path/mlflow.db or an http(s):// tracking server"
         )
-    if uri.startswith("sqlite:") and not uri.startswith("sqlite:////"):
-        raise UserError(f"--tracking-uri {uri}: use an absolute sqlite path (sqlite:////abs/path/mlflow.db)")
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES:
+        raise UserError(f"--tracking-uri {uri}: unsupported scheme {scheme!r}; use sqlite:////absolute/path/"
+                        f"mlflow.db, an http(s):// tracking server or a database URI ({', '.join(TRACKING_SCHEMES)})")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:////"):
+            raise UserError(f"--tracking-uri {uri}: use an absolute sqlite path (sqlite:////abs/path/mlflow.db)")
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise UserError(f"--tracking-uri {uri}: the folder {db.parent} does not exist; create it or point "
+                            "the store elsewhere")
+        if db.exists() and not db.is_file():
+            raise UserError(f"--tracking-uri {uri}: {db} is not a file")
     return uri
 
 

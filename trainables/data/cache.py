@@ -260,21 +260,8 @@ def prepare_cache(
     ``preset``: ``none`` | ``luna16`` | ``lits`` (see :mod:`trainables.data.preprocess`); ``luna16`` and
     ``lits`` need the manifest's ``roi`` column. Idempotent and resumable (finished cases are skipped).
     """
-    p = get_preset(preset)
-    rows = read_manifest(manifest, require_roi=p.roi_required, required_splits=required_splits)
-    sources = [
-        FileCaseSource(
-            case_id=r.case_id,
-            split=r.split,
-            image=r.image,
-            mask=r.mask,
-            roi=r.roi,
-            roi_required=p.roi_required,
-        )
-        for r in rows
-    ]
     return build_cache(
-        sources,
+        manifest_sources(manifest, preset=preset, required_splits=required_splits),
         out,
         preset=preset,
         source=str(Path(manifest).expanduser().resolve()),
@@ -282,6 +269,17 @@ def prepare_cache(
         required_splits=required_splits,
         keep_partial=keep_partial,
     )
+
+
+def manifest_sources(
+    manifest: str | Path, *, preset: str = "none", required_splits: Sequence[str] = SPLITS
+) -> list[FileCaseSource]:
+    """The cases of a manifest CSV (validated by :func:`read_manifest`) as sources for ``preset``; their
+    ``preflight()`` reads the image headers only."""
+    p = get_preset(preset)
+    rows = read_manifest(manifest, require_roi=p.roi_required, required_splits=required_splits)
+    return [FileCaseSource(case_id=r.case_id, split=r.split, image=r.image, mask=r.mask, roi=r.roi,
+                           roi_required=p.roi_required) for r in rows]
 
 
 def build_cache(
@@ -342,7 +340,7 @@ def build_cache(
                 meta["split"] = s.split
                 write_json_atomic(meta_path, meta)
             n_lesions += int(meta["n_lesions"])
-            split_lesions[s.split] = split_lesions.get(s.split, 0) + int(meta["n_lesions"])
+            split_lesions[s.split] += int(meta["n_lesions"])
             log(f"{head}: already prepared, skipped")
             continue
         tmp = out / "cases" / f"{_TMP_PREFIX}{s.case_id}-{os.getpid()}"
@@ -370,7 +368,7 @@ def build_cache(
             raise
         written.append(final)
         n_lesions += meta["n_lesions"]
-        split_lesions[s.split] = split_lesions.get(s.split, 0) + int(meta["n_lesions"])
+        split_lesions[s.split] += int(meta["n_lesions"])
         shape = "x".join(str(v) for v in meta["shape"])
         log(f"{head}: {shape} voxels, {meta['n_lesions']} lesion(s), {time.perf_counter() - t_case:.1f} s")
 
@@ -387,12 +385,10 @@ def build_cache(
         f"{n_lesions} lesions, preset {p.name}, {time.perf_counter() - t0:.1f} s -> {out}"
     )
     for sp, k in split_lesions.items():
-        if k == 0 and any(s.split == sp for s in sources):
-            # said whatever ``progress``: a study needs lesions to train on and to measure recall with
-            print(f"warning: split {sp!r} of {out} has no lesion in any of its "
-                  f"{sum(1 for s in sources if s.split == sp)} case(s): a study cannot "
-                  f"{'train on' if sp == 'train' else 'select with' if sp == 'val' else 'measure recall on'} it",
-                  file=sys.stderr, flush=True)
+        n_split = sum(1 for s in sources if s.split == sp)
+        if k == 0 and n_split:  # said whatever ``progress``: a study needs lesions to train, select and judge
+            print(f"warning: split {sp!r} of {out} has no lesion in any of its {n_split} case(s): a study "
+                  "cannot train, select or measure recall on it", file=sys.stderr, flush=True)
     return Cache(out)
 
 

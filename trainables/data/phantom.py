@@ -60,6 +60,14 @@ def phantom_splits(n_cases: int) -> list[str]:
     return ["train"] * n_train + ["val"] * n_val + ["holdout"] * n_hold
 
 
+def check_shape(shape) -> tuple[int, int, int]:
+    """The phantom's volume size as 3 ints (z, y, x), each at least 8 voxels (the U-Net pools three times)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise DataError(f"phantom shape must be 3 sizes >= 8 voxels (z, y, x), got {shape}")
+    return shape
+
+
 def make_phantom(
     out: str | Path,
     *,
@@ -78,9 +86,7 @@ def make_phantom(
     mask, when ``with_roi``), ``manifest.csv`` (case_id,image,mask,split[,roi], relative paths) and
     ``phantom.json`` (the parameters and every lesion's diameter).
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise DataError(f"phantom shape must be 3 sizes >= 8 voxels (z, y, x), got {shape}")
+    shape = check_shape(shape)
     splits = phantom_splits(n_cases)
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
