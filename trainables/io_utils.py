@@ -1,6 +1,7 @@
 """Small file helpers shared by the data layer, the metrics and the driver: atomic writes and JSON encoding.
 
-Standard library only at import time (the command line imports this through ``study.layout``).
+Standard library (and :mod:`trainables.errors`) only at import time (the command line imports this through
+``study.layout``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from trainables.errors import ConfigError, UserError
 
 __all__ = ["json_default", "read_json", "read_text", "read_yaml", "write_text_atomic"]
 
@@ -60,8 +63,6 @@ def read_text(path: str | os.PathLike, *, what: str, remedy: str = "") -> str:
     """The UTF-8 text of ``path``; a file that is not UTF-8 is a :class:`~trainables.errors.UserError` naming it
     (``what``: the kind of file, ``remedy``: what the user can do). OS errors (missing, permission) propagate:
     the command line turns them into one line naming the path."""
-    from trainables.errors import UserError
-
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
@@ -73,8 +74,6 @@ def read_text(path: str | os.PathLike, *, what: str, remedy: str = "") -> str:
 def read_json(path: str | os.PathLike, *, what: str, remedy: str = "") -> Any:
     """Parsed JSON of ``path``; not UTF-8 or not JSON (a truncated write, a hand edit) is a UserError naming
     the file, where it broke and ``remedy``."""
-    from trainables.errors import UserError
-
     text = read_text(path, what=what, remedy=remedy)
     try:
         return json.loads(text)
@@ -89,8 +88,6 @@ def read_yaml(path: str | os.PathLike, *, what: str, remedy: str = "") -> Any:
     the key and its line."""
     import yaml
 
-    from trainables.errors import ConfigError
-
     class _Loader(yaml.SafeLoader):
         pass
 
@@ -99,6 +96,10 @@ def read_yaml(path: str | os.PathLike, *, what: str, remedy: str = "") -> Any:
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key: PyYAML's own error names it below
+                break
             if key in seen:
                 raise ConfigError(f"{path}: duplicate key {key!r} at line {line} (first at line {seen[key]}); "
                                   "YAML keeps only the last one, so remove one of them")

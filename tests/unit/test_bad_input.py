@@ -260,6 +260,7 @@ CASES: list[Case] = [
     Case("space malformed YAML", L("name: [demo\n"), ("space.yaml", "not valid YAML")),
     Case("space empty", L(""), ("space.yaml", "empty")),
     Case("space is a list", L("- a\n- b\n"), ("space.yaml",)),
+    Case("space with a list as a key", L("name: demo\n[a, b]: 1\n"), ("space.yaml", "unhashable")),
     Case("space duplicate top key", L(DEMO + "name: other\n"), ("space.yaml", "duplicate key 'name'")),
     Case("space duplicate nested key", L(DEMO.replace("  epochs: 4\n", "  epochs: 4\n  epochs: 5\n")),
          ("space.yaml", "duplicate key 'epochs'", "line")),
