@@ -35,7 +35,7 @@ def _windows_per_case(cfg: StudyConfig) -> int | None:
 def _forward_seconds(cfg: StudyConfig) -> float:
     import torch
 
-    from trainables.evaluate import build_model
+    from trainables.build import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.resources.threads)
@@ -54,7 +54,7 @@ def _forward_seconds(cfg: StudyConfig) -> float:
 def measured_step(cfg: StudyConfig) -> float | None:
     """Seconds of one training step of the study's first trial on this machine's CPU; None for GPU trials (a
     CPU timing says nothing about them, and the paper's 128³ width-1.0 step takes minutes on a CPU head)."""
-    from trainables.step import step_seconds
+    from trainables.timing import step_seconds
 
     if cfg.resources.gpu > 0:
         return None
@@ -92,11 +92,15 @@ def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True)
     return out
 
 
-def step_line(cfg: StudyConfig, step: float | None) -> str:
-    if step is None:
-        return ("training step: GPU trials, not timed on this machine (`python -m trainables.gpu_bench` on the "
-                "GPU node gives the step time)")
+def step_line(cfg: StudyConfig, step: float | None, *, gpu_step: float | None = None) -> str:
     t = cfg.training
+    if step is None:
+        if gpu_step is not None:
+            return (f"training step on a trial's GPU: {1000 * gpu_step:.0f} ms (batch {t.batch_size} × "
+                    f"{'×'.join(map(str, t.patch_size))}, U-Net width {cfg.model.width:g}, AMP "
+                    f"{'on' if t.amp else 'off'}; measured once per study)")
+        return ("training step: GPU trials, not timed on this machine (`study gpu-check` on a GPU node measures "
+                "the step; a launch times it there once)")
     return (f"training step on this machine: {1000 * step:.0f} ms (batch {t.batch_size} × "
             f"{'×'.join(map(str, t.patch_size))}, U-Net width {cfg.model.width:g}, "
             f"{int(cfg.resources.cpu)} thread(s) per trial)")

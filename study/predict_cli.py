@@ -110,9 +110,10 @@ def cmd_predict(args) -> int:
     from study.layout import StudyDir, StudyState, read_frozen_config, relocate
     from study.stages import StudyContext
     from study.tuner import outcomes
+    from trainables.build import build_model, load_state
     from trainables.config import StudyConfig, validate
     from trainables.data import Cache
-    from trainables.evaluate import build_model, load_state, task_device
+    from trainables.device import task_device
     from trainables.naming import trial_label
     from trainables.predict import find_inputs
     from trainables.step import Precision
@@ -197,7 +198,7 @@ def _run(models, cases, out: Path, *, preset: str, inference, threshold: float, 
 
 def _predict_with_mlflow_model(args) -> int:
     from trainables.config import InferenceConfig
-    from trainables.evaluate import task_device
+    from trainables.device import task_device
     from trainables.predict import find_inputs
 
     model, meta = _load_mlflow_model(args.model, args.tracking_uri)

@@ -56,3 +56,57 @@ def _mpl_path(xy):
     from matplotlib.path import Path as MplPath
 
     return MplPath(xy)
+
+
+def reference_sliding_window(model, image, *, window, stride, blending="uniform", sigma_scale=0.125, device="cpu",
+                             amp=None, pad_value=None) -> np.ndarray:
+    """The sliding window as it was before the GPU path (issue 32): one window per forward pass, each window's
+    logits copied to the host and added into a host float32 sum, normalised there. The device-side stitching
+    must reproduce it bit for bit on the CPU (tests), and the inference benchmark times it as "before"."""
+    import contextlib
+    import itertools
+
+    import torch
+
+    from trainables.inference import importance_map, window_starts
+
+    x = torch.as_tensor(np.array(image, dtype=np.float32))
+    shape = tuple(x.shape)
+    pads = [max(w - s, 0) for w, s in zip(window, shape)]
+    before = [p // 2 for p in pads]
+    if any(pads):
+        fill = float(x.min()) if pad_value is None else float(pad_value)
+        padded = torch.full(tuple(s + p for s, p in zip(shape, pads)), fill, dtype=torch.float32)
+        padded[tuple(slice(b, b + s) for b, s in zip(before, shape))] = x
+        x = padded
+    full = tuple(x.shape)
+    starts = [window_starts(n, w, s) for n, w, s in zip(full, window, stride)]
+    weight = importance_map(window, blending, sigma_scale)
+    total = torch.zeros(full)
+    norm = torch.zeros(full)
+    autocast = contextlib.nullcontext() if amp is None else torch.autocast(torch.device(device).type, dtype=amp)
+    model.eval()
+    with torch.inference_mode():
+        for corner in itertools.product(*starts):
+            sl = tuple(slice(c, c + w) for c, w in zip(corner, window))
+            with autocast:
+                out = model(x[sl][None, None].to(device))
+            out = out.reshape(*window).float().cpu()
+            if blending == "uniform":
+                total[sl] += out
+            else:
+                total[sl].addcmul_(out, weight)
+                norm[sl] += weight
+    if blending == "uniform":
+        counts = []
+        for n, w, axis_starts in zip(full, window, starts):
+            c = torch.zeros(n)
+            for a in axis_starts:
+                c[a : a + w] += 1.0
+            counts.append(c)
+        plane = counts[1][:, None] * counts[2][None, :]
+        for i, c in enumerate(counts[0].tolist()):
+            total[i] /= plane * c
+    else:
+        total /= norm
+    return total[tuple(slice(b, b + s) for b, s in zip(before, shape))].numpy()

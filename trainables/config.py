@@ -160,11 +160,15 @@ class ModelConfig(Section):
 
     ``channels_last``: run in ``torch.channels_last_3d`` memory format; null = chosen per study from a
     measurement of both layouts on the trials' device kind (``study.stages.choose_layout``).
+    ``compile``: train with ``torch.compile`` (the training step; inference stays eager, its windows have
+    another shape); null = off for CPU trials, and for GPU trials chosen once per study by timing the compiled
+    step against the eager one on a GPU node (kept if it is at least 5 % faster).
     """
 
     width: Float = 1.0
     in_channels: Int = 1
     channels_last: Bool | None = None
+    compile: Bool | None = None
 
     def check(self, err: Err) -> None:
         if not 0 < self.width <= 4:
@@ -255,11 +259,16 @@ class IwConfig(Section):
 
 
 class InferenceConfig(Section):
-    """Whole-volume sliding window (authors: 160³ windows, stride 144, uniform blending)."""
+    """Whole-volume sliding window (authors: 160³ windows, stride 144, uniform blending).
+
+    ``batch_size``: windows per forward pass; null = chosen for the device (1 on a CPU; on a GPU from the memory
+    the first window of a volume takes, at most 8). The logits do not depend on it beyond float rounding.
+    """
 
     window: Size3 = (160, 160, 160)
     stride: Size3 = (144, 144, 144)
     blending: Str = "uniform"
+    batch_size: Int | None = None
 
     def check(self, err: Err) -> None:
         if any(w < 8 or w % 8 for w in self.window):
@@ -268,6 +277,8 @@ class InferenceConfig(Section):
             err("stride", "every side must be in [1, window]")
         if self.blending not in ("uniform", "gaussian"):
             err("blending", "must be 'uniform' or 'gaussian'")
+        if self.batch_size is not None and not 1 <= self.batch_size <= 64:
+            err("batch_size", "must be a number of windows in [1, 64], or null (chosen for the device)")
 
 
 class ValidationConfig(Section):
@@ -406,7 +417,12 @@ class SchedulerConfig(Section):
 
 
 class ResourcesConfig(Section):
-    """Per-trial Ray resources, e.g. ``{cpu: 4, gpu: 1}``; ``custom`` pins trials to labelled nodes."""
+    """Per-trial Ray resources, e.g. ``{cpu: 4, gpu: 1}``; ``custom`` pins trials to labelled nodes.
+
+    ``gpu``: 0 (CPU trials), 1 (a GPU per trial) or a fraction in (0, 1): that many trials share one GPU, each
+    capped at its fraction of the GPU's memory. Never more than 1: a trial trains on one device (at batch 2 one
+    trial per GPU is faster than data-parallel training over several), so 8 GPUs are used by 8 trials at once.
+    """
 
     cpu: Float = 1
     gpu: Float = 0
@@ -417,6 +433,11 @@ class ResourcesConfig(Section):
             err("cpu", "must be > 0")
         if self.gpu < 0:
             err("gpu", "must be >= 0")
+        if self.gpu > 1:
+            err("gpu", f"{self.gpu:g} GPUs per trial: a trial trains on one GPU (at batch 2 one trial per GPU is "
+                       "faster than data-parallel training over several), so Ray would reserve GPUs it never "
+                       "uses; use 1, or a fraction such as 0.5 to share a GPU between trials; 8 GPUs run 8 "
+                       "trials at once")
 
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpu, "gpu": self.gpu, **self.custom}

@@ -7,78 +7,59 @@ computed from the saved records.
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from trainables.config import InferenceConfig, ModelConfig, StudyConfig
+from trainables.build import build_model, load_state
+from trainables.config import InferenceConfig, StudyConfig
 from trainables.data import Cache
-from trainables.inference import sliding_window_inference
+from trainables.device import task_device
+from trainables.inference import sliding_window_logits
 from trainables.metrics import CaseRecords, save_records, volume_records_multi
 from trainables.step import Precision, configure_backends
-from trainables.unet import UNet3D
-
-STATE_FILE = "state.pt"
 
 
-def build_model(model: ModelConfig) -> UNet3D:
-    """The U-Net described by the study's ``model`` section."""
-    return UNet3D(in_channels=model.in_channels, out_channels=1, width=model.width,
-                  channels_last=model.channels_last)
-
-
-def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read a trial checkpoint (tensors and plain values only: ``weights_only=True``)."""
-    path = Path(checkpoint_dir) / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def task_device() -> torch.device:
-    """The GPU Ray assigned to this trial or task, else the CPU.
-
-    Inside Ray never ``torch.cuda.is_available()`` alone: Ray no longer hides GPUs from 0-GPU tasks
-    (ray#54868), so a CPU trial on a GPU node would silently take GPU 0. Outside Ray (a direct call): the GPU
-    when there is one.
-    """
-    import ray
-
-    if not ray.is_initialized():  # a direct call outside Ray (tests, scripts): never start a Ray for it
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
-    return torch.device("cpu")
-
-
-def predict_case_records(
+def predict_volume(
     model: torch.nn.Module,
-    cache: Cache,
-    case_id: str,
+    image: np.ndarray,
     *,
     inference: InferenceConfig,
-    rules: Mapping[str, tuple[str, float | None]],
     device: torch.device,
     precision: Precision | None = None,
     thresholds: Sequence[float] = (0.5,),
-) -> dict[float, dict[str, CaseRecords]]:
-    """Sliding-window logits of one case (computed once), turned into records under each named hit rule at
-    each binarisation threshold (probability): ``{threshold: {rule name: CaseRecords}}``."""
-    case = cache.load(case_id)
-    logits = sliding_window_inference(
+) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """Sliding-window logits of one volume and its binary masks at each probability threshold, both made on
+    ``device`` (the GPU compares logit > log(t / (1 - t)) itself) and brought to the host once:
+    ``(float32 logits, {threshold: bool mask})``."""
+    logits = sliding_window_logits(
         model,
-        np.asarray(case.image),
+        np.asarray(image),
         window=inference.window,
         stride=inference.stride,
         blending=inference.blending,
         device=device,
+        batch_size=inference.batch_size,
         amp=None if precision is None else precision.dtype,
     )
-    mask = np.asarray(case.mask)
-    return {t: volume_records_multi(logits, mask, case.spacing, is_logit=True, rules=rules, threshold=t)
-            for t in thresholds}
+    masks = {t: (logits > math.log(t / (1.0 - t))).cpu().numpy() for t in thresholds}
+    return logits.cpu().numpy(), masks
+
+
+def case_records(logits, masks, gt, spacing, rules) -> dict[float, dict[str, CaseRecords]]:
+    """The records of one case from its logits and its masks per threshold (:func:`predict_volume`):
+    ``{threshold: {rule name: CaseRecords}}``. The lesions are labelled once for all thresholds."""
+    from trainables.weights import label_components
+
+    gt_labels = label_components(np.asarray(gt) > 0.5)
+    return {t: volume_records_multi(logits, gt, spacing, is_logit=True, rules=rules, threshold=t, foreground=m,
+                                    gt_labels=gt_labels)
+            for t, m in masks.items()}
 
 
 def predict_records(
@@ -91,15 +72,40 @@ def predict_records(
     device: torch.device,
     precision: Precision | None = None,
     thresholds: Sequence[float] = (0.5,),
+    overlap: bool | None = None,
 ) -> dict[float, dict[str, dict[str, CaseRecords]]]:
-    """Records of several cases: ``{threshold: {rule name: {case_id: CaseRecords}}}`` (inference once per case)."""
+    """Records of several cases: ``{threshold: {rule name: {case_id: CaseRecords}}}`` (inference once per case).
+
+    ``overlap`` (default: on a GPU): the records of case i (labelling and matching on the host) are built in a
+    worker thread while the device predicts case i + 1, so a GPU does not wait for them; at most one case waits
+    for its records. On a CPU the trial's threads are busy with the inference itself: the records are built in
+    turn. The records are the same either way.
+    """
     out: dict[float, dict[str, dict[str, CaseRecords]]] = {t: {name: {} for name in rules} for t in thresholds}
-    for case_id in case_ids:
-        per_t = predict_case_records(model, cache, case_id, inference=inference, rules=rules, device=device,
-                                     precision=precision, thresholds=thresholds)
+
+    def collect(case_id: str, per_t: dict[float, dict[str, CaseRecords]]) -> None:
         for t, per_rule in per_t.items():
             for name, recs in per_rule.items():
                 out[t][name][case_id] = recs
+
+    if overlap is None:
+        overlap = torch.device(device).type == "cuda"
+    pending: tuple[str, Future] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="records") if overlap else nullcontext() as pool:
+        for case_id in case_ids:
+            case = cache.load(case_id)
+            logits, masks = predict_volume(model, case.image, inference=inference, device=device,
+                                           precision=precision, thresholds=thresholds)
+            job = (logits, masks, np.asarray(case.mask), case.spacing, rules)
+            if pending is not None:
+                collect(pending[0], pending[1].result())
+                pending = None
+            if pool is None:
+                collect(case_id, case_records(*job))
+            else:
+                pending = (case_id, pool.submit(case_records, *job))
+        if pending is not None:
+            collect(pending[0], pending[1].result())
     return out
 
 
@@ -141,7 +147,7 @@ def holdout_records(
     if all(Path(p).is_file() for p in paths.values()):
         return paths
     torch.set_num_threads(study.resources.threads)
-    device = task_device()
+    device = task_device(study.resources.gpu)
     configure_backends(device)
     model = build_model(study.model)
     model.load_state_dict(load_state(checkpoint_dir)["model"])

@@ -3,8 +3,9 @@
 The authors predict 160³ windows with stride 144 and average the overlaps uniformly; Gaussian blending (MONAI /
 nnU-Net importance map, sigma = ``sigma_scale`` x window) is an option. Windows lie on a regular grid whose last
 window along each axis is aligned to the far edge; a volume smaller than the window is padded (symmetrically, as
-MONAI) and cropped back. The output is accumulated in place into one float32 sum volume and one float32 weight
-volume, so memory stays at about two volumes whatever the number of windows.
+MONAI) and cropped back. The output is accumulated in place into one float32 sum volume (and, for Gaussian
+blending, one float32 weight volume), so memory stays at about two volumes whatever the number of windows. On a
+GPU the volume, the windows and the sums all stay on the device: only the final logits leave it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["BLENDINGS", "window_starts", "importance_map", "sliding_window_inference"]
+__all__ = ["BLENDINGS", "auto_batch_size", "importance_map", "sliding_window_inference", "sliding_window_logits",
+           "window_starts"]
 
 BLENDINGS = ("uniform", "gaussian")
 
@@ -73,13 +75,42 @@ def sliding_window_inference(
     blending: str = "uniform",
     sigma_scale: float = 0.125,
     device: str | torch.device = "cpu",
-    batch_size: int = 1,
+    batch_size: int | None = 1,
     amp: torch.dtype | None = None,
     pad_value: float | None = None,
     divisible: int = 8,
     progress: bool = False,
 ) -> np.ndarray:
-    """Logits of a whole volume from a model applied to overlapping windows.
+    """Logits of a whole volume from a model applied to overlapping windows (float32 numpy, (D, H, W)).
+
+    :func:`sliding_window_logits` with the result brought to the host; see there for the arguments.
+    """
+    logits = sliding_window_logits(model, image, window=window, stride=stride, blending=blending,
+                                   sigma_scale=sigma_scale, device=device, batch_size=batch_size, amp=amp,
+                                   pad_value=pad_value, divisible=divisible, progress=progress)
+    return logits.cpu().numpy()
+
+
+def sliding_window_logits(
+    model: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    window: Sequence[int] = (160, 160, 160),
+    stride: Sequence[int] = (144, 144, 144),
+    blending: str = "uniform",
+    sigma_scale: float = 0.125,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = 1,
+    amp: torch.dtype | None = None,
+    pad_value: float | None = None,
+    divisible: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits of a whole volume from a model applied to overlapping windows, left on ``device``.
+
+    The volume is copied to ``device`` once; windows are cut, batched, predicted, summed and normalised there,
+    so a GPU never waits for the host between windows. Should the sum volumes not fit on the GPU, they are kept
+    on the host instead (nnU-Net's fallback), with a note on stderr.
 
     Args:
         model: maps (B, 1, *window) float32 to (B, 1, *window) logits; put in eval mode here.
@@ -88,8 +119,10 @@ def sliding_window_inference(
         stride: step per axis, in [1, window].
         blending: ``"uniform"`` (average of the overlapping windows, the authors') or ``"gaussian"``.
         sigma_scale: Gaussian sigma as a fraction of the window side.
-        device: where the model runs; stitching stays on the CPU.
-        batch_size: windows per forward pass.
+        device: where the model runs and the windows are stitched.
+        batch_size: windows per forward pass; ``None`` = chosen for the device (:func:`auto_batch_size`: 1 on
+            a CPU; on a GPU from the memory the first window took). A batch that runs out of GPU memory is
+            split in two and retried.
         amp: the autocast dtype of the forward pass (``torch.bfloat16`` or ``torch.float16``; the trials pass
             their :attr:`trainables.step.Precision.dtype`, so inference runs in the dtype the model was trained
             in), or ``None`` for float32. The output stays float32.
@@ -98,7 +131,9 @@ def sliding_window_inference(
         progress: print a window counter to stderr.
 
     Returns:
-        float32 logits, (D, H, W).
+        float32 logits tensor (D, H, W) on ``device`` (on the host after the out-of-memory fallback).
+        On the CPU with ``batch_size`` 1 the values are bit for bit those of a plain loop over the windows that
+        adds each window's logits into a float32 sum and divides by the window count.
     """
     x = _as_volume(image)
     window = tuple(int(w) for w in window)
@@ -109,8 +144,8 @@ def sliding_window_inference(
         raise ValueError(f"window sides must be positive multiples of {divisible}, got {window}")
     if any(not 1 <= s <= w for s, w in zip(stride, window)):
         raise ValueError(f"stride must be in [1, window] per axis, got stride {stride} for window {window}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (chosen for the device), got {batch_size}")
     device = torch.device(device)
 
     shape = tuple(x.shape)
@@ -124,12 +159,46 @@ def sliding_window_inference(
     else:
         before = [0, 0, 0]
     full = tuple(x.shape)
-
-    weight_win = importance_map(window, blending, sigma_scale)
     uniform = blending == "uniform"
+    weight_win = importance_map(window, blending, sigma_scale)
     starts = [window_starts(n, w, s) for n, w, s in zip(full, window, stride)]
     corners = list(itertools.product(*starts))
-    total = torch.zeros(full, dtype=torch.float32)
+
+    stitch = _Stitch.allocate(full, uniform, device)
+    x = x.to(stitch.device)  # one copy of the volume; the windows are cut where they are stitched
+    weight_win = weight_win.to(stitch.device)
+    autocast = contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
+    if batch_size is None and device.type != "cuda":
+        batch_size = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            b = 0
+            while b < len(corners):
+                n = 1 if batch_size is None else min(batch_size, len(corners) - b)
+                slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in corners[b : b + n]]
+                out = _forward_windows(model, x, slices, window, device, autocast)
+                if out is None:  # a batch ran out of GPU memory: half of it, same windows
+                    batch_size = max(1, n // 2)
+                    continue
+                if batch_size is None:  # the first window measured what one costs: batch the rest
+                    batch_size = auto_batch_size(device)
+                out = out.to(stitch.device)
+                for k, sl in enumerate(slices):
+                    if uniform:
+                        stitch.total[sl] += out[k]
+                    else:
+                        stitch.total[sl].addcmul_(out[k], weight_win)
+                        stitch.norm[sl] += weight_win
+                b += n
+                if progress:
+                    print(f"\rwindow {b}/{len(corners)}", end="", file=sys.stderr, flush=True)
+    finally:
+        model.train(was_training)
+    if progress:
+        print(file=sys.stderr)
+    total = stitch.total
     if uniform:  # the count of windows per voxel is separable: a product of per-axis counts, no volume
         counts = []
         for n, w, axis_starts in zip(full, window, starts):
@@ -137,46 +206,73 @@ def sliding_window_inference(
             for a in axis_starts:
                 c[a : a + w] += 1.0
             counts.append(c)
-        norm = None
-    else:
-        norm = torch.zeros(full, dtype=torch.float32)
-
-    autocast = contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(corners), batch_size):
-                batch = corners[b : b + batch_size]
-                slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in batch]
-                if len(slices) == 1:  # a view, no copy
-                    inp = x[slices[0]][None, None].to(device, non_blocking=True)
-                else:
-                    inp = torch.stack([x[sl] for sl in slices])[:, None].to(device, non_blocking=True)
-                with autocast:
-                    out = model(inp)
-                if tuple(out.shape) not in ((len(batch), 1, *window), (len(batch), *window)):
-                    raise ValueError(
-                        f"model output must be (B, 1, *window) = {(len(batch), 1, *window)}, got {tuple(out.shape)}"
-                    )
-                out = out.reshape(len(batch), *window).float().cpu()
-                for k, sl in enumerate(slices):
-                    if uniform:
-                        total[sl] += out[k]
-                    else:
-                        total[sl].addcmul_(out[k], weight_win)
-                        norm[sl] += weight_win
-                if progress:
-                    print(f"\rwindow {b + len(batch)}/{len(corners)}", end="", file=sys.stderr, flush=True)
-    finally:
-        model.train(was_training)
-    if progress:
-        print(file=sys.stderr)
-    if uniform:
-        plane = counts[1][:, None] * counts[2][None, :]
+        plane = (counts[1][:, None] * counts[2][None, :]).to(total.device)
         for i, c in enumerate(counts[0].tolist()):  # slice by slice: no count volume
             total[i] /= plane * c
     else:
-        total /= norm
+        total /= stitch.norm
     crop = tuple(slice(b, b + s) for b, s in zip(before, shape))
-    return np.ascontiguousarray(total[crop].numpy()) if any(pads) else total.numpy()
+    return total[crop].contiguous() if any(pads) else total
+
+
+class _Stitch:
+    """The float32 sum volume (and, for Gaussian blending, the weight-sum volume) windows are added into."""
+
+    def __init__(self, total: torch.Tensor, norm: torch.Tensor | None):
+        self.total, self.norm = total, norm
+        self.device = total.device
+
+    @classmethod
+    def allocate(cls, shape: tuple[int, ...], uniform: bool, device: torch.device) -> _Stitch:
+        try:
+            return cls(torch.zeros(shape, dtype=torch.float32, device=device),
+                       None if uniform else torch.zeros(shape, dtype=torch.float32, device=device))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"note: the sums of a {'x'.join(map(str, shape))} volume do not fit on {device}: the windows are "
+                  "stitched on the host", file=sys.stderr, flush=True)
+            return cls.allocate(shape, uniform, torch.device("cpu"))
+
+
+def _forward_windows(model, x, slices, window, device, autocast) -> torch.Tensor | None:
+    """Logits ``(n, *window)`` float32 of the windows ``slices`` of ``x``, on ``device``; None when a batch of
+    several windows ran out of GPU memory (the caller splits it)."""
+    if len(slices) == 1:  # a view, no copy
+        inp = x[slices[0]][None, None].to(device, non_blocking=True)
+    else:
+        inp = torch.stack([x[sl] for sl in slices])[:, None].to(device, non_blocking=True)
+    measure = device.type == "cuda" and len(slices) == 1
+    if measure:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    try:
+        with autocast:
+            out = model(inp)
+    except torch.cuda.OutOfMemoryError:
+        if len(slices) == 1:
+            raise
+        del inp
+        torch.cuda.empty_cache()
+        return None
+    if measure:
+        _WINDOW_BYTES[str(device)] = max(1, torch.cuda.max_memory_allocated(device) - base)
+    if tuple(out.shape) not in ((len(slices), 1, *window), (len(slices), *window)):
+        raise ValueError(f"model output must be (B, 1, *window) = {(len(slices), 1, *window)}, got {tuple(out.shape)}")
+    return out.reshape(len(slices), *window).float()
+
+
+#: GPU memory one window's forward pass took (measured on the first window of a volume)
+_WINDOW_BYTES: dict[str, int] = {}
+
+#: at most this many windows per forward pass: beyond it a GPU is already saturated
+MAX_AUTO_BATCH = 8
+
+
+def auto_batch_size(device: torch.device) -> int:
+    """Windows per forward pass on ``device``: 1 on a CPU (no gain, more memory); on a GPU as many as half its
+    free memory holds by what one window took (measured), at most :data:`MAX_AUTO_BATCH`."""
+    device = torch.device(device)
+    if device.type != "cuda" or str(device) not in _WINDOW_BYTES:
+        return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, min(MAX_AUTO_BATCH, int(0.5 * free // _WINDOW_BYTES[str(device)])))

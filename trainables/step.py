@@ -1,32 +1,36 @@
-"""One SGD iteration of a trial and the numeric precision it runs in.
+"""One SGD iteration of a trial, the numeric precision it runs in, and its batches on the device.
 
-The trainable (:mod:`trainables.trainable`) and the GPU benchmark (:mod:`trainables.gpu_bench`) call the same
-:func:`train_step`, so the benchmark times exactly what the trials run.
+The trainer (:mod:`trainables.trainer`), the timings (:mod:`trainables.timing`) and ``study gpu-check`` call the
+same :func:`train_step`, so what is measured is exactly what the trials run.
 
 Precision (``training.amp``):
 
-- off: float32 everywhere.
-- on, on a GPU: bfloat16 autocast where the GPU supports it (Ampere and newer), no loss scaling (bf16 has
-  float32's exponent range); otherwise (older GPUs) float16 autocast with a ``GradScaler``, whose state is
-  saved in the trial's checkpoint. Inference uses the same dtype as training (:attr:`Precision.dtype`).
+- off: float32 everywhere (on Ampere and newer GPUs cuDNN's convolutions use TF32, PyTorch's default).
+- on, on a GPU: bfloat16 autocast where the GPU computes bf16 natively (Ampere and newer), no loss scaling (bf16
+  has float32's exponent range); otherwise (V100, T4, ...) float16 autocast with a ``GradScaler``, whose state is
+  saved in the trial's checkpoint. ``torch.cuda.is_bf16_supported()`` alone also counts emulated bf16, which
+  is slower than fp16 there: native support is asked for. Inference uses the training dtype
+  (:attr:`Precision.dtype`). The network's output block always runs in float32 (:class:`trainables.unet.UNet3D`),
+  so the logits, their confidences and calibration keep float32 resolution.
 - on, on a CPU: float32. Measured on this project's machine (AMD EPYC with avx512_bf16, torch 2.13.0 CPU,
   U-Net width 0.25, 2×1×16³, Dice, 8 SGD steps, three identical repetitions in one process): bf16 autocast
   training gave three different loss curves, one stalled at 0.825 and one NaN from the second step, where
   float32 gives the same decreasing curve every time. A CPU trial never runs the bf16 training step.
 - The loss is always computed in float32 on the float32 cast of the logits.
+
+The step never waits for the GPU: the loss stays a device tensor, and the trainer checks a window of losses for
+NaN/inf with one host sync (``trainables.trainer.CHECK_EVERY``); the batch of the next step is copied to the GPU
+while the current one runs (:class:`DevicePrefetcher`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from trainables.config import StudyConfig, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Precision:
         device = torch.device(device)
         if not amp or device.type != "cuda":
             return cls(device.type, None)
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if not native_bf16():
             return cls(device.type, torch.float16)
         return cls(device.type, torch.bfloat16)
 
@@ -64,115 +68,86 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
 
 
+def native_bf16() -> bool:
+    """Whether the current GPU computes bfloat16 natively (compute capability 8.0+), not by emulation."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def configure_backends(device: torch.device) -> None:
     """cuDNN autotuning: every training patch and inference window of a study has one fixed shape."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
 
-def train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision: Precision) -> float:
-    """Forward, loss, backward and SGD update on one batch; returns the loss value.
+def train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision: Precision) -> torch.Tensor:
+    """Forward, loss, backward and SGD update on one batch; returns the loss as a detached 0-d device tensor.
 
-    A non-finite loss is returned without any update (the caller ends the trial with its reason).
-    ``weight`` is the batch's iw map or ``None``; it is passed to the loss as given.
+    No host sync: the caller checks the losses for NaN/inf in windows (a non-finite loss ends the trial before
+    the epoch's checkpoint, so an update made from it is never kept). Under fp16 the GradScaler skips the update
+    of a step whose gradients overflow, as always. ``weight`` is the batch's iw map or ``None``.
     """
     with precision.autocast():
         logits = model(image)
     loss = loss_fn(logits.float(), target, weight)
-    value = float(loss.detach())  # the one host sync per iteration: the divergence check needs it
-    if not math.isfinite(value):
-        return value
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return value
+    return loss.detach()
 
 
-def time_steps(model, optimizer, loss_fn, image, target, weight, precision: Precision, *,
-               iters: int, warmup: int) -> tuple[list[float], float]:
-    """Seconds of each of ``iters`` calls of :func:`train_step` after ``warmup`` untimed ones (GPU synced),
-    and the loss of the last step."""
-    import time
+@dataclass(frozen=True)
+class DeviceBatch:
+    """A training batch on the trial's device: image float32, target uint8 (0/1), the iw map (float32) or None,
+    and the per-lesion extras the loss takes (``labels`` / ``regions``, int32)."""
 
-    scaler = precision.scaler()
-
-    def sync() -> None:
-        if image.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
-    sync()
-    times, loss = [], float("nan")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        loss = train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times, loss
+    image: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    extras: dict[str, torch.Tensor]
 
 
-def step_seconds(study: StudyConfig, trial: TrialSpec, *, iters: int = 3, warmup: int = 1) -> float:
-    """Median seconds of one training step of ``trial`` under the ``study`` config on this machine's CPU, with
-    the threads a trial gets (random data of the patch size: the step's cost does not depend on it)."""
-    import statistics
+class DevicePrefetcher:
+    """The sampler's batches as :class:`DeviceBatch` es, each copied to the GPU one step ahead.
 
-    from trainables.evaluate import build_model
-    from trainables.losses import get_loss
-    from trainables.trainer import build_optimizer
+    On a GPU the copy of batch k + 1 is issued on a side stream from pinned host memory (the sampler allocates
+    its batches pinned; batches from process workers are pinned here) as soon as batch k is handed out, so it
+    overlaps step k; the consumer's stream waits for it only when it takes the batch. On a CPU the arrays are
+    wrapped without a copy.
+    """
 
-    t = study.training
-    threads = torch.get_num_threads()
-    torch.set_num_threads(study.resources.threads)
-    try:
-        torch.manual_seed(0)
-        model = build_model(study.model)
-        opt = build_optimizer(model, t.optimizer)
-        shape = (t.batch_size, 1, *t.patch_size)
-        image = torch.rand(shape)
-        target = (torch.rand(shape) > 0.97).float()
-        weight = torch.ones(shape) if trial.iw else None
-        times, _ = time_steps(model, opt, get_loss(trial.loss, **trial.params), image, target, weight,
-                              Precision.for_device("cpu", False), iters=iters, warmup=warmup)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times)
+    def __init__(self, batches: Iterator, device: torch.device, *, iw: bool, extras: Sequence[str] = ()):
+        self.batches, self.device, self.iw, self.extras = batches, torch.device(device), iw, tuple(extras)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._next: DeviceBatch | None = None
 
+    def _to_device(self, batch) -> DeviceBatch:
+        arrays = {"image": batch.image, "target": batch.target}
+        if self.iw:
+            arrays["weight"] = batch.weight
+        if self.extras:
+            arrays.update(batch.extras(self.extras))
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                tensors = {k: (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+                           for k, t in tensors.items()}
+        return DeviceBatch(tensors.pop("image"), tensors.pop("target"), tensors.pop("weight", None), tensors)
 
-def layout_seconds(study: StudyConfig, trial: TrialSpec, *, rounds: int = 6, device: str = "cpu") -> dict[str, float]:
-    """Median seconds of one training step of ``trial`` in the plain NCDHW layout and in channels-last, measured
-    side by side: the two models (same weights) step in alternation, ``rounds`` times each after one warm-up
-    step, so a load change on the machine hits both. Returns ``{"ncdhw": s, "channels_last": s}``."""
-    import statistics
+    def __iter__(self) -> DevicePrefetcher:
+        return self
 
-    from trainables.evaluate import build_model
-    from trainables.losses import get_loss
-    from trainables.trainer import build_optimizer
-
-    t = study.training
-    threads = torch.get_num_threads()
-    torch.set_num_threads(study.resources.threads)
-    try:
-        shape = (t.batch_size, 1, *t.patch_size)
-        image = torch.rand(shape, device=device)
-        target = (torch.rand(shape, device=device) > 0.97).float()
-        weight = torch.ones(shape, device=device) if trial.iw else None
-        loss_fn = get_loss(trial.loss, **trial.params)
-        precision = Precision.for_device(device, t.amp)
-        runs = {}
-        for name, cl in (("ncdhw", False), ("channels_last", True)):
-            torch.manual_seed(0)
-            model = build_model(study.model.model_copy(update={"channels_last": cl})).to(device)
-            runs[name] = (model, build_optimizer(model, t.optimizer))
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for r in range(rounds + 1):
-            order = list(runs) if r % 2 == 0 else list(runs)[::-1]
-            for name in order:
-                model, opt = runs[name]
-                step, _ = time_steps(model, opt, loss_fn, image, target, weight, precision, iters=1, warmup=0)
-                if r:  # round 0 warms both up
-                    times[name].extend(step)
-    finally:
-        torch.set_num_threads(threads)
-    return {name: statistics.median(v) for name, v in times.items()}
+    def __next__(self) -> DeviceBatch:
+        if not self.cuda:
+            return self._to_device(next(self.batches))
+        if self._next is None:
+            self._next = self._to_device(next(self.batches))
+        batch, self._next = self._next, None
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for t in (batch.image, batch.target, batch.weight, *batch.extras.values()):
+            if t is not None:
+                t.record_stream(current)  # the side stream's memory is in use on the compute stream now
+        self._next = self._to_device(next(self.batches))  # the next copy overlaps this step
+        return batch

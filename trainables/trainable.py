@@ -24,8 +24,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from trainables.build import load_state
 from trainables.config import TrialConfig
-from trainables.evaluate import load_state
 from trainables.trainer import Report, Trainer, TrialDivergedError, inject_faults
 
 __all__ = ["TrialDivergedError", "run_trial", "train_trial"]

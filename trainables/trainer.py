@@ -6,14 +6,16 @@ checkpoint's state. :meth:`Trainer.fit` runs the protocol (SPEC §4): each epoch
 ``train_step`` hook, the lr schedule step, then, when due, the ``validate`` hook, the ``checkpoint`` hook and
 the ``report`` hook::
 
-    train_step(batch) -> float          one SGD step (trainables.step.train_step), the batch's loss
+    train_step(batch) -> tensor         one SGD step (trainables.step.train_step) on a DeviceBatch: its loss
     validate(out_dir, calibrate) -> {}  whole-volume validation -> records (saved in out_dir) -> val_* metrics
     checkpoint(epoch, out_dir)          the resumable state (and, at the last epoch, the trial's artifacts)
     report(metrics, out_dir)            hand both to the caller (Tune: tune.report with a checkpoint)
 
 The hooks are plain methods: a test (or :func:`inject_faults`, from the study's ``testing`` section) replaces
 one on an instance, so the loop itself has no test branch. A non-finite loss ends the trial with
-:class:`TrialDivergedError`.
+:class:`TrialDivergedError`, naming the epoch and iteration where it first appeared: the losses stay on the
+device and are checked every :data:`CHECK_EVERY` iterations and at the end of each epoch with one host sync,
+always before the epoch's checkpoint (so a model updated from a NaN is never saved).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,20 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables.config import LrScheduleConfig, OptimizerConfig, TestingConfig, TrialConfig
+from trainables.build import STATE_FILE, build_lr_schedule, build_model, build_optimizer, compiled
+from trainables.config import TestingConfig, TrialConfig
 from trainables.data import Cache, PatchSampler
-from trainables.evaluate import (
-    CALIBRATION_THRESHOLDS,
-    STATE_FILE,
-    build_model,
-    calibrate_threshold,
-    predict_records,
-    task_device,
-)
+from trainables.device import task_device
+from trainables.evaluate import CALIBRATION_THRESHOLDS, calibrate_threshold, predict_records
 from trainables.losses import get_loss, loss_record
 from trainables.metrics import save_records, summarize
 from trainables.naming import trial_label
-from trainables.step import Precision, configure_backends, train_step
+from trainables.step import DeviceBatch, DevicePrefetcher, Precision, configure_backends, train_step
 
 VAL_RECORDS_FILE = "val_records.json"
 TRIAL_CONFIG_FILE = "trial_config.json"
@@ -57,16 +53,8 @@ class TrialDivergedError(RuntimeError):
     """The training loss became NaN or infinite; the trial ends as an error with this reason."""
 
 
-def build_optimizer(model: torch.nn.Module, optimizer: OptimizerConfig) -> torch.optim.SGD:
-    """SGD with the study's settings (paper: Nesterov momentum 0.9, lr 1e-2, no weight decay)."""
-    return torch.optim.SGD(model.parameters(), lr=optimizer.lr, momentum=optimizer.momentum,
-                           nesterov=optimizer.nesterov, weight_decay=optimizer.weight_decay)
-
-
-def build_lr_schedule(optimizer: torch.optim.Optimizer, schedule: LrScheduleConfig):
-    """lr × ``gamma`` from each 0-based epoch in ``milestones`` on (stepped once per epoch)."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
-                                                gamma=schedule.gamma)
+#: iterations between two checks of the losses for NaN/inf (one host sync each; also at every epoch's end)
+CHECK_EVERY = 16
 
 
 class Trainer:
@@ -82,10 +70,11 @@ class Trainer:
         self._report = report
         study, trial = cfg.study, cfg.trial
         torch.set_num_threads(study.resources.threads)
-        self.device = task_device()
+        self.device = task_device(study.resources.gpu)  # a GPU that cannot be used fails here, before any step
         configure_backends(self.device)
         torch.manual_seed(trial.seed)
         self.model = build_model(study.model).to(self.device)
+        self.forward = compiled(self.model, study.model.compile)  # the training step's (shares the weights)
         self.optimizer = build_optimizer(self.model, study.training.optimizer)
         self.scheduler = build_lr_schedule(self.optimizer, study.training.lr_schedule)
         self.precision = Precision.for_device(self.device, study.training.amp)
@@ -115,22 +104,20 @@ class Trainer:
             self.cache, self.cache.case_ids(cfg.run.splits), patch_size=t.patch_size, batch_size=t.batch_size,
             iw=trial.iw, iw_clip=clip, lesion_prob=t.lesion_prob, seed=trial.seed,
             num_workers=t.sampler_workers, start_batch=next_batch, extras=self.needs,
+            pin_memory=self.device.type == "cuda",
         )
         self.val_records = None
 
     # ------------------------------------------------------------------------------------------- hooks
 
-    def train_step(self, batch) -> float:
-        """One SGD step on ``batch`` (image, target and, for iw trials, the weight map); its loss value."""
-        device = self.device
-        image = torch.from_numpy(batch.image).to(device, non_blocking=True)
-        target = torch.from_numpy(batch.target).to(device, non_blocking=True)
-        weight = torch.from_numpy(batch.weight).to(device, non_blocking=True) if self.cfg.trial.iw else None
+    def train_step(self, batch: DeviceBatch) -> torch.Tensor:
+        """One SGD step on ``batch`` (on the device: image, target and, for iw trials, the weight map); its loss
+        as a 0-d device tensor (no host sync)."""
         loss_fn = self.loss_fn
-        if self.needs:  # the patch's instance labels / regions, cropped by the sampler
-            extras = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.extras(self.needs).items()}
-            loss_fn = functools.partial(loss_fn, **extras)
-        return train_step(self.model, self.optimizer, self.scaler, loss_fn, image, target, weight, self.precision)
+        if batch.extras:  # the patch's instance labels / regions, cropped by the sampler
+            loss_fn = functools.partial(loss_fn, **batch.extras)
+        return train_step(self.forward, self.optimizer, self.scaler, loss_fn, batch.image, batch.target,
+                          batch.weight, self.precision)
 
     def validate(self, out_dir: str, *, calibrate: bool, case_ids: list[str] | None = None) -> dict[str, float]:
         """Whole-volume validation of ``case_ids`` (default: the whole validation split): records under the
@@ -194,25 +181,21 @@ class Trainer:
         every = cfg.study.validation.every
         calibrated = cfg.study.evaluation.threshold == "calibrated"
         with self.sampler:
-            batches = iter(self.sampler)
+            batches = DevicePrefetcher(iter(self.sampler), self.device, iw=cfg.trial.iw, extras=self.needs)
             for epoch in range(self.start_epoch, epochs):
                 t0 = time.perf_counter()
                 self.model.train()
                 lr = self.optimizer.param_groups[0]["lr"]
-                losses = []
+                losses: list[torch.Tensor] = []
                 for it in range(iterations):
-                    value = self.train_step(next(batches))
-                    if not math.isfinite(value):
-                        raise TrialDivergedError(
-                            f"non-finite training loss ({value}) at epoch {epoch}, iteration {it} "
-                            f"(loss {cfg.trial.loss}, iw {cfg.trial.iw}, lr {lr:g}); "
-                            "lower the learning rate or check the data"
-                        )
-                    losses.append(value)
+                    losses.append(self.train_step(next(batches)))
+                    if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
+                        self._check_losses(losses, epoch, lr)
                 self.scheduler.step()
                 train_seconds = time.perf_counter() - t0
                 last = epoch + 1 == epochs
-                metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "train_loss": float(np.mean(losses)),
+                train_loss = float(np.mean(torch.stack(losses).double().cpu().numpy()))
+                metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "train_loss": train_loss,
                                            "lr": lr, "training_done": last}
                 if self.resumed and epoch == self.start_epoch:
                     metrics["resumed_from_epoch"] = self.start_epoch  # the driver tags the MLflow run with it
@@ -225,6 +208,18 @@ class Trainer:
                     metrics["train_seconds"] = train_seconds
                     self.checkpoint(epoch, ckpt_dir)
                     self.report(metrics, ckpt_dir)
+
+    def _check_losses(self, losses: list[torch.Tensor], epoch: int, lr: float) -> None:
+        """End the trial at the first non-finite loss of the epoch (one host sync for the losses so far)."""
+        values = torch.stack(losses).float().cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            it = int(bad[0, 0])
+            raise TrialDivergedError(
+                f"non-finite training loss ({float(values[it])}) at epoch {epoch}, iteration {it} "
+                f"(loss {self.cfg.trial.loss}, iw {self.cfg.trial.iw}, lr {lr:g}); "
+                "lower the learning rate or check the data"
+            )
 
     def _write_final_artifacts(self, ckpt_dir: str) -> None:
         """Files for the trial's MLflow run, kept in the last checkpoint: the config and the validation FROC
@@ -261,12 +256,12 @@ def inject_faults(trainer: Trainer, testing: TestingConfig) -> Trainer:
     step = trainer.train_step
     counter = itertools.count(trainer.start_epoch * trainer.cfg.study.training.iterations)
 
-    def faulty(batch) -> float:
+    def faulty(batch) -> torch.Tensor:
         i = next(counter)
         if testing.sleep_per_iteration:
             time.sleep(testing.sleep_per_iteration)
         value = step(batch)
-        return float("nan") if inject and i >= testing.nan_at_iteration else value
+        return torch.full_like(value, float("nan")) if inject and i >= testing.nan_at_iteration else value
 
     trainer.train_step = faulty
     return trainer

@@ -104,7 +104,7 @@ class UNet3D(nn.Module):
             one output channel), :data:`CPU_PRESET_WIDTH` the CPU presets.
         channels_last: run the layers in ``torch.channels_last_3d`` memory format (the input is converted in
             ``forward``; the output is returned contiguous). ``None``/``False`` = the plain NCDHW layout. A study
-            leaves ``model.channels_last: null`` to the measurement of :func:`trainables.step.layout_seconds`
+            leaves ``model.channels_last: null`` to the measurement of :func:`trainables.timing.layout_seconds`
             (the faster layout of its own step on the trials' device kind, chosen once per study). Same results
             up to float rounding.
 
@@ -112,7 +112,10 @@ class UNet3D(nn.Module):
         ``x``: float tensor ``(B, in_channels, D, H, W)`` with D, H, W positive multiples of 8 (the network pools
         three times). Any other shape raises ValueError naming it; the sliding-window inference pads volumes to
         multiples of 8 itself. Returns logits ``(B, out_channels, D, H, W)``. In training mode BatchNorm needs
-        more than one value per channel at the bridge, i.e. ``B * D * H * W / 512 > 1``.
+        more than one value per channel at the bridge, i.e. ``B * D * H * W / 512 > 1``. Under autocast (mixed
+        precision) the output block (its 1×1 residual block, the last convolution and the final BatchNorm) runs in
+        float32, so the logits are float32 with float32 resolution: confidences (max logit per component) and
+        the calibrated threshold do not inherit bf16's 3 significant digits.
     """
 
     def __init__(
@@ -171,6 +174,9 @@ class UNet3D(nn.Module):
         x = self.dec3(_upsample_like(x, e3) + self.skip3(e3))
         x = self.dec2(_upsample_like(x, e2) + self.skip2(e2))
         x = self.dec1(_upsample_like(x, e1) + self.skip1(e1))
+        if torch.is_autocast_enabled(x.device.type):  # the output block in float32 under mixed precision
+            with torch.autocast(x.device.type, enabled=False):
+                return self.out(x.float()).contiguous()
         return self.out(x).contiguous()
 
     def _check_input(self, x: Tensor) -> None:

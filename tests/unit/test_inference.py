@@ -146,3 +146,59 @@ def test_accepts_channel_axis_restores_training_mode_and_validates():
         sliding_window_inference(net, image, window=(8, 8, 8), stride=(8, 8, 8), blending="max")
     with pytest.raises(ValueError, match=r"\(D, H, W\)"):
         sliding_window_inference(net, image[0, 0], window=(8, 8, 8), stride=(8, 8, 8))
+
+
+@pytest.mark.parametrize("blending", ["uniform", "gaussian"])
+@pytest.mark.parametrize("shape", [(40, 52, 44), (20, 70, 30)])  # overlapping windows; padded on one axis
+def test_device_stitching_gives_the_same_logits_bit_for_bit_on_the_cpu(blending, shape):
+    """The windows are now summed and normalised where they are predicted (the GPU); on the CPU with one window
+    per pass the logits are exactly those of the loop that copied every window to the host and added it there."""
+    from tests.helpers import reference_sliding_window
+    from trainables.unet import UNet3D
+
+    torch.manual_seed(0)
+    model = UNet3D(width=0.125).eval()
+    image = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    window, stride = (24, 32, 24), (16, 20, 16)
+    ours = sliding_window_inference(model, image, window=window, stride=stride, blending=blending)
+    before = reference_sliding_window(model, image, window=window, stride=stride, blending=blending)
+    assert ours.dtype == before.dtype == np.float32
+    np.testing.assert_array_equal(ours, before)
+    # batch_size None (chosen for the device) is one window per pass on a CPU: the same bits
+    auto = sliding_window_inference(model, image, window=window, stride=stride, blending=blending, batch_size=None)
+    np.testing.assert_array_equal(auto, before)
+    # several windows per pass: the same values up to the convolutions' float rounding
+    batched = sliding_window_inference(model, image, window=window, stride=stride, blending=blending, batch_size=3)
+    np.testing.assert_allclose(batched, before, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_made_beside_the_logits_equal_the_host_threshold_and_records_agree():
+    """predict_volume binarises where the logits are (the GPU) at every calibration threshold: the masks equal
+    the host's logit > log(t / (1 - t)), and records built from them equal records that threshold themselves."""
+    from trainables.config import InferenceConfig
+    from trainables.evaluate import CALIBRATION_THRESHOLDS, case_records, predict_volume
+    from trainables.metrics import volume_records_multi
+
+    class Gain(torch.nn.Module):  # logits = 3 x image: they span every calibration threshold
+        def forward(self, x):
+            return 3.0 * x
+
+    model = Gain()
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(24, 40, 40)).astype(np.float32)
+    gt = np.zeros(image.shape, np.uint8)
+    gt[4:9, 5:12, 6:10] = 1
+    gt[15:17, 30:33, 30:32] = 1
+    inference = InferenceConfig(window=(24, 24, 24), stride=(16, 16, 16))
+    logits, masks = predict_volume(model, image, inference=inference, device=torch.device("cpu"),
+                                   thresholds=CALIBRATION_THRESHOLDS)
+    assert sorted(masks) == sorted(CALIBRATION_THRESHOLDS)
+    rules = {"any": ("any", None), "strict": ("iou", 0.3)}
+    shared = case_records(logits, masks, gt, (1.0, 1.0, 1.0), rules)  # the lesions labelled once for all t
+    for t, mask in masks.items():
+        assert mask.dtype == np.bool_
+        np.testing.assert_array_equal(mask, logits > np.log(t / (1 - t)))
+        given = volume_records_multi(logits, gt, (1.0, 1.0, 1.0), rules=rules, threshold=t, foreground=mask)
+        own = volume_records_multi(logits, gt, (1.0, 1.0, 1.0), rules=rules, threshold=t)
+        assert given == own == shared[t] and given["any"].records
+    assert masks[0.5].sum() > masks[0.9].sum() > masks[0.99].sum() > 0  # not vacuous

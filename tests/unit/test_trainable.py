@@ -11,9 +11,9 @@ import torch
 
 from study.config import config_from_dict
 from study.space import study_payload
+from trainables.build import STATE_FILE, build_model, load_state
 from trainables.config import TrialConfig
 from trainables.data import Cache, PatchSampler, make_phantom, prepare_cache
-from trainables.evaluate import STATE_FILE, build_model, load_state
 from trainables.losses import get_loss
 from trainables.step import Precision
 from trainables.trainable import run_trial
@@ -112,7 +112,7 @@ def test_optimiser_settings_and_lr_drop(cache_dir):
 
 def test_paper_protocol_drops_lr_at_epoch_80():
     """The paper's schedule (defaults): lr 1e-2 for epochs 0..79, 1e-3 from epoch 80 on."""
-    from trainables.trainer import build_lr_schedule, build_optimizer
+    from trainables.build import build_lr_schedule, build_optimizer
 
     cfg = config_from_dict({"search": {"losses": {"bce": {}}}}).training
     opt = build_optimizer(torch.nn.Linear(1, 1), cfg.optimizer)
@@ -177,7 +177,7 @@ def test_a_fault_injected_into_the_train_step_hook_ends_the_trial(cache_dir):
 
     def third_step_diverges(batch):
         steps.append(batch)
-        return float("nan") if len(steps) == 3 else real(batch)
+        return torch.tensor(float("nan")) if len(steps) == 3 else real(batch)
 
     trainer.train_step = third_step_diverges
     with pytest.raises(TrialDivergedError, match=r"non-finite training loss \(nan\) at epoch 1, iteration 0"):

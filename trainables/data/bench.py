@@ -12,6 +12,11 @@
    The ratio ``median step time with the sampler / median step time with the fixed batch`` is the cost of the data
    pipeline seen by training; the target is <= 1.05.
 
+3. Host pipeline for a GPU trial (``--pipeline``, also part of the default run): the batches per second the
+   sampler's workers deliver through the trainer's prefetcher at the paper's 2 × 128³ with iw, with 1 and 2
+   workers, against the 6.7 batches/s a 150 ms GPU step consumes (target: at least 3x), on phantom volumes of
+   176 × 208 × 208 (cropped to the organ: larger than the patch on every axis, as LUNA16's are).
+
 The data is the phantom (generated and prepared into a temporary folder) unless ``--cache`` names a prepared cache.
 """
 
@@ -40,6 +45,52 @@ def _sampler_throughput(cache, ids, patch, batch, iw: bool, seconds: float) -> f
     return n / (time.perf_counter() - t0)
 
 
+#: the GPU step time the host pipeline is compared with (the paper's step on a current GPU, order of magnitude)
+GPU_STEP_SECONDS = 0.150
+
+
+def pipeline_rate(cache, ids, *, patch, batch: int, workers: int, seconds: float) -> float:
+    """Batches per second through a trial's input path (thread workers -> the trainer's prefetcher), measured
+    after the workers' queue has filled once."""
+    import torch
+
+    from trainables.data.sampler import PatchSampler
+    from trainables.step import DevicePrefetcher
+
+    sampler = PatchSampler(cache, ids, patch_size=patch, batch_size=batch, iw=True, seed=3, num_workers=workers)
+    with sampler:
+        stream = DevicePrefetcher(iter(sampler), torch.device("cpu"), iw=True)
+        for _ in range(sampler.prefetch + 2):  # the queue filled, the cases opened
+            next(stream)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 5:
+            next(stream)
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+
+def host_pipeline(args, tmp: Path) -> None:
+    """Section 3 of the module docstring."""
+    from trainables.data import Cache, make_phantom, prepare_cache
+
+    if args.cache is not None:
+        cache = Cache(args.cache)
+    else:
+        manifest = make_phantom(tmp / "big", n_cases=4 if args.quick else 6, seed=0, shape=(176, 208, 208))
+        cache = prepare_cache(manifest, tmp / "big-cache", progress=False)
+    ids = cache.case_ids("train")
+    need = 1.0 / GPU_STEP_SECONDS
+    print(f"host pipeline for a GPU trial: 2 x 128^3 patches with iw, thread workers -> prefetcher; "
+          f"{len(ids)} training cases of {'x'.join(map(str, cache.meta(ids[0])['shape']))}; a "
+          f"{1000 * GPU_STEP_SECONDS:.0f} ms GPU step takes {need:.1f} batches/s")
+    for workers in (1, 2):
+        rate = pipeline_rate(cache, ids, patch=(128, 128, 128), batch=2, workers=workers,
+                             seconds=2.0 if args.quick else 6.0)
+        verdict = "OK" if rate >= 3 * need else "BELOW TARGET"
+        print(f"  {workers} worker(s): {rate:6.1f} batches/s = {rate / need:5.1f}x what the GPU step needs "
+              f"(target >= 3x: {verdict})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainables.data.bench", description=__doc__.split("\n\n")[0]
@@ -56,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache", type=Path, help="a prepared cache (default: a fresh phantom)")
     parser.add_argument("--seconds", type=float, default=None, help="time per sampler-alone measurement")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="only the host pipeline at 2 x 128^3 (section 3 of the docstring)")
     args = parser.parse_args(argv)
     print_machine()
+    if args.pipeline:
+        with tempfile.TemporaryDirectory(prefix="iw-bench-") as tmp:
+            host_pipeline(args, Path(tmp))
+        return 0
 
     import numpy as np
     import torch
@@ -153,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {mode:<18}{1000 * med:>10.1f}{1000 * float(np.mean(ts)):>10.1f}{ratio:>8.3f}")
     verdict = "OK" if worst <= 1.05 else "ABOVE TARGET"
     print(f"ratio sampler / fixed batch (worst worker type): {worst:.3f} (target <= 1.05: {verdict})")
+    with tempfile.TemporaryDirectory(prefix="iw-bench-") as tmp:
+        host_pipeline(args, Path(tmp))
     return 0
 
 

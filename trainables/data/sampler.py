@@ -13,8 +13,11 @@ For every sample of batch ``k`` (rng = ``numpy.random.default_rng([seed, k])``, 
 4. the weight map is :func:`trainables.weights.weights_from_labels` of the label crop (per sample), or ones
    when ``iw`` is off.
 
-Batches hold numpy float32 arrays ``(B, 1, *patch_size)``, axes ``[z, y, x]``. They are made in background
-workers (threads by default, or processes) with a bounded queue of ``prefetch`` batches; the order is kept.
+Batches hold numpy arrays ``(B, 1, *patch_size)``, axes ``[z, y, x]``: the image and the iw map in float32, the
+target in uint8 (0/1: the smallest exact dtype; the losses cast it). They are made in background workers (threads
+by default, or processes) with a bounded queue of ``prefetch`` batches; the order is kept. For a GPU trial
+(``pin_memory``) the batches of thread workers are allocated in pinned (page-locked) host memory, from which the
+copy to the GPU runs asynchronously (:class:`trainables.step.DevicePrefetcher`).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ class _Arrays(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """One training batch: float32 arrays ``(B, 1, Z, Y, X)``. target is 0/1; weight is ones when iw is off
-    (then a read-only broadcast view: copy it before writing to it)."""
+    """One training batch: arrays ``(B, 1, Z, Y, X)``, image and weight float32, target uint8 (0/1); weight is
+    ones when iw is off (then a read-only broadcast view: copy it before writing to it)."""
 
     image: np.ndarray
     target: np.ndarray
@@ -121,6 +124,7 @@ class PatchSampler:
         start_batch: index of the first batch yielded (resume from ``state_dict()["next_batch"]``).
         worker_type: ``"thread"`` (default) or ``"process"`` (spawned processes; batches are pickled back).
         extras: what the loss needs besides the weight map (:data:`EXTRAS`): ``"labels"`` and/or ``"regions"``.
+        pin_memory: allocate the batches in pinned host memory (needs a CUDA build of torch; GPU trials).
 
     Raises DataError when no case of ``case_ids`` has a lesion, a case is unknown, or arguments are invalid.
     """
@@ -141,8 +145,10 @@ class PatchSampler:
         start_batch: int = 0,
         worker_type: str = "thread",
         extras: Sequence[str] = (),
+        pin_memory: bool = False,
     ):
         self.cache = cache
+        self.pin_memory = bool(pin_memory)
         self.extras = tuple(extras)
         unknown = sorted(set(self.extras) - set(EXTRAS))
         if unknown:
@@ -197,13 +203,14 @@ class PatchSampler:
         """The ``k``-th batch, computed synchronously; depends only on ``(seed, k)`` and the constructor's args."""
         rng = np.random.default_rng([self.seed, int(k)])
         shape = (self.batch_size, 1, *self.patch_size)
-        image = np.empty(shape, dtype=np.float32)
-        target = np.empty(shape, dtype=np.float32)
+        empty = _pinned_empty if self.pin_memory else np.empty
+        image = empty(shape, dtype=np.float32)
+        target = empty(shape, dtype=np.uint8)
         # iw off: a read-only broadcast of 1 (no memory, no work); iw on: maps written straight into the batch
-        weight = np.empty(shape, dtype=np.float32) if self.iw else np.broadcast_to(np.float32(1.0), shape)
+        weight = empty(shape, dtype=np.float32) if self.iw else np.broadcast_to(np.float32(1.0), shape)
         keep = "labels" in self.extras or "regions" in self.extras
-        all_labels = np.empty(shape, dtype=np.int32) if keep else None
-        regions = np.empty(shape, dtype=np.int32) if "regions" in self.extras else None
+        all_labels = empty(shape, dtype=np.int32) if keep else None
+        regions = empty(shape, dtype=np.int32) if "regions" in self.extras else None
         labels = np.empty(self.patch_size, dtype=np.int32)
         for b in range(self.batch_size):
             case_id, _, center = self._draw(rng)
@@ -393,6 +400,14 @@ class PatchSampler:
 
     def __getstate__(self):
         raise TypeError("PatchSampler is not picklable; pass its arguments (or a Cache root) to the worker")
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised numpy array in pinned host memory (torch's caching pinned allocator; the array keeps the
+    tensor alive)."""
+    import torch
+
+    return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, pin_memory=True).numpy()
 
 
 _WORKER_SAMPLER: PatchSampler | None = None

@@ -134,7 +134,9 @@ class _Overlaps:
         return self.pair_inter / union
 
 
-def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool, threshold: float = 0.5) -> _Overlaps:
+def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool, threshold: float = 0.5,
+              foreground: np.ndarray | None = None,
+              gt_labels: tuple[np.ndarray, int] | None = None) -> _Overlaps:
     # imported here so that the registries (read by the command line) do not load scipy
     from scipy.special import expit, logit
 
@@ -152,9 +154,15 @@ def _overlaps(pred: np.ndarray, gt: np.ndarray, is_logit: bool, threshold: float
         raise ValueError("pred contains NaN")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
-    pred_fg = pred > math.log(threshold / (1.0 - threshold)) if is_logit else pred > threshold
+    if foreground is None:
+        pred_fg = pred > math.log(threshold / (1.0 - threshold)) if is_logit else pred > threshold
+    else:  # binarised where the logits were made (on the GPU: trainables.evaluate)
+        if foreground.shape != pred.shape or foreground.dtype != np.bool_:
+            raise ValueError(f"foreground must be a bool mask of shape {pred.shape}, got {foreground.dtype} "
+                             f"{foreground.shape}")
+        pred_fg = foreground
     gt_fg = gt > 0.5
-    gt_lab, n_gt = label_components(gt_fg)
+    gt_lab, n_gt = label_components(gt_fg) if gt_labels is None else gt_labels
     pred_lab, n_pred = label_components(pred_fg)
 
     union = gt_fg | pred_fg
@@ -494,6 +502,8 @@ def volume_records_multi(
     is_logit: bool = True,
     rules: Mapping[str, tuple[str, float | None]],
     threshold: float = 0.5,
+    foreground: np.ndarray | None = None,
+    gt_labels: tuple[np.ndarray, int] | None = None,
 ) -> dict[str, CaseRecords]:
     """Records of one volume under several hit rules, labelling the volume once.
 
@@ -507,6 +517,10 @@ def volume_records_multi(
             ``rule`` in :data:`HIT_RULES`, ``hit_threshold`` None = the rule's default.
         threshold: the probability above which a voxel is foreground (the paper: 0.5; a calibrated one is chosen
             on validation). Confidences stay the components' max logits.
+        foreground: ``pred`` binarised at ``threshold`` already (a bool mask, e.g. computed on the GPU that made
+            the logits); None = binarised here. Must equal what this function would compute.
+        gt_labels: ``label_components(gt > 0.5)`` already (labels, count), e.g. shared by the records of one case
+            at several thresholds; None = labelled here.
 
     Returns:
         name -> :class:`CaseRecords` (records: lesions first, then components, each in label order).
@@ -514,7 +528,7 @@ def volume_records_multi(
     checked = {name: (r, get_hit_rule(r).check_threshold(t)) for name, (r, t) in rules.items()}
     pred = np.asarray(pred)
     sp = _check_spacing(spacing, pred.ndim)
-    ov = _overlaps(pred, gt, is_logit, threshold)
+    ov = _overlaps(pred, gt, is_logit, threshold, foreground, gt_labels)
     return {name: _records_from_overlaps(ov, r, t, sp) for name, (r, t) in checked.items()}
 
 
