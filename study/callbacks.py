@@ -37,6 +37,7 @@ class StudyCallback(tune.Callback):
         self._runs: dict[str, str] = {}
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
         self._configs: dict[str, TrialConfig] = {}
+        self._found: set[str] = set()  # runs that existed before this driver saw their trial (resumed trials)
         self._client = None
 
     def __getstate__(self):  # pickled into the experiment: no client, no cache
@@ -77,6 +78,8 @@ class StudyCallback(tune.Callback):
                 self._safely("dataset logging", lambda: self._mlc().log_inputs(
                     run_id, datasets=tracking.dataset_inputs(cfg)))
             self._steps[run_id] = {} if created else tracking.logged_steps(self._mlc(), run_id)
+            if not created:
+                self._found.add(run_id)
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
 
@@ -99,7 +102,13 @@ class StudyCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials)
         self._print(f"{self._cfg(trial).trial.label} started ({done}/{len(trials)} trials finished)")
-        self._safely("run creation", lambda: self._run_id(trial))
+
+        def start():
+            run_id = self._run_id(trial)
+            if run_id in self._found and "error" in self._mlc().get_run(run_id).data.tags:
+                self._mlc().delete_tag(run_id, "error")  # an errored trial run again (after a GPU fix)
+
+        self._safely("run creation", start)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = int(result.get("epoch", 0))
@@ -171,19 +180,29 @@ class StudyCallback(tune.Callback):
 
 
 def error_reason(trial) -> str | None:
-    """The most telling line of an errored trial's error (our TrialDivergedError message when it diverged)."""
+    """The most telling line of an errored trial's error (our TrialDivergedError / GpuUnavailableError message).
+
+    The error file is read from the trial's folder in the experiment (``trial.error_file`` needs a running Ray,
+    which ``study status`` does not start)."""
     if trial.status != "ERROR":
         return None
     text = ""
-    try:
-        if trial.error_file and Path(trial.error_file).is_file():
-            text = Path(trial.error_file).read_text()
-        else:
+    for where in (lambda: trial.error_file,  # the driver's copy during the run (needs Ray)
+                  lambda: Path(trial.storage.trial_fs_path, trial.run_metadata.error_filename)):  # in the storage
+        try:
+            path = where()
+            if path and Path(path).is_file():
+                text = Path(path).read_text()
+                break
+        except Exception:  # noqa: BLE001 - no Ray session, no error file: the next place, then get_error
+            continue
+    if not text:
+        try:
             text = str(trial.get_error() or "")
-    except Exception:  # noqa: BLE001 - a crash may leave no error file; the reason is best effort
-        pass
+        except Exception:  # noqa: BLE001 - a crash may leave no error at all; the reason is best effort
+            pass
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
-        if "TrialDivergedError" in ln:
+        if "TrialDivergedError" in ln or "GpuUnavailableError" in ln:
             return ln[:1000]
     return (lines[-1] if lines else "trial errored (no error recorded)")[:1000]

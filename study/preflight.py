@@ -108,17 +108,17 @@ def check_local_resources(cfg: StudyConfig, *, num_cpus: int | None) -> None:
         raise UserError(f"resources.cpu: {res.cpu:g} CPUs per trial, but the local Ray has {where}; lower "
                         "resources.cpu, raise --num-cpus, or run on a cluster (--address)")
     if res.gpu > 0:
-        try:
-            import torch
+        from trainables.device import cuda_problem, gpu_message, nvidia_gpus
 
-            gpus = torch.cuda.device_count()
-        except Exception:  # pragma: no cover - a broken CUDA install counts as no GPU
-            gpus = 0
-        if res.gpu > gpus:
-            raise UserError(f"resources.gpu: {res.gpu:g} GPU(s) per trial, but this machine has {gpus} GPU(s) "
-                            "torch can use; set `resources: {cpu: N, gpu: 0}` to train on the CPU, run on a "
-                            "cluster with GPU nodes (--address), or pass --wait-for-resources on an autoscaling "
-                            "one")
+        problem = cuda_problem()
+        if problem is not None:
+            listed = nvidia_gpus()
+            if listed:  # the driver lists GPUs (Ray counts them) but this torch cannot use them
+                raise UserError(f"resources.gpu: {res.gpu:g} GPU per trial: " + gpu_message(
+                    problem, given=f"the trials need one of the {len(listed)} NVIDIA GPU(s) its driver lists"))
+            raise UserError(f"resources.gpu: {res.gpu:g} GPU(s) per trial, but this machine has 0 GPU(s) torch can "
+                            f"use ({problem}); set `resources: {{cpu: N, gpu: 0}}` to train on the CPU, run on a "
+                            "cluster with GPU nodes (--address), or pass --wait-for-resources on an autoscaling one")
     if res.custom:
         names = ", ".join(sorted(res.custom))
         raise UserError(f"resources.custom: {names}: a local Ray has no custom resources, so no trial could "

@@ -132,18 +132,41 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     if not ctx.state.data.get("training_started"):  # from here on a failed launch keeps its folder (resume)
         ctx.state.data["training_started"] = now()
         ctx.state.save()
+    gpu_failed = ctx.state.data.get("gpu_failed", {})
+    if name in gpu_failed:
+        log(f"{name}: the trials that could not use their GPU last time run again")
     run_experiment(
         storage=ctx.dir.ray_dir, name=name, trainable=train_trial, resources=ctx.cfg.resources.as_ray(),
         param_space=space, metric=None, max_concurrent=ctx.cfg.max_concurrent_trials,
-        max_failures=ctx.cfg.failure.max_failures, scheduler=scheduler,
+        max_failures=ctx.cfg.failure.max_failures, scheduler=scheduler, resume_errored=name in gpu_failed,
     )
     results = outcomes(ctx.dir.ray_dir, name)
     left = unfinished(results, len(trials))
     if left:
         raise StudyInterrupted(f"{name}: {left} of {len(trials)} trial(s) did not finish")
+    _stop_on_gpu_errors(ctx, name, results)
     tracking.finish_stage_runs(ctx.state, stage_tag, {r.trial_id: r.status for r in results})
     print(trial_table(results), flush=True)
     return results
+
+
+def _stop_on_gpu_errors(ctx: StudyContext, name: str, results) -> None:
+    """Trials that ended because their node's torch could not use the GPU Ray gave them: the stage is not done
+    (exit 2 with the node's line); ``study resume`` runs those trials again, the finished ones stay finished."""
+    from trainables.device import gpu_error_line, is_gpu_error
+
+    failed = [r for r in results if r.status == "ERROR" and is_gpu_error(r.error or "")]
+    marks = ctx.state.data.setdefault("gpu_failed", {})
+    if not failed:
+        if marks.pop(name, None) is not None:
+            ctx.state.save()
+        return
+    marks[name] = now()
+    ctx.state.save()
+    raise UserError(f"{name}: {len(failed)} of {len(results)} trial(s) could not use the GPU they were given, "
+                    f"none trained on the CPU instead: {gpu_error_line(failed[0].error)}\nNothing else is lost: "
+                    f"after fixing the node(s), `study resume {ctx.dir.name} --storage {ctx.dir.root.parent}` runs "
+                    "those trials again.")
 
 
 def trial_summary(r) -> dict[str, Any]:
@@ -495,8 +518,8 @@ def baseline_pairs(configs: dict[str, dict[str, Any]], baseline: str) -> list[tu
 def _log_models(ctx: StudyContext, results, summary: dict[str, Any], run_ids: dict[str, str]) -> None:
     """Every retrained winner as an MLflow logged model, linked from its hold-out run (once: a run that has
     its model URI tag is skipped on resume), with what ``study predict --model`` needs as metadata."""
+    from trainables.build import build_model, load_state
     from trainables.data import Cache
-    from trainables.evaluate import build_model, load_state
 
     mlc = tracking.client(ctx.state.tracking_uri)
     exp_id = ctx.state.mlflow_ids()["experiment_id"]
@@ -639,44 +662,67 @@ STAGE_FUNCS: dict[str, Callable[[StudyContext], None]] = {
 }
 
 
-#: channels-last must beat the plain layout by this fraction of its step time to be chosen
-LAYOUT_MARGIN = 0.05
+def choose_step_setup(ctx: StudyContext) -> None:
+    """``model.channels_last`` / ``model.compile`` null: how this study's trials run their step, chosen once from
+    a measurement of the study's own step and kept in ``state.json`` (``layout``, ``compile``), so a resumed
+    study, its retrain and its hold-out use the same numerics.
 
-
-def choose_layout(ctx: StudyContext) -> None:
-    """``model.channels_last: null``: the memory layout of this study's trials, chosen once from a measurement
-    and kept in ``state.json`` (so a resumed study, its retrain and its hold-out use the same numerics).
-
-    CPU trials: :func:`trainables.step.layout_seconds` times the study's own step in both layouts side by side;
-    channels-last is chosen only when it is at least 5 % faster (measured within noise of each other on this
-    project's 2-core machines at the CPU preset, so the plain layout stays). GPU trials are not timed on the
-    driver: the plain layout, unless ``model.channels_last: true`` (``python -m trainables.gpu_bench --layout`` on
-    a GPU node measures both).
+    CPU trials: both layouts timed side by side on the driver (:func:`trainables.timing.step_choices`);
+    channels-last only when it is at least 5 % faster (within noise of each other on this project's 2-core
+    machines at the CPU preset, so the plain layout stays); ``torch.compile`` off. GPU trials: the same
+    measurement, and eager vs compiled, in a Ray task with one trial's resources, i.e. on a GPU node the first
+    time a GPU study runs (a node whose torch cannot use its GPU fails here, before any trial: exit 2).
     """
-    from trainables.step import layout_seconds
+    from trainables.timing import step_choices
 
-    if ctx.cfg.model.channels_last is not None:
-        return
-    choice = ctx.state.data.get("layout")
-    if choice is None:
-        if ctx.cfg.resources.gpu > 0:
-            choice = {"channels_last": False, "measured": None,
-                      "reason": "GPU trials: not measured on the driver; `python -m trainables.gpu_bench --layout` "
-                                "on a GPU node compares both"}
+    m, gpu = ctx.cfg.model, ctx.cfg.resources.gpu > 0
+    need = {"layout": m.channels_last is None and "layout" not in ctx.state.data,
+            "compile": m.compile is None and gpu and "compile" not in ctx.state.data}
+    if any(need.values()):
+        if gpu:
+            measured = _measure_on_a_trial_node(ctx, need)
         else:
-            ms = layout_seconds(ctx.cfg, ctx.cfg.trials[0])
-            faster = ms["channels_last"] < (1 - LAYOUT_MARGIN) * ms["ncdhw"]
-            choice = {"channels_last": faster, "measured": {k: round(v, 4) for k, v in ms.items()},
-                      "reason": (f"CPU step {1000 * ms['ncdhw']:.0f} ms NCDHW vs {1000 * ms['channels_last']:.0f} ms "
-                                 f"channels-last, measured side by side "
-                                 f"({'channels-last' if faster else 'NCDHW'}: channels-last must be "
-                                 f"{100 * LAYOUT_MARGIN:.0f} % faster)")}
-        ctx.state.data["layout"] = choice
+            measured = step_choices(ctx.cfg, ctx.cfg.trials[0], layout=True, compile=False, device="cpu")
+        for key, wanted in need.items():
+            if wanted:
+                ctx.state.data[key] = measured[key]
+        if gpu and measured.get("step_seconds"):
+            ctx.state.data.setdefault("gpu_step_seconds", []).append(round(measured["step_seconds"], 4))
         ctx.state.save()
-    ctx.cfg = ctx.cfg.model_copy(update={"model": ctx.cfg.model.model_copy(
-        update={"channels_last": bool(choice["channels_last"])})})
-    log(f"memory layout: {'channels-last' if choice['channels_last'] else 'NCDHW'} ({choice['reason']}; "
-        "set model.channels_last to fix it)")
+    update = {}
+    if m.channels_last is None:
+        choice = ctx.state.data["layout"]
+        update["channels_last"] = bool(choice["channels_last"])
+        log(f"memory layout: {'channels-last' if choice['channels_last'] else 'NCDHW'} ({choice['reason']}; "
+            "set model.channels_last to fix it)")
+    if m.compile is None:
+        choice = ctx.state.data.get("compile") if gpu else None
+        update["compile"] = bool(choice and choice["compile"])
+        if choice:
+            log(f"torch.compile: {'on' if choice['compile'] else 'off'} ({choice['reason']}; set model.compile to "
+                "fix it)")
+    ctx.cfg = ctx.cfg.model_copy(update={"model": ctx.cfg.model.model_copy(update=update)})
+
+
+def _measure_on_a_trial_node(ctx: StudyContext, need: dict[str, bool]) -> dict:
+    """:func:`trainables.timing.step_choices` in a Ray task with one trial's resources (a GPU node)."""
+    import ray
+
+    from trainables.device import gpu_error_line, is_gpu_error
+    from trainables.timing import step_choices
+
+    ctx.ensure_ray()
+    res = ctx.cfg.resources
+    what = " and ".join(k for k, v in (("memory layout", need["layout"]), ("torch.compile", need["compile"])) if v)
+    log(f"{what}: timing the study's step on a node with the trials' resources {res.as_ray()} (once per study"
+        f"{'; waiting for a GPU node' if ctx.wait_for_resources else ''})")
+    task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, resources=res.custom or None, max_retries=0)(step_choices)
+    try:
+        return ray.get(task.remote(ctx.cfg, ctx.cfg.trials[0], layout=need["layout"], compile=need["compile"]))
+    except ray.exceptions.RayTaskError as exc:
+        if is_gpu_error(exc):
+            raise UserError(gpu_error_line(exc)) from None
+        raise
 
 
 def redo_missing_outputs(ctx: StudyContext) -> None:
@@ -700,11 +746,12 @@ def run_stages(ctx: StudyContext) -> None:
 
     tracking.setup(ctx.state, ctx.dir, experiment_name=ctx.dir.name, cfg=ctx.cfg)
     ctx.state.record_environment(describe())
-    choose_layout(ctx)
+    choose_step_setup(ctx)
     step = measured_step(ctx.cfg)
     if step is not None:
         ctx.state.data.setdefault("step_seconds", []).append(round(step, 4))
-    log(step_line(ctx.cfg, step))
+    gpu_steps = ctx.state.data.get("gpu_step_seconds")
+    log(step_line(ctx.cfg, step, gpu_step=gpu_steps[-1] if gpu_steps else None))
     redo_missing_outputs(ctx)
     t0 = time.perf_counter()
     try:

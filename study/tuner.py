@@ -113,8 +113,10 @@ def run_experiment(
     max_failures: int,
     scheduler=None,
     verbose: int = 0,
+    resume_errored: bool = False,
 ) -> None:
-    """Run (or resume) the Tune experiment ``storage/name`` until Tune returns."""
+    """Run (or resume) the Tune experiment ``storage/name`` until Tune returns. ``resume_errored``: a restored
+    experiment runs its errored trials again (after trials failed on a node whose torch could not use its GPU)."""
     from ray import tune
 
     from study.asha import state_file as asha_state_file
@@ -125,7 +127,8 @@ def run_experiment(
     wrapped = tune.with_resources(trainable, dict(resources))
     path = storage / name
     if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=wrapped, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(str(path), trainable=wrapped, resume_unfinished=True,
+                                   resume_errored=resume_errored)
     else:
         tuner = tune.Tuner(
             wrapped,

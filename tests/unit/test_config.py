@@ -106,6 +106,7 @@ def test_labels_never_round_distinct_values():
         ({"data": {"source": "cache"}}, "data.path", "required"),
         ({"data": {"source": "cache", "path": "/nonexistent/cache"}}, "data.path", "does not exist"),
         ({"resources": {"gpu": -1}}, "resources.gpu", ">= 0"),
+        ({"inference": {"batch_size": 0}}, "inference.batch_size", "[1, 64]"),
     ],
 )
 def test_invalid_configs_name_file_and_key(tmp_path, data, key, needle):
@@ -116,6 +117,19 @@ def test_invalid_configs_name_file_and_key(tmp_path, data, key, needle):
     msg = str(err.value)
     assert msg.startswith(f"{path}: {key}"), msg
     assert needle in msg, msg
+
+
+@pytest.mark.parametrize("gpus", [2, 1.5])
+def test_more_than_one_gpu_per_trial_is_refused_at_dry_run_saying_why(tmp_path, capsys, gpus):
+    """A trial trains on one GPU: asking for more would make Ray reserve GPUs it never uses."""
+    path = _write(tmp_path, {"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": gpus}})
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: resources.gpu: {gpus:g} GPUs per trial" in err
+    assert "faster than data-parallel" in err and "8 GPUs run 8 trials at once" in err
+    for share in (0.125, 0.5, 1):  # a fraction shares a GPU; one is one GPU per trial
+        assert load_config(_write(tmp_path, {"search": {"configs": ["bce"]},
+                                             "resources": {"gpu": share}})).resources.gpu == share
 
 
 def test_malformed_yaml_and_missing_file_exit_2(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from study.config import config_from_dict
 from study.report import build_blocks, render_html, render_markdown, write_report
@@ -208,36 +209,92 @@ def test_verdict_sentence_names_resolved_size_groups():
     assert ">=6.0 mm" not in text  # its strict interval spans 0
 
 
-@pytest.mark.parametrize("measured,gpu,chosen", [
-    ({"ncdhw": 0.100, "channels_last": 0.090}, 0, True),  # 10 % faster: channels-last
-    ({"ncdhw": 0.100, "channels_last": 0.097}, 0, False),  # within the 5 % margin: the plain layout
-    ({"ncdhw": 0.100, "channels_last": 0.120}, 0, False),
-    (None, 1, False),  # GPU trials are not timed on the driver
+@pytest.mark.parametrize("measured,chosen", [
+    ({"ncdhw": 0.100, "channels_last": 0.090}, True),  # 10 % faster: channels-last
+    ({"ncdhw": 0.100, "channels_last": 0.097}, False),  # within the 5 % margin: the plain layout
+    ({"ncdhw": 0.100, "channels_last": 0.120}, False),
 ])
-def test_layout_is_measured_once_and_kept(tmp_path, monkeypatch, measured, gpu, chosen):
-    import trainables.step
+def test_cpu_layout_is_measured_once_and_kept(tmp_path, monkeypatch, measured, chosen):
+    import trainables.timing
     from study.layout import StudyDir, StudyState
-    from study.stages import StudyContext, choose_layout
+    from study.stages import StudyContext, choose_step_setup
 
     calls = []
 
     def fake(cfg, trial, **kw):
-        calls.append(trial.label)
+        calls.append((trial.label, str(kw.get("device"))))
         return measured
 
-    monkeypatch.setattr(trainables.step, "layout_seconds", fake)
-    cfg = config_from_dict({"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": gpu}})
+    monkeypatch.setattr(trainables.timing, "layout_seconds", fake)
+    cfg = config_from_dict({"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": 0}})
     state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
     ctx = StudyContext(StudyDir(tmp_path), cfg, state)
-    choose_layout(ctx)
-    assert ctx.cfg.model.channels_last is chosen and len(calls) == (gpu == 0)
+    choose_step_setup(ctx)
+    assert ctx.cfg.model.channels_last is chosen and calls == [("bce/s0", "cpu")]
+    assert ctx.cfg.model.compile is False  # torch.compile is off for CPU trials, nothing measured
     again = StudyContext(StudyDir(tmp_path), cfg, StudyState.load(tmp_path / "state.json"))
-    choose_layout(again)  # a resumed study reads the choice back: no second measurement
-    assert again.cfg.model.channels_last is chosen and len(calls) == (gpu == 0)
+    choose_step_setup(again)  # a resumed study reads the choice back: no second measurement
+    assert again.cfg.model.channels_last is chosen and len(calls) == 1
     fixed = StudyContext(StudyDir(tmp_path), cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"channels_last": True})}), state)
-    choose_layout(fixed)  # set in the search space: left as it is
-    assert fixed.cfg.model.channels_last is True
+    choose_step_setup(fixed)  # set in the search space: left as it is
+    assert fixed.cfg.model.channels_last is True and len(calls) == 1
+
+
+def test_gpu_layout_and_compile_are_measured_on_a_trial_node_once(tmp_path, monkeypatch):
+    """GPU trials: both choices come from one measurement with the trials' resources, are kept in state.json with
+    the measured step time, and a resumed study reads them back."""
+    import study.stages
+    from study.layout import StudyDir, StudyState
+    from study.stages import StudyContext, choose_step_setup
+
+    calls = []
+
+    def fake(ctx, need):
+        calls.append(dict(need))
+        return {"device": "NVIDIA H200", "step_seconds": 0.151,
+                "layout": {"channels_last": True, "measured": {"ncdhw": 0.2, "channels_last": 0.15}, "reason": "r"},
+                "compile": {"compile": True, "measured": {"eager": 0.15, "compiled": 0.12}, "reason": "r"}}
+
+    monkeypatch.setattr(study.stages, "_measure_on_a_trial_node", fake)
+    cfg = config_from_dict({"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": 1}})
+    state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
+    ctx = StudyContext(StudyDir(tmp_path), cfg, state)
+    choose_step_setup(ctx)
+    assert calls == [{"layout": True, "compile": True}]
+    assert ctx.cfg.model.channels_last is True and ctx.cfg.model.compile is True
+    saved = StudyState.load(tmp_path / "state.json")
+    assert saved.data["gpu_step_seconds"] == [0.151] and saved.data["compile"]["compile"] is True
+    again = StudyContext(StudyDir(tmp_path), cfg, saved)
+    choose_step_setup(again)
+    assert len(calls) == 1 and again.cfg.model.compile is True
+
+
+def test_a_gpu_study_on_a_node_whose_torch_has_no_cuda_stops_before_any_trial(tmp_path):
+    """The launch's check: Ray advertises a GPU (faked: ``ray.init(num_gpus=1)`` on this CPU machine), the
+    measurement task gets it, and torch (a CPU build) cannot use it: a UserError (exit 2) naming the node, the
+    torch build and the fix, before any trial exists."""
+    import ray
+
+    from study.layout import StudyDir, StudyState
+    from study.stages import StudyContext, choose_step_setup
+    from trainables.errors import UserError
+
+    cfg = config_from_dict({"search": {"configs": ["bce"]}, "model": {"width": 0.125},
+                            "training": {"patch_size": [16, 16, 16]}, "resources": {"cpu": 1, "gpu": 1}})
+    state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ctx = StudyContext(StudyDir(tmp_path), cfg, state)
+    try:
+        with pytest.raises(UserError) as err:
+            choose_step_setup(ctx)
+    finally:
+        ctx._ray_started = True
+        ctx.close()
+    text = str(err.value)
+    assert text.startswith("CUDA unusable on node ") and "Ray gave this trial GPU 0" in text
+    assert f"torch {torch.__version__} (CUDA build: none)" in text and "install a CUDA build of torch" in text
+    assert "layout" not in StudyState.load(tmp_path / "state.json").data  # nothing was chosen
 
 
 def test_a_finished_stage_whose_output_was_removed_runs_again(tmp_path):
@@ -260,3 +317,61 @@ def test_a_finished_stage_whose_output_was_removed_runs_again(tmp_path):
     d.selection_file.unlink()
     redo_missing_outputs(StudyContext(d, cfg, state))
     assert [s for s in STAGES if not state.done(s)] == ["select", "holdout", "report"]
+
+
+def test_gpu_errors_stop_the_stage_and_mark_it_for_a_rerun(tmp_path):
+    """Trials that could not use their GPU: the stage is not done (UserError, exit 2, naming the node's line and
+    `study resume`), and state.json remembers it, so the resumed stage runs those trials again; once a run of
+    the stage has none, the mark goes."""
+    from study.layout import StudyDir, StudyState
+    from study.stages import StudyContext, _stop_on_gpu_errors
+    from study.tuner import TrialOutcome
+    from trainables.errors import UserError
+
+    line = "CUDA unusable on node n1: Ray gave this trial GPU 0, but torch 2.13.0+cpu (CUDA build: none) cannot"
+    bad = TrialOutcome("t0", {}, "ERROR", {}, None, f"trainables.device.GpuUnavailableError: {line}", [])
+    good = TrialOutcome("t1", {}, "TERMINATED", {}, None, None, [])
+    nan = TrialOutcome("t2", {}, "ERROR", {}, None, "TrialDivergedError: non-finite training loss", [])
+    cfg = config_from_dict({"search": {"configs": ["bce"]}})
+    state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
+    ctx = StudyContext(StudyDir(tmp_path / "s"), cfg, state)
+    with pytest.raises(UserError) as err:
+        _stop_on_gpu_errors(ctx, "sweep", [bad, good, nan])
+    assert str(err.value).startswith(f"sweep: 1 of 3 trial(s) could not use the GPU they were given, none trained "
+                                     f"on the CPU instead: {line}")
+    assert "study resume s" in str(err.value)
+    assert "sweep" in StudyState.load(tmp_path / "state.json").data["gpu_failed"]
+    _stop_on_gpu_errors(ctx, "sweep", [good, nan])  # a diverged trial is the study's result, not a stop
+    assert StudyState.load(tmp_path / "state.json").data["gpu_failed"] == {}
+
+
+def test_a_restored_experiment_reruns_errored_trials_only_when_asked(tmp_path):
+    """What `study resume` relies on after a GPU fix: Tune's restore with resume_errored runs the trials that
+    errored before their first result again (from the start), and without it leaves them errored."""
+    import ray
+    from ray import tune
+
+    broken = tmp_path / "broken"
+    broken.write_text("")
+
+    def trainable(config):
+        if broken.exists():
+            raise RuntimeError("CUDA unusable on node n1")
+        tune.report({"x": config["x"], "training_done": True})
+
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        path = tmp_path / "exp"
+        tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2])},
+                   run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                             failure_config=tune.FailureConfig(max_failures=0))).fit()
+        broken.unlink()
+        tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False).fit()
+        states = sorted(t.status for t in tune.ExperimentAnalysis(str(path)).trials)
+        assert states == ["ERROR", "ERROR"]
+        tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
+        trials = tune.ExperimentAnalysis(str(path)).trials
+        assert sorted(t.status for t in trials) == ["TERMINATED", "TERMINATED"]
+        assert sorted(t.last_result["x"] for t in trials) == [1, 2]
+    finally:
+        ray.shutdown()
