@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "study.catalog",
     "study.predict_cli",
     "study.slurm_cli",
+    "study.gpu_check_cli",
 )
 
 
