@@ -11,7 +11,7 @@
     ray/retrain/    Ray Tune state of the retrain of the winners
     selection.json  the winners of the sweep
     holdout/        hold-out records per retrained configuration + summary.json
-    report/         report.md, report.html and the figures
+    report/         report.md, report.html and the figures (report_file: report.md)
 
 Every file is written to a temporary name and renamed, so an interrupted write never leaves half a file.
 """
@@ -33,6 +33,10 @@ from trainables.errors import UserError
 from trainables.io_utils import write_text_atomic
 
 STAGES = ("data", "sweep", "select", "retrain", "holdout", "report")
+#: the report's Markdown file in ``report/`` (report.html beside it)
+REPORT_FILE = "report.md"
+#: the two Tune experiments of a study (their folders under ``ray/``)
+SWEEP, RETRAIN = "sweep", "retrain"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -69,6 +73,7 @@ class StudyDir:
     data_dir = property(lambda self: self.root / "data")
     holdout_dir = property(lambda self: self.root / "holdout")
     report_dir = property(lambda self: self.root / "report")
+    report_file = property(lambda self: self.root / "report" / REPORT_FILE)
     selection_file = property(lambda self: self.root / "selection.json")
     summary_file = property(lambda self: self.root / "holdout" / "summary.json")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
@@ -182,6 +187,24 @@ class StudyState:
         if not envs or {k: v for k, v in envs[-1].items() if k != "since"} != env:
             envs.append({**env, "since": now()})
             self.save()
+
+
+def open_study(storage: str | os.PathLike, name: str, *, writes: bool = True):
+    """``(StudyDir, StudyConfig, StudyState)`` of an existing study: its frozen config validated, its state
+    checked, and a moved or copied folder made its own again (:func:`relocate`; ``writes=False`` for the commands
+    that only read: a copy that shares a tracking server is then not refused). A note of the relocation goes to
+    stderr."""
+    import sys
+
+    from study.loader import frozen_config_from_dict
+
+    study_dir = StudyDir.of(storage, name).require()
+    cfg = frozen_config_from_dict(read_frozen_config(study_dir), path=study_dir.config_file)
+    state = StudyState.load(study_dir.state_file)
+    note = relocate(study_dir, state, writes=writes)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return study_dir, cfg, state
 
 
 def write_frozen_config(study_dir: StudyDir, config_dict: dict[str, Any]) -> None:

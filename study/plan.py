@@ -114,7 +114,7 @@ def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
     if cfg.scheduler.type == "asha":
         rungs = ", ".join(map(str, cfg.scheduler.milestones(cfg.training.epochs)))
         lines.append(f"ASHA stops sweep trials early at epochs {rungs}: the sweep figures are the FIFO maximum "
-                     f"(python -m study.bench_asha measures the saving on the phantom)")
+                     f"(python -m benchmarks.asha measures the saving on the phantom)")
     if "step_seconds" not in p:
         lines.append(step_line(cfg, None))
     else:

@@ -1,11 +1,11 @@
 """MLflow, driver side only: one experiment per study, a root run, a parent run per stage, a run per trial.
 
-Trials never talk to MLflow: :class:`study.callbacks.StudyCallback` logs their results from the driver. So
+Trials never talk to MLflow: :class:`study.tune.callbacks.StudyCallback` logs their results from the driver. So
 the tracking store has a single writer (no sqlite locking between trial processes) and on a cluster the
 tracking server can stay bound to 127.0.0.1 on the head node, where the driver runs.
 
 Ray Tune's built-in MLflow integrations create a second run for a resumed trial and leave the first one
-RUNNING (reference/ray-tune-mlflow.md §6.1); here every run is found-or-created by tags, so a trial keeps
+RUNNING (docs/definitions.md §10); here every run is found-or-created by tags, so a trial keeps
 exactly one run after any number of resumes. All calls go through an explicit ``MlflowClient`` with an
 explicit tracking URI (no global active-run state, no dependence on the working directory).
 """
@@ -353,7 +353,7 @@ def study_description(study_dir, cfg) -> str:
              f"- configurations: {losses}; seeds {', '.join(map(str, cfg.search.seeds))}; "
              f"{len(cfg.trials)} sweep trials",
              f"- selection: {selection_rule(cfg)}",
-             f"- study folder: `{study_dir.root}` (report: `report/report.md`)",
+             f"- study folder: `{study_dir.root}` (report: `{study_dir.report_file.relative_to(study_dir.root)}`)",
              "- runs: `stage:sweep` (one run per trial, tagged `selected=true` for the winners), "
              "`stage:retrain` (the winners on train+validation), `stage:holdout` (their hold-out records, "
              "FROC and metrics, and the logged model)"]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainables.metrics.froc import LUNA_FP_RATES
+from trainables.metrics.records import RecordSet
+
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file below ``folder`` (relative path -> sha1); {} if the folder does not exist.
@@ -110,3 +113,31 @@ def reference_sliding_window(model, image, *, window, stride, blending="uniform"
     else:
         total /= norm
     return total[tuple(slice(b, b + s) for b, s in zip(before, shape))].numpy()
+
+
+def paper2020_loop(recordset: RecordSet) -> tuple[float, float]:
+    """The paper2020 avg recall (mean, std) as a plain loop: for every subsample and every threshold, filter
+    the subsample's records again (the shape of the authors' notebook code). Reference for the test of paper2020 and for ``benchmarks.metrics``."""
+    ids = sorted(cid for cid, c in recordset.items() if c.records)
+    n_ids = len(ids)
+    comp_logits = [r["self_logit"] for c in recordset.values() for r in c.records if not r["is_tum"]]
+    m = max(v for v in comp_logits if np.isfinite(v))
+    thresholds = np.concatenate([np.linspace(-0.1, 10, 101), np.linspace(10, m + 1, 100)])
+    rs = np.random.RandomState(42)
+    order = list(ids)
+    values = []
+    for _ in range(50):
+        rs.shuffle(order)
+        recs = [r for cid in order[: int(0.8 * n_ids)] for r in recordset[cid].records]
+        recall, fps = [], []
+        for t in thresholds:
+            kept = [r for r in recs if r["self_logit"] >= t]
+            tp = sum(1 for r in kept if r["is_tum"] and r["hit_dice"] > 0 and r["hit_logit"] >= t)
+            fn = sum(1 for r in kept if r["is_tum"] and (r["hit_dice"] <= 0 or r["hit_logit"] < t))
+            fp = sum(1 for r in kept if not r["is_tum"] and r["hit_dice"] <= 0 and r["self_logit"] > t)
+            recall.append(tp / (tp + fn))
+            fps.append(fp / n_ids)
+        fps.append(0.0)
+        recall.append(0.0)
+        values.append(float(np.mean(np.interp(LUNA_FP_RATES, fps[::-1], recall[::-1]))))
+    return float(np.mean(values)), float(np.std(values))

@@ -1,6 +1,6 @@
 """The typed study configuration, shared by the driver and the trials (pydantic v2 models).
 
-The driver (``study.config.load_config``) validates a search-space YAML into :class:`StudyConfig`, enumerates
+The driver (``study.loader.load_config``) validates a search-space YAML into :class:`StudyConfig`, enumerates
 its trials and freezes it into the study folder; Tune hands each trial the plain dict of a
 :class:`TrialConfig` (``trial`` + ``study`` + ``run``), which the trial rebuilds in one call
 (:meth:`TrialConfig.from_dict`). After that nobody indexes the config by string.
@@ -159,7 +159,7 @@ class ModelConfig(Section):
     """The authors' U-Net; ``width`` scales every channel count (1.0 = 11,074,306 parameters).
 
     ``channels_last``: run in ``torch.channels_last_3d`` memory format; null = chosen per study from a
-    measurement of both layouts on the trials' device kind (``study.stages.choose_layout``).
+    measurement of both layouts on the trials' device kind (``study.stages.setup.choose_step_setup``).
     ``compile``: train with ``torch.compile`` (the training step; inference stays eager, its windows have
     another shape); null = off for CPU trials, and for GPU trials chosen once per study by timing the compiled
     step against the eager one on a GPU node (kept if it is at least 5 % faster).
@@ -210,7 +210,7 @@ class LrScheduleConfig(Section):
 
 
 class TrainingConfig(Section):
-    """The training protocol (SPEC §4); every number is a value here, presets shrink them.
+    """The training protocol (docs/definitions.md §4); every number is a value here, presets shrink them.
 
     ``amp``: mixed precision on GPUs (bf16 autocast where supported, else fp16 with loss scaling); CPU trials
     run float32 (bf16 CPU training measured unreliable, see ``trainables.step``); not in the paper.
@@ -381,7 +381,7 @@ class SchedulerConfig(Section):
     ASHA (asynchronous successive halving, Li et al. 2020; Ray's stop rule): rungs at ``grace_epochs`` ×
     ``reduction_factor``^k epochs below ``max_epochs``; a trial reaching a rung stops when its ``metric`` is
     below the (1 − 1/η) quantile of the values earlier trials of its (loss, iw) configuration recorded there.
-    ``study.asha`` keeps the rungs in the study folder, so a resumed sweep makes the same decisions.
+    ``study.tune.asha`` keeps the rungs in the study folder, so a resumed sweep makes the same decisions.
     ``max_epochs``: null = ``training.epochs``.
     """
 
@@ -499,7 +499,7 @@ class TrialSpec(Section):
 
 
 class SearchConfig(Section):
-    """The grid, enumerated explicitly (no duplicate trials) by ``study.config.enumerate_trials``.
+    """The grid, enumerated explicitly (no duplicate trials) by ``study.loader.enumerate_trials``.
 
     ``losses`` maps a loss name to its axes: ``iw: [false, true]`` and the loss's own parameters
     (``gamma``/``alpha`` exist only for focal, ``beta`` only for asl, ...), each a value or a list.

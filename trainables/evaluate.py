@@ -115,7 +115,7 @@ CALIBRATION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 def calibrate_threshold(records_by_threshold: Mapping[float, Mapping[str, CaseRecords]]) -> float:
     """The threshold whose records (``any`` rule) give the highest object Dice; the smallest on ties, and 0.5
-    when no threshold detects a lesion (SPEC §9: chosen on the validation split, applied on the hold-out)."""
+    when no threshold detects a lesion (docs/definitions.md §9: chosen on the validation split, applied on the hold-out)."""
     from trainables.metrics import summarize
 
     best, best_dice = 0.5, -1.0

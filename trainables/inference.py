@@ -1,4 +1,4 @@
-"""Whole-volume sliding-window prediction (SPEC §6).
+"""Whole-volume sliding-window prediction (docs/definitions.md §6).
 
 The authors predict 160³ windows with stride 144 and average the overlaps uniformly; Gaussian blending (MONAI /
 nnU-Net importance map, sigma = ``sigma_scale`` x window) is an option. Windows lie on a regular grid whose last

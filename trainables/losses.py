@@ -1,6 +1,8 @@
-"""The six losses of the paper, logits in, an optional per-voxel weight map (inverse weights) for four of them.
+"""The losses: the paper's six and the lesion-aware ones since (dice_ce, blob, cc_dice_ce), one registry record each.
 
-SPEC §2 and reference/authors-code.md §2. Every loss has the same call::
+Logits in, an optional per-voxel weight map (inverse weights) for the losses that take one.
+
+docs/definitions.md §2 (the paper and the authors' code). Every loss has the same call::
 
     loss(logits, target, weight=None, **params) -> scalar tensor
 
@@ -8,7 +10,8 @@ SPEC §2 and reference/authors-code.md §2. Every loss has the same call::
 - ``target``: same shape, binary ``{0, 1}`` (soft values in ``[0, 1]`` are accepted and used as given); any
   dtype, cast to the dtype of ``logits``.
 - ``weight``: ``None`` or a non-negative tensor of the same shape (the iw map of :mod:`trainables.weights`); only
-  for the losses with ``supports_iw(name)`` (bce, focal, dice, asl); passing one to wce or gdl raises ValueError.
+  for the losses with ``supports_iw(name)`` (bce, focal, dice, asl, dice_ce); passing one to another loss raises
+  ValueError.
 
 With ``p = sigmoid(logits)``, ``y = target``, ``w = weight`` (1 when ``None``); "per sample" = summed over the
 channel and spatial axes, then averaged over the batch:
@@ -42,6 +45,8 @@ Numerics: ``log p`` and ``log(1 - p)`` are ``logsigmoid(±x)`` and ``(1 - p)^g =
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -86,6 +91,20 @@ _WCE_POS_WEIGHTS = ("prediction", "target")
 _ASL_FORMS = ("squared", "fbeta")
 
 
+def _checked(name: str):
+    """A loss function called directly (``focal_loss(..., alpha=...)``) checks the parameters it is given against
+    its registry record. :func:`get_loss` checks them once and binds the function under the check
+    (``__wrapped__``), so a training step does not check them again."""
+    def wrap(fn: LossFn) -> LossFn:
+        @functools.wraps(fn)
+        def checked(logits: Tensor, target: Tensor, weight: Tensor | None = None, **params: Any) -> Tensor:
+            record = loss_record(name)
+            record.check({k: v for k, v in params.items() if k not in record.needs})
+            return fn(logits, target, weight, **params)
+        return checked
+    return wrap
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the losses
 
@@ -101,6 +120,7 @@ def bce_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Te
     return _weighted_mean(loss, weight)
 
 
+@_checked("focal")
 def focal_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None = None, gamma: float = 2.0, alpha: float = 0.75
 ) -> Tensor:
@@ -113,7 +133,6 @@ def focal_loss(
         gamma: focusing exponent, ``>= 0`` (0 gives alpha-balanced BCE). Paper: 2.
         alpha: weight of the positive class, in ``(0, 1)``; negatives get ``1 - alpha``. Paper: 0.75.
     """
-    _check_params("focal", gamma=gamma, alpha=alpha)
     target, weight = _check_inputs("focal", logits, target, weight)
     log_p = F.logsigmoid(logits)  # log p
     log_not_p = F.logsigmoid(-logits)  # log(1 - p)
@@ -122,6 +141,7 @@ def focal_loss(
     return _weighted_mean(-(positive + negative), weight)
 
 
+@_checked("wce")
 def wce_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None = None, pos_weight: str = "prediction"
 ) -> Tensor:
@@ -136,7 +156,6 @@ def wce_loss(
 
     ``s`` is floored at ``n * eps`` (module docstring), so ``r <= 1/eps``.
     """
-    _check_params("wce", pos_weight=pos_weight)
     target, weight = _check_inputs("wce", logits, target, weight)
     n = float(logits.numel())
     if pos_weight == "prediction":
@@ -164,6 +183,7 @@ def dice_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> T
     return (1.0 - _safe_ratio(numerator, denominator)).mean()
 
 
+@_checked("asl")
 def asl_loss(
     logits: Tensor,
     target: Tensor,
@@ -182,7 +202,6 @@ def asl_loss(
         beta: ``> 0``; weight of recall over precision. Paper: 1.5.
         form: ``"squared"`` or ``"fbeta"``.
     """
-    _check_params("asl", beta=beta, form=form)
     target, weight = _check_inputs("asl", logits, target, weight)
     p = torch.sigmoid(logits)
     w = 1.0 if weight is None else weight
@@ -214,6 +233,7 @@ def gdl_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Te
     return (1.0 - _safe_ratio(numerator, denominator)).mean()
 
 
+@_checked("dice_ce")
 def dice_ce_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None = None, smooth: float = 1e-5,
     lambda_ce: float = 1.0, lambda_dice: float = 1.0,
@@ -225,7 +245,6 @@ def dice_ce_loss(
     ``DiceCELoss(sigmoid=True)``). The smoothing keeps an empty patch finite: its Dice term tends to 0 as the
     predictions go to 0.
     """
-    _check_params("dice_ce", smooth=smooth, lambda_ce=lambda_ce, lambda_dice=lambda_dice)
     target, weight = _check_inputs("dice_ce", logits, target, weight)
     ce = _weighted_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), weight)
     p = torch.sigmoid(logits)
@@ -235,6 +254,7 @@ def dice_ce_loss(
     return lambda_ce * ce + lambda_dice * (1.0 - numerator / denominator).mean()
 
 
+@_checked("blob")
 def blob_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None = None, *, labels: Tensor | None = None,
     lambda_main: float = 2.0, lambda_blob: float = 1.0,
@@ -253,7 +273,6 @@ def blob_loss(
         lambda_main, lambda_blob: weights of the global and the per-lesion term, ``>= 0``; default 2 and 1 (the
             weighting of the blob loss paper's experiments, as we read it).
     """
-    _check_params("blob", lambda_main=lambda_main, lambda_blob=lambda_blob)
     target, weight = _check_inputs("blob", logits, target, weight)
     labels = _check_instances("blob", "labels", labels, logits)
     main = dice_loss(logits, target, weight)
@@ -276,6 +295,7 @@ def blob_loss(
     return lambda_main * main + lambda_blob * blob
 
 
+@_checked("cc_dice_ce")
 def cc_dice_ce_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None = None, *, regions: Tensor | None = None,
     smooth: float = 1e-5,
@@ -293,7 +313,6 @@ def cc_dice_ce_loss(
             (measured about 4.5 ms at 32³, 41 ms at 64³, 0.58 s at 128³ on one core): at the paper's patch size
             give ``training.sampler_workers`` enough workers to keep up with the step.
     """
-    _check_params("cc_dice_ce", smooth=smooth)
     target, weight = _check_inputs("cc_dice_ce", logits, target, weight)
     regions = _check_instances("cc_dice_ce", "regions", regions, logits)
     p = torch.sigmoid(logits)
@@ -313,28 +332,25 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_params(name: str, **params: Any) -> None:
-    """Validate the parameters of a direct call ``focal_loss(..., alpha=...)`` against the record."""
-    loss_record(name).check(params)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # registry: one record per loss
 
 
 @dataclass(frozen=True)
 class LossParam:
-    """One parameter of a loss: its name, default, the values it accepts and a one-line doc.
+    """One parameter of a loss: its name, the values it accepts, a one-line doc, and its default, which is the
+    loss function's own (:func:`register_loss` reads it from the signature: written once).
 
     ``accepts(value)`` says whether a value is valid; ``expect`` completes "must be ..." in the error message.
     Build with :func:`number` or :func:`choice`.
     """
 
     name: str
-    default: Any
     doc: str
     accepts: Callable[[Any], bool]
     expect: str
+    kind: type = object
+    default: Any = None
 
     def check(self, loss: str, value: Any) -> None:
         if not self.accepts(value):
@@ -342,10 +358,10 @@ class LossParam:
 
     def canonical(self, value: Any) -> Any:
         """Numbers as floats (``2`` and ``2.0`` are one value), everything else as given."""
-        return float(value) if isinstance(self.default, float) and _is_real(value) else value
+        return float(value) if self.kind is float and _is_real(value) else value
 
 
-def number(name: str, default: float, doc: str, *, ge: float | None = None, gt: float | None = None,
+def number(name: str, doc: str, *, ge: float | None = None, gt: float | None = None,
            lt: float | None = None) -> LossParam:
     """A finite real parameter with optional bounds (``ge`` / ``gt`` below, ``lt`` above)."""
     def accepts(v: Any) -> bool:
@@ -357,12 +373,12 @@ def number(name: str, default: float, doc: str, *, ge: float | None = None, gt: 
         bounds = [f">= {ge:g}" if ge is not None else "", f"> {gt:g}" if gt is not None else "",
                   f"< {lt:g}" if lt is not None else ""]
         expect = " ".join(["a finite number", *filter(None, bounds)])
-    return LossParam(name, float(default), doc, accepts, expect)
+    return LossParam(name, doc, accepts, expect, kind=float)
 
 
-def choice(name: str, default: str, doc: str, options: tuple[str, ...]) -> LossParam:
+def choice(name: str, doc: str, options: tuple[str, ...]) -> LossParam:
     """A parameter taking one of ``options``."""
-    return LossParam(name, default, doc, lambda v: isinstance(v, str) and v in options, f"one of {options}")
+    return LossParam(name, doc, lambda v: isinstance(v, str) and v in options, f"one of {options}", kind=str)
 
 
 @dataclass(frozen=True)
@@ -407,7 +423,22 @@ LOSSES: Registry[LossRecord] = Registry("loss", known="known losses:")
 
 
 def register_loss(record: LossRecord) -> LossRecord:
-    """Add a loss to the registry (its name must be new, its defaults valid); returns the record."""
+    """Add a loss to the registry (its name must be new); returns the record. Each parameter's default is read
+    from the function's signature, and every keyword parameter of the function (but the batch extras of
+    ``needs``) must be declared in ``params`` and the other way round; the defaults must be valid."""
+    import inspect
+
+    fn = getattr(record.fn, "__wrapped__", record.fn)
+    sig = {k: v for k, v in list(inspect.signature(fn).parameters.items())[3:] if k not in record.needs}
+    declared = [p.name for p in record.params]
+    if sorted(sig) != sorted(declared):
+        raise ValueError(f"loss {record.name!r}: the function's parameters {sorted(sig)} and the record's "
+                         f"{sorted(declared)} differ")
+    missing = [k for k, v in sig.items() if v.default is inspect.Parameter.empty]
+    if missing:
+        raise ValueError(f"loss {record.name!r}: parameter(s) {missing} need a default in the function")
+    params = tuple(dataclasses.replace(p, default=p.canonical(sig[p.name].default)) for p in record.params)
+    record = dataclasses.replace(record, params=params)
     record.check(record.defaults())
     return LOSSES.register(record)
 
@@ -421,13 +452,13 @@ register_loss(LossRecord("bce", bce_loss, iw=True, paper=True, doc="binary cross
 register_loss(LossRecord(
     "focal", focal_loss, iw=True, paper=True, doc="focal loss (Lin et al.) with the RetinaNet alpha",
     source="Lin et al. 2017; Shirokikh et al. 2020", checked="MONAI FocalLoss; the authors' dpipe form",
-    params=(number("gamma", 2.0, "focusing exponent (0: alpha-balanced BCE)", ge=0),
-            number("alpha", 0.75, "weight of the lesion class; background gets 1 - alpha", gt=0, lt=1)),
+    params=(number("gamma", "focusing exponent (0: alpha-balanced BCE)", ge=0),
+            number("alpha", "weight of the lesion class; background gets 1 - alpha", gt=0, lt=1)),
 ))
 register_loss(LossRecord(
     "wce", wce_loss, iw=False, paper=True, doc="cross-entropy with the adaptive positive weight (n - s) / s",
     source="Shirokikh et al. 2020 (baseline)", checked="the authors' dpipe form (gradient through the weight)",
-    params=(choice("pos_weight", "prediction", "s = sum of p (authors) or of y", _WCE_POS_WEIGHTS),),
+    params=(choice("pos_weight", "s = sum of p (authors) or of y", _WCE_POS_WEIGHTS),),
 ))
 register_loss(LossRecord("dice", dice_loss, iw=True, paper=True, doc="soft Dice, squared denominators, per sample",
                          source="Milletari et al. 2016; Shirokikh et al. 2020",
@@ -435,8 +466,8 @@ register_loss(LossRecord("dice", dice_loss, iw=True, paper=True, doc="soft Dice,
 register_loss(LossRecord(
     "asl", asl_loss, iw=True, paper=True, doc="asymmetric similarity loss (recall over precision by beta)",
     source="Hashemi et al. 2018; Shirokikh et al. 2020", checked="MONAI TverskyLoss (form fbeta)",
-    params=(number("beta", 1.5, "weight of recall over precision", gt=0),
-            choice("form", "squared", "denominator: squared (authors) or fbeta (paper text)", _ASL_FORMS)),
+    params=(number("beta", "weight of recall over precision", gt=0),
+            choice("form", "denominator: squared (authors) or fbeta (paper text)", _ASL_FORMS)),
 ))
 register_loss(LossRecord("gdl", gdl_loss, iw=False, paper=True,
                          doc="generalised Dice over [lesion, background], weights 1 / (1 + (sum y)^2)",
@@ -445,22 +476,22 @@ register_loss(LossRecord("gdl", gdl_loss, iw=False, paper=True,
 register_loss(LossRecord(
     "dice_ce", dice_ce_loss, iw=True, doc="Dice + CE, nnU-Net's default (weights 1, 1; smooth 1e-5); iw multiplies both",
     source="nnU-Net DC_and_CE_loss (Isensee et al. 2021)", checked="MONAI DiceCELoss; hand-derived values",
-    params=(number("smooth", 1e-5, "added to numerator and denominator of the Dice term", gt=0),
-            number("lambda_ce", 1.0, "weight of the CE term", ge=0),
-            number("lambda_dice", 1.0, "weight of the Dice term", ge=0)),
+    params=(number("smooth", "added to numerator and denominator of the Dice term", gt=0),
+            number("lambda_ce", "weight of the CE term", ge=0),
+            number("lambda_dice", "weight of the Dice term", ge=0)),
 ))
 register_loss(LossRecord(
     "blob", blob_loss, iw=False, needs=("labels",),
     doc="global Dice + mean over lesions of the Dice on background ∪ that lesion",
     source="Kofler et al. 2022 (arXiv 2205.08209)", checked="hand-derived values",
-    params=(number("lambda_main", 2.0, "weight of the global Dice", ge=0),
-            number("lambda_blob", 1.0, "weight of the per-lesion term", ge=0)),
+    params=(number("lambda_main", "weight of the global Dice", ge=0),
+            number("lambda_blob", "weight of the per-lesion term", ge=0)),
 ))
 register_loss(LossRecord(
     "cc_dice_ce", cc_dice_ce_loss, iw=False, needs=("regions",),
     doc="Dice + CE inside each lesion's Voronoi region, averaged over regions",
     source="CC-Metrics, Jaus et al. (arXiv 2511.17146)", checked="ccmetrics (the regions); hand-derived values",
-    params=(number("smooth", 1e-5, "added to numerator and denominator of each region's Dice", gt=0),),
+    params=(number("smooth", "added to numerator and denominator of each region's Dice", gt=0),),
 ))
 
 #: The paper's six losses, in the paper's order.
@@ -475,7 +506,8 @@ PAPER_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def supports_iw(name: str) -> bool:
-    """Whether loss ``name`` accepts a per-voxel weight map (bce, focal, dice, asl: yes; wce, gdl: no)."""
+    """Whether loss ``name`` accepts a per-voxel weight map (its registry record says; bce, focal, dice, asl and
+    dice_ce do)."""
     return loss_record(name).iw
 
 
@@ -507,7 +539,7 @@ def get_loss(name: str, **params: Any) -> Callable[..., Tensor]:
     """
     record = loss_record(name)
     record.check(params)
-    return partial(record.fn, **params)
+    return partial(getattr(record.fn, "__wrapped__", record.fn), **params)
 
 
 # --------------------------------------------------------------------------------------------------------------

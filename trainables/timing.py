@@ -1,5 +1,5 @@
 """Timings of the trials' own training step: the estimate of ``study launch --dry-run``, the per-study choice of
-memory layout and ``torch.compile`` (``study.stages.choose_layout``) and ``study gpu-check``.
+memory layout and ``torch.compile`` (``study.stages.setup.choose_step_setup``) and ``study gpu-check``.
 
 Every timing calls :func:`trainables.step.train_step` on a model, optimiser and precision built by
 :mod:`trainables.build` exactly as a trial builds them, on random data of the patch size (a step's cost does not

@@ -1,6 +1,6 @@
 """The Ray Tune function trainable: one trial = one (loss, iw, parameters, seed) trained by the protocol.
 
-Tune hands the trial a plain dict (built by ``study.space``), rebuilt here in one call into a
+Tune hands the trial a plain dict (built by ``study.tune.space``), rebuilt here in one call into a
 :class:`~trainables.config.TrialConfig`:
 
 ``trial``  ``{"loss", "iw", "params", "seed"}``
@@ -13,7 +13,7 @@ The work is :class:`trainables.trainer.Trainer`; this module only wires it to Tu
 injected into the trainer's ``train_step`` hook. :func:`run_trial` is the same without Ray (``report`` is a
 callable), which the tests drive directly.
 
-The trial never talks to MLflow: the driver's Tune callback (``study.callbacks``) logs every reported result,
+The trial never talks to MLflow: the driver's Tune callback (``study.tune.callbacks``) logs every reported result,
 and the artifacts this trial writes into its last checkpoint, to the trial's MLflow run. So the tracking
 server can stay bound to 127.0.0.1 on the head node and a single process writes the MLflow store.
 """

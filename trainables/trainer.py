@@ -2,7 +2,7 @@
 
 :class:`Trainer` builds everything a trial needs from its :class:`~trainables.config.TrialConfig` (model,
 SGD, lr schedule, precision and loss scaler, the patch sampler with the iw map, the loss) and resumes from a
-checkpoint's state. :meth:`Trainer.fit` runs the protocol (SPEC §4): each epoch ``iterations`` calls of the
+checkpoint's state. :meth:`Trainer.fit` runs the protocol (docs/definitions.md §4): each epoch ``iterations`` calls of the
 ``train_step`` hook, the lr schedule step, then, when due, the ``validate`` hook, the ``checkpoint`` hook and
 the ``report`` hook::
 

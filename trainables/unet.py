@@ -1,4 +1,4 @@
-"""The authors' 3D U-Net: residual, pre-activation, additive skips (SPEC §3, reference/authors-code.md §3).
+"""The authors' 3D U-Net: residual, pre-activation, additive skips (docs/definitions.md §3).
 
 ``iw/model/unet.py::get_unet`` built from dpipe ``FPN``, ``ResBlock3d`` and ``PreActivation3d``, rebuilt here
 module by module (no code copied). Channel widths 16 / 64 / 128 with a 256-channel bridge, three 2× max-pools,
@@ -47,7 +47,7 @@ __all__ = [
 #: Width multiplier of the CPU presets and the demo: channels 2 / 8 / 16, bridge 32; 173,766 parameters.
 #: Chosen so that one SGD step (forward + backward) on a 2×1×32³ batch with 1 torch thread takes roughly
 #: 100-150 ms on one core of the development machine (measured about 140-150 ms in channels-last, the CPU
-#: default; width 0.25 took about 225 ms). ``python -m trainables.bench`` measures it.
+#: default; width 0.25 took about 225 ms). ``python -m benchmarks.weights`` measures it.
 CPU_PRESET_WIDTH: float = 0.125
 
 #: Input sides must be multiples of this (three 2× poolings).

@@ -1,6 +1,6 @@
 """Inverse weighting (iw): one weight per voxel, inversely proportional to the size of its lesion.
 
-Shirokikh et al. (MICCAI 2020), Eq. 1 and SPEC §1. A patch of ``N`` voxels is split into its 26-connected
+Shirokikh et al. (MICCAI 2020), Eq. 1 and docs/definitions.md §1. A patch of ``N`` voxels is split into its 26-connected
 lesions ``L_1..L_K`` and the background ``L_0``; every voxel of component ``j`` gets::
 
     w_j = N / ((K + 1) * |L_j|)          (|L_j| counted inside the patch)
@@ -122,7 +122,7 @@ def weights_from_labels(
 
     Cost: a few vectorised passes over the patch, independent of the largest id: about 1.3 ms for a 128³ patch
     with a few percent of lesion voxels on one core, about 2.5-3.5 ms when a large lesion fills half of it
-    (``python -m trainables.bench``).
+    (``python -m benchmarks.weights``).
     """
     labels = np.asarray(labels)
     if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):

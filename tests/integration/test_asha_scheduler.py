@@ -1,4 +1,4 @@
-"""study.asha.AshaScheduler in a real Tune run: whatever order trials reach a rung in, the decisions are the ones
+"""study.tune.asha.AshaScheduler in a real Tune run: whatever order trials reach a rung in, the decisions are the ones
 Ray's own ASHA bracket makes when the same values arrive one after another in grid order.
 
 The trainable is synthetic (no network: each epoch sleeps and reports a value fixed by the trial's config) so
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from study.asha import AshaScheduler, AshaState, settings_of
+from study.tune.asha import AshaScheduler, AshaState, settings_of
 from trainables.config import SchedulerConfig
 
 pytestmark = pytest.mark.integration

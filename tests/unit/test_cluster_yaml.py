@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 CLUSTER_YAML = ROOT / "cluster.yaml"
 IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 TOKEN_PATH = "/home/ray/.iw-study/cluster-auth/auth_token"

@@ -4,7 +4,7 @@ Segmentation labels: 0 background, 1 liver, 2 tumour. Liver ROI = label >= 1, tu
 ``lits`` preset (crop to the liver box + 5 voxels, clip [-300, 300] HU, -300 outside the liver, scale to [0, 1]).
 Case ids are ``lits-NNN`` (zero-padded, so they sort by N).
 
-Splits (SPEC §5): from a file (CSV with columns ``case_id,split`` or JSON ``{case_id: split}``; a case id may be
+Splits (docs/definitions.md §5): from a file (CSV with columns ``case_id,split`` or JSON ``{case_id: split}``; a case id may be
 written ``lits-007``, ``volume-7`` or ``7``; volumes not listed are left out) or, by default, the authors' fixed
 split (``config/assets/cross_val/lits_holdout.config``): Training Batch 1 = ids 0-27 holdout, ids 28-32 val (the
 authors' 5 validation volumes), ids 33-130 train. The paper's "batch 1 / batch 2" split without validation is

@@ -1,4 +1,4 @@
-"""Intensity presets (SPEC §5), ROI cropping and per-lesion statistics.
+"""Intensity presets (docs/definitions.md §5), ROI cropping and per-lesion statistics.
 
 All arrays are ``[z, y, x]``. A preset turns a raw image (any dtype, e.g. HU), a binary lesion mask and an
 optional binary ROI mask into the cached arrays:

@@ -1,4 +1,4 @@
-"""Training patches: the paper's sampling (SPEC §4, authors' ``tumor_sampling`` + ``with_cc``) with the iw map.
+"""Training patches: the paper's sampling (docs/definitions.md §4, authors' ``tumor_sampling`` + ``with_cc``) with the iw map.
 
 For every sample of batch ``k`` (rng = ``numpy.random.default_rng([seed, k])``, so batch ``k`` depends only on
 ``(seed, k)``, whatever the number of workers, and a run resumes exactly from ``state_dict()``):

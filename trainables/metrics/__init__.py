@@ -1,4 +1,4 @@
-"""Detection metrics on per-object records (SPEC §7).
+"""Detection metrics on per-object records (docs/definitions.md §7).
 
 Volumes -> records (once per inference) -> summaries (pure and cheap). The modules:
 
@@ -10,7 +10,7 @@ Volumes -> records (once per inference) -> summaries (pure and cheap). The modul
 * :mod:`.froc`: the FROC numerics on flat arrays (curves of many replicates at once, row-wise interpolation).
 * :mod:`.bootstrap`: case-level bootstrap and the verdict's hierarchical comparison.
 * :mod:`.io`: records JSON in the authors' format or ours. :mod:`.plots`: figures.
-* :mod:`.bench`: the benchmark (``python -m trainables.metrics.bench``) and its reference implementations.
+* :mod:`.bench`: the benchmark (``python -m benchmarks.metrics``) and its reference implementations.
 """
 
 from trainables.metrics.bootstrap import VERDICT_METRICS, hierarchical_bootstrap

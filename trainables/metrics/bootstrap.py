@@ -17,7 +17,7 @@ from trainables.metrics.records import RecordSet
 
 __all__ = ["VERDICT_METRICS", "case_weights", "hierarchical_bootstrap", "percentile_ci", "replicate_metric"]
 
-#: what the iw-vs-plain verdict compares (SPEC §9): detection, delineation and its price in false positives
+#: what the iw-vs-plain verdict compares (docs/definitions.md §9): detection, delineation and its price in false positives
 VERDICT_METRICS = ("avg_recall", "obj_dice", "fp_per_image")
 
 
@@ -82,7 +82,7 @@ def hierarchical_bootstrap(
     seed: int = 0,
     ci: float = 0.95,
 ) -> dict:
-    """Difference ``metric(b) - metric(a)`` over seeds, with a two-level bootstrap CI (SPEC §9, the verdict).
+    """Difference ``metric(b) - metric(a)`` over seeds, with a two-level bootstrap CI (docs/definitions.md §9, the verdict).
 
     ``pairs``: one ``(a, b)`` per seed (e.g. plain and iw of one loss trained with the same seed), every record
     set on the same cases. The estimate is the mean over seeds of the per-seed difference on all cases. A

@@ -1,4 +1,4 @@
-"""Per-object records of one predicted volume (SPEC §7), and the hit-rule registry.
+"""Per-object records of one predicted volume (docs/definitions.md §7), and the hit-rule registry.
 
 Holds :func:`volume_records` / :func:`volume_records_multi` (volume -> :class:`CaseRecords`), the record
 types (:class:`CaseRecords`, ``RecordSet``, ``REQUIRED_FIELDS``), :func:`equivalent_diameter`, and the hit rules:

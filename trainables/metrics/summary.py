@@ -8,7 +8,7 @@ Holds:
   from the whole record set). Adding a protocol = one function + one record; :func:`summarize`,
   :func:`size_groups` and ``study metrics`` (choices, help, table columns) read the record.
 * the protocols: ``luna16`` (the default; :func:`_luna16`) and ``paper2020`` (the fixture README's six steps,
-  what produced Table 2; :func:`_paper2020`). Their exact rules are in their docstrings (SPEC §7).
+  what produced Table 2; :func:`_paper2020`). Their exact rules are in their docstrings (docs/definitions.md §7).
 * :func:`froc_curve` (the luna16 curve of a record set), :func:`size_groups` / :func:`restrict_to_size`
   (summaries per lesion-size group, the authors' ``get_size_df``), ``CLINICAL_CUTOFFS_MM`` and the FP/image
   grid of the plotting band ``BAND_FPS_GRID``.

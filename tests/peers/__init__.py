@@ -1,0 +1,41 @@
+"""Peer libraries whose pins conflict with the product's dependencies run in a virtual environment of their own.
+
+panoptica 2.1.7 (every release) pins numpy < 2.3 and connected-components-3d < 4, which the product does not: its
+checks run in ``.peer-venvs/panoptica-<hash>/``, built once from ``requirements-panoptica.txt`` (about 30 s; the
+hash of the file names the folder, so a changed pin builds a new one). The tests hand it arrays and read back its
+results through files (``panoptica_matching.py``), so the suite itself runs the versions users get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENVS = HERE.parents[1] / ".peer-venvs"
+
+
+def peer_python(name: str) -> tuple[Path | None, str]:
+    """The Python of the peer venv ``name`` (built if missing), or ``(None, why)`` when it cannot be built here
+    (no network, no venv module): the caller skips with that reason."""
+    requirements = HERE / f"requirements-{name}.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
+    root = VENVS / f"{name}-{digest}"
+    python = root / "bin" / "python"
+    if (root / ".complete").is_file():
+        return python, ""
+    VENVS.mkdir(exist_ok=True)
+    build = root.with_name(root.name + ".building")
+    subprocess.run(["rm", "-rf", str(build)], check=False)
+    steps = [[sys.executable, "-m", "venv", str(build)],
+             [str(build / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+              str(requirements)]]
+    for cmd in steps:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            return None, f"the {name} peer venv could not be built ({' '.join(cmd[2:5])}...): {res.stderr[-500:]}"
+    build.rename(root)  # the venv's scripts use its path: built elsewhere, only the interpreter call is used
+    (root / ".complete").write_text(digest)
+    return python, ""

@@ -1,0 +1,156 @@
+"""Search-space YAML -> typed config: validation messages, grid enumeration, frozen round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search_spaces import builtin_path
+from study.cli import main
+from study.loader import config_from_dict, frozen_config_from_dict, load_config
+from trainables.errors import ConfigError
+
+
+def _write(tmp_path: Path, data, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _cache(tmp_path: Path) -> Path:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache.json").write_text(json.dumps({"version": 1, "cases": []}))
+    return cache
+
+
+def test_builtin_spaces_validate(tmp_path):
+    demo = load_config(Path(str(builtin_path("demo"))))
+    assert demo.data.source == "phantom" and demo.trials
+    cache = _cache(tmp_path)
+    paper = load_config(Path(str(builtin_path("paper"))), data_path=cache)
+    assert [t.config_name for t in paper.trials] == [
+        "bce", "iw-bce", "focal", "iw-focal", "wce", "dice", "iw-dice", "asl", "iw-asl", "gdl"]
+    assert paper.training.patch_size == (128, 128, 128) and paper.model.width == 1.0
+    alpha = load_config(Path(str(builtin_path("focal_alpha"))), data_path=cache)
+    assert sorted({t.params["alpha"] for t in alpha.trials}) == [0.25, 0.5, 0.75, 0.83]
+    assert len(alpha.trials) == 8  # 4 alphas x iw on/off
+
+
+def test_grid_is_enumerated_with_conditional_parameters():
+    cfg = config_from_dict({"search": {
+        "losses": {"dice": {"iw": [False, True]},
+                   "focal": {"iw": True, "gamma": [1.0, 2.0], "alpha": [0.25, 0.75]},
+                   "asl": {"beta": [1.0, 1.5]},
+                   "wce": {}},
+        "seeds": [0, 1]}})
+    labels = [t.label for t in cfg.trials]
+    assert len(labels) == len(set(labels)) == (2 + 4 + 2 + 1) * 2
+    for t in cfg.trials:  # every parameter of the loss written out (defaults included), none of another loss
+        expected = {"focal": {"gamma", "alpha"}, "asl": {"beta", "form"}, "wce": {"pos_weight"}}.get(t.loss, set())
+        assert set(t.params) == expected, t.label
+    assert {t.seed for t in cfg.trials} == {0, 1}
+
+
+def test_numbers_are_normalised_before_identity():
+    """2 and 2.0 are one value: ints become floats where the loss's parameter is a float, defaults are filled."""
+    a = config_from_dict({"search": {"losses": {"focal": {"gamma": 2}}}})
+    b = config_from_dict({"search": {"configs": ["focal"]}})
+    c = config_from_dict({"search": {"losses": {"focal": {}}}})
+    assert a.trials[0].params == b.trials[0].params == c.trials[0].params == {"alpha": 0.75, "gamma": 2.0}
+    assert isinstance(a.trials[0].params["gamma"], float)
+    assert a.trials[0].label == b.trials[0].label == "focal[alpha=0.75,gamma=2]/s0"
+
+
+@pytest.mark.parametrize(("search", "first", "second"), [
+    ({"losses": {"focal": {"gamma": 2, "alpha": 0.75}}, "configs": ["focal"]},
+     "search.losses.focal (alpha=0.75, gamma=2)", "search.configs[0] ('focal')"),
+    ({"losses": {"focal": {}}, "configs": ["focal"]}, "search.losses.focal", "search.configs[0] ('focal')"),
+    ({"losses": {"focal": {"gamma": [2, 2.0]}}}, "search.losses.focal (gamma=2)",
+     "search.losses.focal (gamma=2.0)"),
+    ({"losses": {"bce": {"iw": True}}, "configs": ["iw-bce"]}, "search.losses.bce", "search.configs[0] ('iw-bce')"),
+])
+def test_the_same_trial_twice_is_refused_naming_both_places(search, first, second):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"search": search}, source="s.yaml")
+    msg = str(err.value)
+    assert msg.startswith("s.yaml: search: ") and "defined twice" in msg
+    assert first in msg and second in msg, msg
+
+
+def test_labels_never_round_distinct_values():
+    cfg = config_from_dict({"search": {"losses": {"focal": {"alpha": [0.75, 0.7500001]}}}})
+    labels = [t.label for t in cfg.trials]
+    assert labels == ["focal[alpha=0.75,gamma=2]/s0", "focal[alpha=0.7500001,gamma=2]/s0"]
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "needle"),
+    [
+        ({"trainig": {}}, "trainig", "unknown key"),
+        ({"training": {"epochs": 0}}, "training.epochs", "positive"),
+        ({"training": {"patch_size": [30, 32, 32]}}, "training.patch_size", "multiple of 8"),
+        ({"search": {"losses": {"hinge": {}}}}, "search.losses.hinge", "unknown loss"),
+        ({"search": {"losses": {"asl": {"beta": [1.0, -1.0]}}}}, "search.losses.asl", "beta"),
+        ({"search": {"losses": {"asl": {"beta": 0}}}}, "search.losses.asl", "beta"),
+        ({"search": {"losses": {"focal": {"alpha": 1.5}}}}, "search.losses.focal", "alpha"),
+        ({"search": {"losses": {"focal": {"alpha": 0.0}}}}, "search.losses.focal", "alpha"),
+        ({"search": {"losses": {"dice": {"gamma": 2.0}}}}, "search.losses.dice", "gamma"),
+        ({"search": {"losses": {"wce": {"iw": True}}}}, "search.losses.wce.iw", "without inverse weighting"),
+        ({"search": {"losses": {"bce": {"iw": [True, True]}}}}, "search.losses.bce.iw", "duplicate"),
+        ({"search": {"configs": ["bce"], "losses": {"bce": {}}}}, "search", "twice"),
+        ({"search": {"configs": ["iw-wce"]}}, "search.configs", "unknown configuration"),
+        ({"data": {"source": "cache"}}, "data.path", "required"),
+        ({"data": {"source": "cache", "path": "/nonexistent/cache"}}, "data.path", "does not exist"),
+        ({"resources": {"gpu": -1}}, "resources.gpu", ">= 0"),
+        ({"inference": {"batch_size": 0}}, "inference.batch_size", "[1, 64]"),
+    ],
+)
+def test_invalid_configs_name_file_and_key(tmp_path, data, key, needle):
+    data = {"search": {"configs": ["bce"]}, **data}
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: {key}"), msg
+    assert needle in msg, msg
+
+
+@pytest.mark.parametrize("gpus", [2, 1.5])
+def test_more_than_one_gpu_per_trial_is_refused_at_dry_run_saying_why(tmp_path, capsys, gpus):
+    """A trial trains on one GPU: asking for more would make Ray reserve GPUs it never uses."""
+    path = _write(tmp_path, {"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": gpus}})
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: resources.gpu: {gpus:g} GPUs per trial" in err
+    assert "faster than data-parallel" in err and "8 GPUs run 8 trials at once" in err
+    for share in (0.125, 0.5, 1):  # a fraction shares a GPU; one is one GPU per trial
+        assert load_config(_write(tmp_path, {"search": {"configs": ["bce"]},
+                                             "resources": {"gpu": share}})).resources.gpu == share
+
+
+def test_malformed_yaml_and_missing_file_exit_2(tmp_path, capsys):
+    bad = _write(tmp_path, "search: [unclosed\n")
+    assert main(["launch", str(bad), "--storage", str(tmp_path / "s")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert main(["launch", str(tmp_path / "missing.yaml"), "--storage", str(tmp_path / "s")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing was created for an invalid study
+
+
+def test_relative_data_path_resolves_against_the_yaml(tmp_path):
+    _cache(tmp_path)
+    path = _write(tmp_path, {"data": {"source": "cache", "path": "cache"}, "search": {"configs": ["dice"]}})
+    cfg = load_config(path)
+    assert cfg.data.path == str((tmp_path / "cache").resolve())
+
+
+def test_frozen_config_round_trip(tmp_path):
+    cfg = load_config(Path(str(builtin_path("demo"))))
+    text = yaml.safe_dump(cfg.to_dict())
+    again = frozen_config_from_dict(yaml.safe_load(text))
+    assert again.trials == cfg.trials
+    assert again.to_dict() == cfg.to_dict()
