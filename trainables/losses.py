@@ -384,7 +384,7 @@ def choice(name: str, doc: str, options: tuple[str, ...]) -> LossParam:
 @dataclass(frozen=True)
 class LossRecord:
     """Everything the study knows about a loss: config validation, trial labels, MLflow params, the CLI's
-    ``study catalog`` and the README's table all read this record.
+    ``study catalog`` and docs/catalog.md all read this record.
 
     ``fn(logits, target, weight=None, **params)``; ``iw``: whether it takes the inverse-weight map;
     ``params``: its parameters in their order; ``paper``: one of the paper's six (its named configurations

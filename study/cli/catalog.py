@@ -2,7 +2,7 @@
 
 Losses (:data:`trainables.losses.LOSSES`), hit rules (:data:`trainables.metrics.HIT_RULES`), metric
 protocols (:data:`trainables.metrics.PROTOCOLS`) and preprocessing presets
-(:data:`trainables.data.preprocess.PRESETS`). ``--markdown`` prints the tables the README's "Catalog" section
+(:data:`trainables.data.preprocess.PRESETS`). ``--markdown`` prints the tables of docs/catalog.md
 holds (a test keeps the two equal), so a record added in code shows up in the CLI and the docs at once.
 """
 
@@ -15,7 +15,7 @@ def register(sub) -> None:
     p = sub.add_parser("catalog", help="the losses, hit rules, metric protocols and presets a study can name",
                        description="Print every registered loss (with iw support and parameters), hit rule, "
                        "metric protocol and preprocessing preset, from their registry records.")
-    p.add_argument("--markdown", action="store_true", help="print Markdown tables (the README's Catalog)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables (docs/catalog.md)")
     p.set_defaults(func=cmd_catalog)
 
 

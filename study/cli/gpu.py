@@ -1,4 +1,4 @@
-"""``study gpu-check``: measure a GPU once (JSON and a table), and render a recorded JSON as the README's table.
+"""``study gpu-check``: measure a GPU once (JSON and a table), and render a recorded JSON as the GPU page's table (docs/gpu.md).
 
 The measurements are :mod:`trainables.gpucheck`'s. On a machine whose torch sees no CUDA device the command exits
 2 and says so (``--device cpu --smoke`` runs every section at toy sizes on the CPU: the command's own check,
@@ -23,12 +23,12 @@ def register(sub) -> None:
         "assignment), the paper's step per configuration in fp32 and AMP, channels-last and torch.compile, the "
         "real input pipeline against a device-resident batch, one 300x320x380 sliding-window case (GPU vs host "
         "time), two trials sharing the GPU at 0.5 each, and a checkpoint write. Prints a table; --out keeps the "
-        "JSON, which --markdown renders as the README's GPU table.")
+        "JSON, which --markdown renders as the GPU table of docs/gpu.md.")
     p.add_argument("--out", type=Path, help="write the measurements to this JSON file")
     p.add_argument("--minutes", type=positive_float, default=10.0,
                    help="time budget of the whole check (default 10); each section gets its share")
     p.add_argument("--markdown", type=Path, metavar="FILE.json",
-                   help="print the README's GPU table from a recorded JSON and measure nothing")
+                   help="print the GPU table (docs/gpu.md) from a recorded JSON and measure nothing")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke only)")
     p.add_argument("--smoke", action="store_true",
                    help="toy sizes: checks that every section runs (minutes of GPU time become seconds); "
@@ -99,7 +99,7 @@ def _f(value, digits: int = 2, unit: str = "") -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The README's GPU section from a gpu-check JSON: a header line naming the card and software, the step
+    """The GPU page's section from a gpu-check JSON: a header line naming the card and software, the step
     table, and one line per other measurement (what it means for a study)."""
     sec = report["sections"]
     env = sec.get("env") or {}

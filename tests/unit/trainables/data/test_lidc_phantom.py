@@ -132,7 +132,7 @@ def test_bad_phantom_settings_name_the_key(phantom, key, needle):
 
 
 def test_readme_luna16_diameters_come_from_the_authors_records(paper_records_dir):
-    """The README compares the phantom with LUNA16's hold-out nodules: median 8.7 mm, 90th percentile 19.2 mm
+    """The guide (docs/guide.md) compares the phantom with LUNA16's hold-out nodules: median 8.7 mm, 90th percentile 19.2 mm
     over the 196 lesions of the authors' records (luna/bce.json)."""
     import json
 
