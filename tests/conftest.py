@@ -32,3 +32,23 @@ def paper_records_dir(shared_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"paper records not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def fake_gpu_ray():
+    """One local Ray for the unit tests that need one (started once): 2 CPUs and a GPU this machine does not
+    have, which torch here cannot use (the GPU path's checks). Tests using it never shut it down."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def pytest_collection_finish(session) -> None:
+    """When the panoptica cross-checks are collected, their peer venv starts building now, beside the tests
+    that run first (tests/peers)."""
+    if any("test_peers.py" in item.nodeid for item in session.items):
+        from tests.peers import start_build
+
+        start_build("panoptica")

@@ -112,6 +112,24 @@ def task_device(gpu_fraction: float = 1.0) -> torch.device:
     return device
 
 
+def start_trial(device: torch.device, *, seed: int, threads: int) -> None:
+    """The per-trial state of this process, set afresh: a Tune actor runs one trial after another (``reuse_actors``),
+    so nothing of the previous trial may leak into the next: torch's threads, the global random generators (torch
+    with its CUDA generators, numpy's and Python's legacy ones) and, on a GPU, the memory the previous trial left
+    in torch's cache and its peak statistics."""
+    import random
+
+    import numpy as np
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def is_gpu_error(text: object) -> bool:
     """Whether an error (an exception, or a trial's error text) is a :class:`GpuUnavailableError`."""
     if isinstance(text, BaseException):

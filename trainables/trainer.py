@@ -35,7 +35,7 @@ import torch
 from trainables.build import STATE_FILE, build_lr_schedule, build_model, build_optimizer, compiled
 from trainables.config import TestingConfig, TrialConfig
 from trainables.data import Cache, PatchSampler
-from trainables.device import task_device
+from trainables.device import start_trial, task_device
 from trainables.evaluate import CALIBRATION_THRESHOLDS, calibrate_threshold, predict_records
 from trainables.losses import get_loss, loss_record
 from trainables.metrics import save_records, summarize
@@ -69,10 +69,9 @@ class Trainer:
         self.cfg = cfg
         self._report = report
         study, trial = cfg.study, cfg.trial
-        torch.set_num_threads(study.resources.threads)
         self.device = task_device(study.resources.gpu)  # a GPU that cannot be used fails here, before any step
+        start_trial(self.device, seed=trial.seed, threads=study.resources.threads)  # the process may be reused
         configure_backends(self.device)
-        torch.manual_seed(trial.seed)
         self.model = build_model(study.model).to(self.device)
         self.forward = compiled(self.model, study.model.compile)  # the training step's (shares the weights)
         self.optimizer = build_optimizer(self.model, study.training.optimizer)

@@ -305,6 +305,11 @@ class AshaScheduler(TrialScheduler):
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self._waiting.pop(trial.trial_id, None)  # a retry starts from its checkpoint and reports again
+        # Ray 2.60 calls this for a retry after setting the trial to ERROR (it is requeued right after), and for
+        # the last failure before it stops the trial: only then the trial ends, and its end is kept now (left to
+        # the next settle, the last trial to fail of a sweep was never recorded as ended)
+        if trial.status != "ERROR":
+            self.state.end(trial.trial_id, ERRORED)
 
     def choose_trial_to_run(self, tune_controller):
         self._settle(tune_controller)

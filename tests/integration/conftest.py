@@ -53,8 +53,9 @@ def study_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "study.cli", *args]
 
 
-def run_study(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_study(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(study_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

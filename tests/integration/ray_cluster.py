@@ -104,19 +104,36 @@ class Cluster:
                 time.sleep(1)
         pytest.fail("mlflow server did not start:\n" + (self.root / "mlflow.log").read_text()[-3000:])
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM to every process group, SIGKILL to what is left after ``grace`` seconds (a `ray start --block`
+        head takes half a minute to stop on its own; nothing of a test cluster needs saving), then the processes
+        whose command line names this cluster's folders (Ray daemons that left the group)."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
+        deadline = time.time() + grace
         for proc in self.procs:
             try:
-                proc.wait(timeout=40)
+                proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(self.root) in cmd:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(int(entry.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait(timeout=10)

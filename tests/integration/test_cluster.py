@@ -6,6 +6,12 @@ launched with ``--address`` and ``--tracking-uri`` whose trials are pinned to th
 The worker node is killed mid-trial: Tune's FailureConfig retries the trial from its checkpoint on a new
 worker node and the study completes. Everything started here is stopped here (never ``ray stop``, which
 would stop every Ray on the machine).
+
+The same head advertises a GPU this machine does not have (``ray start --num-gpus 1``) to workers whose torch is
+a CPU build: the GPU path on a machine without one (issue 32). A GPU study launched against it never trains on
+the CPU: with the step setup given in the search space, its trials fail before their first step with the node's
+CUDA line and the launch exits 2 (resumable); without it, the launch's own measurement on a trial node fails
+first and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -19,23 +25,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import start_study, wait_for
+from .conftest import run_study, start_study, wait_for
 from .ray_cluster import Cluster
 
 pytestmark = pytest.mark.integration
 
-@pytest.fixture
-def cluster(no_leftover_processes):
-    # unix sockets live under --temp-dir: keep the path short
-    root = Path(tempfile.mkdtemp(prefix="iw2n.", dir="/tmp"))
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (1 CPU, a fake GPU), a worker with the custom resource ``worker_node`` and an MLflow server,
+    shared by this module's tests; nothing of it is left running afterwards."""
+    from .conftest import _service_pids
+
+    before = set(_service_pids())
+    root = Path(tempfile.mkdtemp(prefix="iw2n.", dir="/tmp"))  # unix sockets live under --temp-dir: keep it short
     c = Cluster(root)
     try:
-        c.start_head()
+        c.start_head(num_gpus=1)
         c.start_worker()
         c.start_mlflow()
         yield c
     finally:
         c.stop()
+        left = {p: cmd for p, cmd in _service_pids().items() if p not in before and p != os.getpid()}
+        assert not left, f"processes left behind: {left}"
 
 
 def test_two_node_study_with_mlflow_server_survives_a_lost_worker(cluster, tmp_path):
@@ -52,7 +64,7 @@ def test_two_node_study_with_mlflow_server_survives_a_lost_worker(cluster, tmp_p
         # pinned to the worker node by its custom resource; the head has none
         "resources": {"cpu": 1, "gpu": 0, "custom": {"worker_node": 1}},
         "failure": {"max_failures": 2},
-        "testing": {"sleep_per_iteration": 0.4},
+        "testing": {"sleep_per_iteration": 0.25},
     }))
     storage = tmp_path / "studies"
     study = storage / "cluster-tiny"
@@ -89,3 +101,62 @@ def test_two_node_study_with_mlflow_server_survives_a_lost_worker(cluster, tmp_p
     assert retried and all(int(r.data.tags["resumed_from_epoch"]) >= 1 for r in retried)
     state = json.loads((study / "state.json").read_text())
     assert state["tracking_uri"] == cluster.tracking_uri
+
+
+GPU_SPACE = {
+    "name": "gpu-tiny",
+    "data": {"source": "phantom", "phantom": {"cases": 6, "seed": 0, "shape": [24, 32, 32]}},
+    "model": {"width": 0.125},
+    "training": {"epochs": 2, "iterations": 2, "patch_size": [16, 16, 16], "lr_schedule": {"milestones": [1]}},
+    "inference": {"window": [24, 32, 32], "stride": [24, 32, 32]},
+    "validation": {"n_boot": 0},
+    "evaluation": {"n_boot": 20},
+    "search": {"losses": {"bce": {"iw": [False, True]}}, "seeds": [0]},
+    "resources": {"cpu": 1, "gpu": 1},
+    "failure": {"max_failures": 0},
+}
+
+
+def _launch(cluster: Cluster, tmp_path: Path, space: dict, name: str):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**space, "name": name}))
+    env = {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}  # the cluster's token
+    return run_study("launch", str(path), "--storage", str(tmp_path / "studies"), "--address", cluster.address,
+                     cwd=tmp_path, timeout=600, env=env)
+
+
+def test_a_gpu_study_on_workers_without_cuda_fails_fast_and_trains_nothing(cluster, tmp_path):
+    import torch
+
+    build = f"torch {torch.__version__} (CUDA build: none)"
+    # 1. the step setup is given: the trials start, and each fails before its first step
+    space = {**GPU_SPACE, "model": {**GPU_SPACE["model"], "channels_last": False, "compile": False}}
+    res = _launch(cluster, tmp_path, space, "gpu-trials")
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    err = res.stderr
+    assert "sweep: 2 of 2 trial(s) could not use the GPU they were given, none trained on the CPU instead" in err
+    assert "CUDA unusable on node" in err and "Ray gave this trial GPU 0" in err and build in err
+    assert "install a CUDA build of torch" in err and "study resume gpu-trials" in err
+    assert "epoch 1/2" not in res.stdout  # no epoch was trained anywhere
+    study = tmp_path / "studies" / "gpu-trials"
+    state = json.loads((study / "state.json").read_text())
+    assert "sweep" in state["gpu_failed"] and not state["stages"].get("sweep", {}).get("done")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gpu-trials")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "FAILED" and "CUDA unusable on node" in run.data.tags["error"]
+        assert "train_loss" not in run.data.metrics  # not one step
+    status = run_study("status", "gpu-trials", "--storage", str(tmp_path / "studies"), cwd=tmp_path)
+    assert status.returncode == 0 and "ERROR" in status.stdout and "CUDA unusable on node" in status.stdout
+
+    # 2. the step setup is left to the measurement: it runs on a trial's node and fails there, before any trial
+    res = _launch(cluster, tmp_path, GPU_SPACE, "gpu-measure")
+    assert res.returncode == 2
+    assert "CUDA unusable on node" in res.stderr and build in res.stderr
+    assert "nothing was trained: the study folder" in res.stderr
+    assert not (tmp_path / "studies" / "gpu-measure").exists()

@@ -46,6 +46,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 MpiDefault=none
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
@@ -128,17 +129,9 @@ def _check_complete(storage: Path, name: str) -> None:
         assert {r.info.status for r in runs} == {"FINISHED"}
 
 
-def test_submitted_study_completes(slurm, tmp_path, no_leftover_processes):
-    storage, job = _submit(tmp_path, slurm, "onslurm")
-    wait_for(lambda: job not in _queue(slurm), timeout=600)
-    log = (storage / f"onslurm.slurm-{job}.out").read_text()
-    assert "[slurm] study driver exited with 0" in log, log[-3000:]
-    _check_complete(storage, "onslurm")
-
-
 def test_cancelled_job_requeues_and_resumes(slurm, tmp_path, no_leftover_processes):
-    """scancel --signal=TERM mid-sweep: the script stops the driver, requeues the job; the next run resumes the
-    study, which completes with every trial once."""
+    """A submitted study, sent scancel --signal=TERM mid-sweep: the script stops the driver and requeues the
+    job; the next run resumes the study, which completes (driver exit 0) with every trial once."""
     storage, job = _submit(tmp_path, slurm, "requeued", testing={"sleep_per_iteration": 0.25})
     study = storage / "requeued"
     wait_for(lambda: _snapshotted(study, "sweep", 1), timeout=300)
@@ -149,7 +142,7 @@ def test_cancelled_job_requeues_and_resumes(slurm, tmp_path, no_leftover_process
     assert not _state(study)["stages"].get("sweep", {}).get("done")
     wait_for(lambda: job not in _queue(slurm), timeout=600)
     log = (storage / f"requeued.slurm-{job}.out").read_text()
-    assert "requeueing job" in log and log.count("exited with 0") == 1, log[-3000:]
+    assert "requeueing job" in log and log.count("[slurm] study driver exited with 0") == 1, log[-3000:]
     assert "data: already done, skipped" in log.split("requeueing job")[1]  # the second run resumed the study
     _check_complete(storage, "requeued")
     res = run_study("status", "requeued", "--storage", str(storage), "--json", cwd=tmp_path)

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainables.naming import config_name
-
 from .conftest import kill_group, run_study, start_study, wait_for
 
 pytestmark = pytest.mark.integration
@@ -39,7 +37,7 @@ def _space(tmp_path: Path, **changes) -> Path:
     data = json.loads(json.dumps(TINY))
     for key, value in changes.items():
         data[key] = value
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / f"tiny-{len(list(tmp_path.glob('tiny*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -119,62 +117,6 @@ def _numbers(obj, path=""):
     return {path: obj} if isinstance(obj, int | float) and not isinstance(obj, bool) else {}
 
 
-def test_sigkill_mid_sweep_then_resume(tmp_path, no_leftover_processes):
-    """Issue 5: kill the driver's process group mid-sweep; `study resume` finishes every trial exactly once,
-    a checkpointed trial continues from its epoch, a diverging trial errors with its reason in MLflow."""
-    space = _space(tmp_path, testing={"nan_at_iteration": 6, "nan_configs": ["iw-bce"],
-                                      "sleep_per_iteration": 0.25})
-    storage = tmp_path / "studies"
-    study = storage / "tiny"
-    log = tmp_path / "launch.log"
-    proc = start_study("launch", str(space), "--storage", str(storage), cwd=tmp_path, log=log)
-    # a sweep trial has checkpointed epoch 2 (checkpoint_000001) and Tune's snapshot knows it; the sweep is not over
-    wait_for(lambda: _snapshotted(study, "sweep", 1), timeout=300, proc=proc, log=log)
-    assert "done" not in _state(study)["stages"].get("sweep", {})
-    kill_group(proc)
-
-    status = json.loads(run_study("status", "tiny", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
-    assert not status["stages"]["sweep"].get("done")
-
-    res = run_study("resume", "tiny", "--storage", str(storage), cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "Report:" in res.stdout
-    assert (study / "report" / "report.md").is_file()
-
-    status = json.loads(run_study("status", "tiny", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
-    sweep = status["trials"]["sweep"]
-    assert len(sweep) == 3
-    by_cfg = {config_name(t["trial"]["loss"], t["trial"]["iw"]): t for t in sweep}
-    assert by_cfg["iw-bce"]["state"] == "ERROR"
-    assert by_cfg["bce"]["state"] == by_cfg["dice"]["state"] == "TERMINATED"
-    assert by_cfg["bce"]["epochs_done"] == by_cfg["dice"]["epochs_done"] == 4
-    # every epoch's result is read back from disk (selection with `scope: best` and `study status` use it)
-    assert by_cfg["bce"]["epochs_reported"] >= 4 and by_cfg["dice"]["epochs_reported"] >= 4
-    for t in (by_cfg["bce"], by_cfg["dice"]):
-        assert t["best_val_avg_recall"] >= t["last_val_avg_recall"]
-    assert all(status["stages"][s]["done"] for s in ("data", "sweep", "select", "retrain", "holdout", "report"))
-
-    runs = _runs(study, "sweep")
-    assert len(runs) == 3 and len({r.data.tags["trial_id"] for r in runs}) == 3  # one run per trial
-    histories = _histories(study)
-    _assert_unique_steps(histories)  # a replayed epoch is never logged twice
-    for (stage, name), metrics in histories.items():
-        if stage == "sweep" and not name.startswith("sweep:iw-bce"):  # the NaN trial stops early
-            assert [s for s, _ in metrics["train_loss"]] == [1, 2, 3, 4], name  # steps = console epochs
-    assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
-    nan_run = next(r for r in runs if r.data.tags["config"] == "iw-bce")
-    assert nan_run.info.status == "FAILED"
-    assert "non-finite training loss" in nan_run.data.tags["error"]
-    # the trial that had a checkpoint when the driver died continued from it: its epoch count did not restart
-    resumed = [r for r in runs if int(r.data.tags.get("resumed_from_epoch", 0)) >= 1]
-    assert any(r.data.tags["config"] in ("bce", "dice") for r in resumed), "no sweep trial resumed from a checkpoint"
-    # the errored configuration is not retrained; the two others are, once each
-    holdout = _runs(study, "holdout")
-    assert sorted(r.data.tags["config"] for r in holdout) == ["bce", "dice"]
-    _check_predict(storage, study, tmp_path)  # the finished study also serves `study predict`
-    _check_relocated(study, tmp_path)  # after _check_predict: it reuses its inputs and outputs
-
-
 def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
     """`study predict` on the study's own hold-out images with one retrained model: the records computed from
     the written probability maps equal the hold-out stage's records of that model, the written images keep the
@@ -196,7 +138,7 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
         shutil.copy(manifest.parent / r[1], inputs / Path(r[1]).name)
         shutil.copy(manifest.parent / r[4], rois / Path(r[1]).name)
     out = tmp_path / "predict_out"
-    res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--roi", str(rois),
+    res = run_study("predict", study.name, "--storage", str(storage), "--input", str(inputs), "--roi", str(rois),
                     "--output", str(out), "--config", "dice/s0", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"[{len(holdout)}/{len(holdout)}]" in res.stderr
@@ -217,7 +159,7 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
         n_rows = len((out / f"{case}_lesions.csv").read_text().splitlines()) - 1
         assert n_rows == sum(not x["is_tum"] for x in got.records)  # one row per predicted component
     # the same model, logged to MLflow by the hold-out stage, predicts the same in a fresh process, no study folder
-    run = next(r for r in _runs(study, "holdout") if r.info.run_name.endswith("dice/s0"))
+    run = next(r for r in _runs(study, "holdout") if r.info.run_name == "holdout:dice/s0")
     uri = run.data.tags["model_uri"]
     assert uri.startswith("models:/")
     out2 = tmp_path / "predict_mlflow"
@@ -235,10 +177,10 @@ def _check_predict(storage: Path, study: Path, tmp_path: Path) -> None:
             got = {t.value for d in r.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
             assert got == contexts, (stage, r.info.run_name, tags)
     (out / "notes.txt").write_text("mine")
-    res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--output", str(out),
+    res = run_study("predict", study.name, "--storage", str(storage), "--input", str(inputs), "--output", str(out),
                     cwd=tmp_path)
     assert res.returncode == 2 and "holds other files" in res.stderr and "notes.txt" in res.stderr
-    res = run_study("predict", "tiny", "--storage", str(storage), "--input", str(inputs), "--output",
+    res = run_study("predict", study.name, "--storage", str(storage), "--input", str(inputs), "--output",
                     str(tmp_path / "o2"), "--config", "focal", cwd=tmp_path)
     assert res.returncode == 2 and "--config focal: not a configuration" in res.stderr
 
@@ -304,29 +246,39 @@ def _asha_outcome(study: Path) -> dict[str, tuple]:
     return {t["label"]: (t["end"], t["stopped_at_epoch"], t["decisions"]) for t in trials.values()}
 
 
-def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_path, no_leftover_processes):
-    """Issues 6, 10 and 16: one ASHA study killed after its first rung decision, resumed, killed again during
-    retrain and resumed ends with the same stopped and completed trials, winners and MLflow statuses, exactly
-    the MLflow history (one value per metric and step, equal values) and the summary.json numbers of an
-    uninterrupted run of the same seeds on this machine; the report and its figures appear."""
-    space = _space(tmp_path, search={"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]},
+def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(tmp_path, no_leftover_processes):
+    """Issues 5, 6, 10, 16: one ASHA study (plain and iw Dice, 2 seeds; a BCE configuration whose loss turns NaN)
+    killed with SIGKILL after its first rung decision, resumed, killed again during the retrain and resumed, ends
+    with the same stopped, completed and errored trials, winners and MLflow statuses, exactly the MLflow history
+    (one value per metric and step, equal values) and the summary.json numbers of an uninterrupted run of the same
+    seeds on this machine; a checkpointed trial continues from its epoch, the diverged one errors with its reason
+    and is not retrained. The finished study then serves `study predict`, a copy of its folder, `study metrics`,
+    `study status` and the MLflow UI."""
+    changes = dict(search={"losses": {"dice": {"iw": [False, True]}, "bce": {"iw": False}}, "seeds": [0, 1]},
                    training={**TINY["training"], "iterations": 8, "optimizer": {"lr": 0.05}},
                    scheduler={"type": "asha", "metric": "val_obj_dice", "grace_epochs": 1, "reduction_factor": 2},
-                   validation={"n_boot": 0, "every": 2, "subset": 1}, testing={"sleep_per_iteration": 0.15})
+                   validation={"n_boot": 0, "every": 2, "subset": 1})
+    nan = {"nan_at_iteration": 6, "nan_configs": ["bce"]}
     storage = tmp_path / "studies"
-
-    reference = run_study("launch", str(space), "--storage", str(storage), "--name", "straight", cwd=tmp_path)
+    # the reference: no sleep (the testing section is not part of the numerics, MLflow params or results)
+    reference = run_study("launch", str(_space(tmp_path, **changes, testing=nan)), "--storage", str(storage),
+                          "--name", "straight", cwd=tmp_path)
     assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
     straight_asha = _asha_outcome(storage / "straight")
-    assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped"}, straight_asha
+    assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped", "error"}, straight_asha
 
+    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15})
     study = storage / "killed"
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
-    wait_for(lambda: len(_asha_log(study)) >= 1, timeout=300, proc=proc, log=log)
+    # the first rung decision is made and Tune's snapshot knows a checkpoint (what a restore resumes from)
+    wait_for(lambda: len(_asha_log(study)) >= 1 and _snapshotted(study, "sweep", 0), timeout=300, proc=proc,
+             log=log)
     assert not _state(study)["stages"].get("sweep", {}).get("done")
-    kill_group(proc)  # 1: mid-sweep, right after the first rung decision
+    kill_group(proc)  # 1: mid-sweep
 
+    status = json.loads(run_study("status", "killed", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
+    assert not status["stages"]["sweep"].get("done")
     log2 = tmp_path / "resume.log"
     proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log2)
     wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log2)
@@ -336,7 +288,7 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
 
     res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "sweep: already done, skipped" in res.stdout
+    assert "sweep: already done, skipped" in res.stdout and "Report:" in res.stdout
     report = study / "report" / "report.md"
     text = report.read_text()
     assert "Table 2 analogue" in text and text.index("## Verdict") < text.index("## Hold-out results")
@@ -346,16 +298,28 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
     winners = lambda st: [{k: v for k, v in w.items() if k != "trial_ids"}  # noqa: E731 (ids differ per study)
                           for w in json.loads((st / "selection.json").read_text())["winners"]]
     assert winners(study) == winners(storage / "straight")
+    assert sorted(w["loss"] for w in winners(study)) == ["dice", "dice"]  # the diverged configuration is out
     statuses = lambda st: {(r.info.run_name, r.info.status, r.data.tags.get("stopped_at_epoch"))  # noqa: E731
                            for r in _all_runs(st) if r.info.run_name != "study:" + st.name}
     assert statuses(study) == statuses(storage / "straight")
     stopped = {n: e for n, (_, e, _) in straight_asha.items() if e is not None}
-    for r in _runs(study, "sweep"):
+    runs = _runs(study, "sweep")
+    assert len(runs) == 6 and len({r.data.tags["trial_id"] for r in runs}) == 6  # one run per trial
+    for r in runs:
         label = r.info.run_name.removeprefix("sweep:")
+        if r.data.tags["config"] == "bce":  # diverged: its reason in MLflow, no epoch logged
+            assert r.info.status == "FAILED" and "non-finite training loss" in r.data.tags["error"]
+            continue
         assert r.info.status == "FINISHED"
         assert r.data.tags.get("stopped_at_epoch") == (str(stopped[label]) if label in stopped else None)
+    # a trial that had a checkpoint when the driver died continued from it: its epoch count did not restart
+    assert any(int(r.data.tags.get("resumed_from_epoch", 0)) >= 1 for r in runs), "no sweep trial resumed"
     for png in ("froc.png", "size_groups.png", "diameters.png", "curves.png"):
         assert (study / "report" / png).stat().st_size > 1000
+    sweep = json.loads(run_study("status", "killed", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
+    states = {trial_label_of(t["trial"]): t["state"] for t in sweep["trials"]["sweep"]}
+    assert {states[k] for k in states if k.startswith("bce")} == {"ERROR"}
+    assert {states[k] for k in states if k in stopped} <= {"STOPPED"}
 
     holdout = _runs(study, "holdout")
     assert sorted(r.data.tags["config"] for r in holdout) == ["dice", "dice", "iw-dice", "iw-dice"]
@@ -372,18 +336,27 @@ def test_sigkill_mid_sweep_and_mid_retrain_give_the_same_history_and_report(tmp_
             if key in ("train_loss", "lr") or key.startswith(("val_", "holdout_")):
                 assert killed[run][key] == points, (run, key)
     for (stage, name), m in straight.items():
-        if stage == "sweep":  # validation at the rungs (1, 2: one case) and every 2 epochs; the last on all cases
+        if stage == "sweep" and "val_avg_recall" in m:  # rung validations (1, 2: one case), every 2, the last: all
             label = name.removeprefix("sweep:")
             rungs = [1, 2][: stopped.get(label, 2)]
             last = [] if label in stopped else [4]
             assert [s for s, _ in m["val_avg_recall"]] == rungs + last, name
             assert [v for _, v in m["val_n_cases"]] == [1] * len(rungs) + [2] * len(last), name
+            assert [s for s, _ in m["train_loss"]] == list(range(1, len(m["train_loss"]) + 1)), name
 
     # summary.json: every number identical (the same study twice on one machine, one run interrupted twice)
     a = _numbers(json.loads((storage / "straight" / "holdout" / "summary.json").read_text()))
     b = _numbers(json.loads((study / "holdout" / "summary.json").read_text()))
     assert len(a) > 50 and a == b
+    _check_predict(storage, study, tmp_path)  # the finished study also serves `study predict`
+    _check_relocated(study, tmp_path)  # after _check_predict: it reuses its inputs and outputs
     _check_finished_study(storage, storage / "straight", tmp_path)  # last: its browser part may skip
+
+
+def trial_label_of(spec: dict) -> str:
+    from trainables.naming import trial_label
+
+    return trial_label(spec)
 
 
 def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
@@ -420,9 +393,10 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     runs = _all_runs(study)
     names = {r.info.run_name: r for r in runs}
     assert {"stage:sweep", "stage:retrain", "stage:holdout", f"study:{study.name}"} <= set(names)
-    # the winners' trials that reached the last epoch are selected; a trial ASHA stopped is not
+    # the winners' trials that reached the last epoch are selected; a trial ASHA stopped or one that failed is not
     for r in _runs(study, "sweep"):
-        assert r.data.tags["selected"] == ("false" if r.data.tags.get("stopped_at_epoch") else "true"), r.info.run_name
+        out = r.data.tags.get("stopped_at_epoch") or r.info.status == "FAILED"
+        assert r.data.tags["selected"] == ("false" if out else "true"), r.info.run_name
     for r in _runs(study, "holdout"):
         assert r.data.tags["retrain_run_id"] in {x.info.run_id for x in _runs(study, "retrain")}
         assert {"holdout_avg_recall", "holdout_recall_at_0.125_fp"} <= set(r.data.metrics)

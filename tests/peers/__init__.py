@@ -11,15 +11,33 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VENVS = HERE.parents[1] / ".peer-venvs"
 
+_builds: dict[str, threading.Thread] = {}
+_results: dict[str, tuple[Path | None, str]] = {}
+
+
+def start_build(name: str) -> None:
+    """Build the peer venv ``name`` in a background thread (mostly downloads), so the tests that need it find it
+    ready; :func:`peer_python` waits for it."""
+    if name not in _builds:
+        _builds[name] = threading.Thread(target=lambda: _results.setdefault(name, _build(name)), daemon=True)
+        _builds[name].start()
+
 
 def peer_python(name: str) -> tuple[Path | None, str]:
     """The Python of the peer venv ``name`` (built if missing), or ``(None, why)`` when it cannot be built here
     (no network, no venv module): the caller skips with that reason."""
+    start_build(name)
+    _builds[name].join()
+    return _results[name]
+
+
+def _build(name: str) -> tuple[Path | None, str]:
     requirements = HERE / f"requirements-{name}.txt"
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
     root = VENVS / f"{name}-{digest}"

@@ -287,11 +287,10 @@ def test_gpu_layout_and_compile_are_measured_on_a_trial_node_once(tmp_path, monk
     assert len(calls) == 1 and again.cfg.model.compile is True
 
 
-def test_a_gpu_study_on_a_node_whose_torch_has_no_cuda_stops_before_any_trial(tmp_path):
+def test_a_gpu_study_on_a_node_whose_torch_has_no_cuda_stops_before_any_trial(tmp_path, fake_gpu_ray):
     """The launch's check: Ray advertises a GPU (faked: ``ray.init(num_gpus=1)`` on this CPU machine), the
     measurement task gets it, and torch (a CPU build) cannot use it: a UserError (exit 2) naming the node, the
     torch build and the fix, before any trial exists."""
-    import ray
 
     from study.layout import StudyDir, StudyState
     from study.stages.context import StudyContext
@@ -301,14 +300,9 @@ def test_a_gpu_study_on_a_node_whose_torch_has_no_cuda_stops_before_any_trial(tm
     cfg = config_from_dict({"search": {"configs": ["bce"]}, "model": {"width": 0.125},
                             "training": {"patch_size": [16, 16, 16]}, "resources": {"cpu": 1, "gpu": 1}})
     state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
-    ctx = StudyContext(StudyDir(tmp_path), cfg, state)
-    try:
-        with pytest.raises(UserError) as err:
-            choose_step_setup(ctx)
-    finally:
-        ctx._ray_started = True
-        ctx.close()
+    ctx = StudyContext(StudyDir(tmp_path), cfg, state)  # its Ray: the shared one, already up (not closed here)
+    with pytest.raises(UserError) as err:
+        choose_step_setup(ctx)
     text = str(err.value)
     assert text.startswith("CUDA unusable on node ") and "Ray gave this trial GPU 0" in text
     assert f"torch {torch.__version__} (CUDA build: none)" in text and "install a CUDA build of torch" in text
@@ -365,10 +359,9 @@ def test_gpu_errors_stop_the_stage_and_mark_it_for_a_rerun(tmp_path):
     assert StudyState.load(tmp_path / "state.json").data["gpu_failed"] == {}
 
 
-def test_a_restored_experiment_reruns_errored_trials_only_when_asked(tmp_path):
+def test_a_restored_experiment_reruns_errored_trials_only_when_asked(tmp_path, fake_gpu_ray):
     """What `study resume` relies on after a GPU fix: Tune's restore with resume_errored runs the trials that
     errored before their first result again (from the start), and without it leaves them errored."""
-    import ray
     from ray import tune
 
     broken = tmp_path / "broken"
@@ -379,19 +372,15 @@ def test_a_restored_experiment_reruns_errored_trials_only_when_asked(tmp_path):
             raise RuntimeError("CUDA unusable on node n1")
         tune.report({"x": config["x"], "training_done": True})
 
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        path = tmp_path / "exp"
-        tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2])},
-                   run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
-                                             failure_config=tune.FailureConfig(max_failures=0))).fit()
-        broken.unlink()
-        tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False).fit()
-        states = sorted(t.status for t in tune.ExperimentAnalysis(str(path)).trials)
-        assert states == ["ERROR", "ERROR"]
-        tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
-        trials = tune.ExperimentAnalysis(str(path)).trials
-        assert sorted(t.status for t in trials) == ["TERMINATED", "TERMINATED"]
-        assert sorted(t.last_result["x"] for t in trials) == [1, 2]
-    finally:
-        ray.shutdown()
+    path = tmp_path / "exp"
+    tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2])},
+               run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                         failure_config=tune.FailureConfig(max_failures=0))).fit()
+    broken.unlink()
+    tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False).fit()
+    states = sorted(t.status for t in tune.ExperimentAnalysis(str(path)).trials)
+    assert states == ["ERROR", "ERROR"]
+    tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
+    trials = tune.ExperimentAnalysis(str(path)).trials
+    assert sorted(t.status for t in trials) == ["TERMINATED", "TERMINATED"]
+    assert sorted(t.last_result["x"] for t in trials) == [1, 2]

@@ -25,19 +25,15 @@ def test_the_gpu_error_line_is_found_in_a_trial_error_text():
     assert not is_gpu_error("TrialDivergedError: non-finite training loss (nan) at epoch 0, iteration 3")
 
 
-def test_a_trial_given_a_fake_gpu_fails_before_building_anything():
+def test_a_trial_given_a_fake_gpu_fails_before_building_anything(fake_gpu_ray):
     """Ray advertises a GPU that torch (a CPU build here) cannot use: the trial's device check raises the one-line
     error instead of returning the CPU."""
     import ray
 
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        task = ray.remote(num_gpus=1, num_cpus=1, max_retries=0)(task_device)
-        with pytest.raises(ray.exceptions.RayTaskError) as err:
-            ray.get(task.remote(1.0))
-        cpu = ray.get(ray.remote(num_gpus=0, num_cpus=1)(task_device).remote(1.0))
-    finally:
-        ray.shutdown()
+    task = ray.remote(num_gpus=1, num_cpus=1, max_retries=0)(task_device)
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(task.remote(1.0))
+    cpu = ray.get(ray.remote(num_gpus=0, num_cpus=1)(task_device).remote(1.0))
     assert is_gpu_error(err.value)
     text = gpu_error_line(err.value)
     assert text.startswith("CUDA unusable on node ") and "Ray gave this trial GPU 0" in text

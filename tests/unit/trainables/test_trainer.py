@@ -4,6 +4,7 @@ the optimiser and lr schedule it really runs, when validation metrics exist, and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,39 @@ def test_per_lesion_losses_get_the_samplers_labels(cache_dir, loss):
     with torch.no_grad():
         expected = get_loss(loss)(model(torch.from_numpy(batch.image)), torch.from_numpy(batch.target), **extras)
     assert rec.metrics[0]["train_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_trial_in_a_reused_process_trains_bit_for_bit_like_a_fresh_one(cache_dir, tmp_path):
+    """Tune reuses a trial's process for the next trial (reuse_actors): a trial run after another one in the same
+    process (other loss, other seed, other threads, the global generators advanced, an iw sampler before it)
+    reports the same losses and validation records and ends with the same weights as in a fresh process."""
+    import subprocess
+    import sys
+
+    config = _config(cache_dir, loss="dice", iw=True, validate=True)
+    other = _config(cache_dir, loss="dice", iw=False, validate=True)
+    other["trial"]["seed"] = 11
+    torch.set_num_threads(2)
+    torch.rand(5)
+    run_trial(other, state=None, report=Recorder())  # the previous trial of the actor
+    reused = Recorder()
+    run_trial(config, state=None, report=reused)
+    script = tmp_path / "fresh.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from tests.unit.trainables.test_trainer import Recorder\n"
+        "from trainables.trainable import run_trial\n"
+        "rec = Recorder()\n"
+        "run_trial(json.loads(sys.argv[1]), state=None, report=rec)\n"
+        "torch.save({'metrics': rec.metrics, 'model': rec.states[-1]['model']}, sys.argv[2])\n")
+    out = tmp_path / "fresh.pt"
+    from tests.conftest import PROJECT_ROOT
+
+    res = subprocess.run([sys.executable, str(script), json.dumps(config), str(out)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    fresh = torch.load(out, weights_only=False)
+    strip = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k} for m in ms]  # noqa: E731
+    assert strip(reused.metrics) == strip(fresh["metrics"]) and any("val_avg_recall" in m for m in reused.metrics)
+    for key, value in fresh["model"].items():
+        assert torch.equal(reused.states[-1]["model"][key], value), key
