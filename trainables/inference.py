@@ -66,29 +66,10 @@ def _as_volume(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def sliding_window_inference(
-    model: torch.nn.Module,
-    image: np.ndarray | torch.Tensor,
-    *,
-    window: Sequence[int] = (160, 160, 160),
-    stride: Sequence[int] = (144, 144, 144),
-    blending: str = "uniform",
-    sigma_scale: float = 0.125,
-    device: str | torch.device = "cpu",
-    batch_size: int | None = 1,
-    amp: torch.dtype | None = None,
-    pad_value: float | None = None,
-    divisible: int = 8,
-    progress: bool = False,
-) -> np.ndarray:
-    """Logits of a whole volume from a model applied to overlapping windows (float32 numpy, (D, H, W)).
-
-    :func:`sliding_window_logits` with the result brought to the host; see there for the arguments.
-    """
-    logits = sliding_window_logits(model, image, window=window, stride=stride, blending=blending,
-                                   sigma_scale=sigma_scale, device=device, batch_size=batch_size, amp=amp,
-                                   pad_value=pad_value, divisible=divisible, progress=progress)
-    return logits.cpu().numpy()
+def sliding_window_inference(model: torch.nn.Module, image: np.ndarray | torch.Tensor, **kwargs) -> np.ndarray:
+    """Logits of a whole volume from a model applied to overlapping windows, as a float32 numpy array (D, H, W):
+    :func:`sliding_window_logits` (same arguments) brought to the host."""
+    return sliding_window_logits(model, image, **kwargs).cpu().numpy()
 
 
 def sliding_window_logits(
