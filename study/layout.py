@@ -9,6 +9,7 @@
     data/           phantom / prepared cache when the study makes its own
     ray/sweep/      Ray Tune state of the sweep (trials, checkpoints)
     ray/retrain/    Ray Tune state of the retrain of the winners
+    folds.json      under data.folds: every fold's training and validation cases (made once)
     selection.json  the winners of the sweep
     holdout/        hold-out records per retrained configuration + summary.json
     report/         report.md, report.html and the figures (report_file: report.md)
@@ -75,6 +76,7 @@ class StudyDir:
     report_dir = property(lambda self: self.root / "report")
     report_file = property(lambda self: self.root / "report" / REPORT_FILE)
     selection_file = property(lambda self: self.root / "selection.json")
+    folds_file = property(lambda self: self.root / "folds.json")
     summary_file = property(lambda self: self.root / "holdout" / "summary.json")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
     artifacts_dir = property(lambda self: self.root / "mlartifacts")
@@ -96,6 +98,22 @@ class StudyDir:
         """``selection.json`` (the sweep's winners), checked like :meth:`read_summary`."""
         return self._read_output(self.selection_file, "the selection of winners", "winners", list,
                                  "selects the winners again from the sweep's results")
+
+    def read_folds(self) -> list[list[str]]:
+        """The validation cases of every fold (``folds.json``, written once by the data stage under
+        ``data.folds``). A damaged file is a UserError: it must not be made again (the sweep's trials were run
+        on it)."""
+        from trainables.io_utils import read_json
+
+        remedy = ("it holds the folds the study's sweep trials were run on: restore it from a backup, or launch the "
+                  "study again under another --name")
+        data = read_json(self.folds_file, what="the study's cross-validation folds", remedy=remedy)
+        folds = data.get("folds") if isinstance(data, dict) else None
+        if not isinstance(folds, list) or not all(isinstance(f, dict) and isinstance(f.get("val"), list)
+                                                  for f in folds):
+            raise UserError(f"{self.folds_file}: not a list of folds with 'val' case lists (damaged or hand-edited); "
+                            f"{remedy}")
+        return [list(f["val"]) for f in folds]
 
     def _read_output(self, path: Path, what: str, key: str, kind: type, redo: str) -> dict[str, Any]:
         from trainables.io_utils import read_json

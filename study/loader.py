@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from trainables.config import (  # noqa: F401  (re-exported: the driver's names for the shared types)
     INTERNAL_KEYS,
+    TRAINING_HYPERPARAMETERS,
     DataConfig,
     EvaluationConfig,
     SearchConfig,
@@ -47,8 +48,20 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, ...]:
-    """Expand the grid into explicit trials, validating every loss and parameter combination."""
+def _training_value(key: str, value: Any, errors: _Errors) -> float:
+    """A training hyperparameter of a search space (``iw.power``, ``optimizer.lr``) checked, as a float."""
+    name = key.rsplit(".", 2)[-2] + "." + key.rsplit(".", 1)[-1]
+    low, high, low_ok = TRAINING_HYPERPARAMETERS[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errors.fail(key, f"must be a number or a list of numbers, got {value!r}")
+    if not (low <= value if low_ok else low < value) or value > high:
+        errors.fail(key, f"{value!r} is outside [{low:g}, {high:g}]" if low_ok else f"{value!r}: must be > {low:g}")
+    return float(value)
+
+
+def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = None) -> tuple[TrialSpec, ...]:
+    """Expand the grid into explicit trials, validating every loss and parameter combination; with ``folds``,
+    every (configuration, seed) once per fold."""
     # (loss, iw, canonical params, where in the YAML it comes from)
     cells: list[tuple[str, bool, dict[str, Any], str]] = []
     for loss, axes in search.losses.items():
@@ -73,16 +86,27 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
             errors.fail(f"{key}.iw", f"has duplicate values {iw_values!r}")
         for combo in itertools.product(*value_lists):
             given = dict(zip(names, combo))
+            training = {n: _training_value(f"{key}.{n}", v, errors) for n, v in given.items()
+                        if n in TRAINING_HYPERPARAMETERS}
             try:
-                params = canonical_params(loss, given)
+                params = canonical_params(loss, {n: v for n, v in given.items() if n not in training})
             except ValueError as exc:
                 accepted = loss_record(loss).defaults()
-                unknown = [n for n in names if n not in accepted]  # the key at fault, not one the message lists
+                unknown = [n for n in names if n not in accepted and n not in TRAINING_HYPERPARAMETERS]
                 bad = unknown[0] if unknown else next((n for n in names if f"{loss}: {n} must" in str(exc)), None)
-                errors.fail(f"{key}.{bad}" if bad else key, str(exc))
+                message = str(exc) + (f"; besides its own parameters a loss takes {', '.join(TRAINING_HYPERPARAMETERS)}"
+                                      if unknown else "")
+                errors.fail(f"{key}.{bad}" if bad else key, message)
             where = f"{key}" + (f" ({', '.join(f'{n}={v!r}' for n, v in given.items())})" if given else "")
             for iw in iw_values:
-                cells.append((loss, iw, params, where))
+                own = dict(training)
+                if "iw.power" in own and not iw:
+                    if True not in iw_values:
+                        errors.fail(f"{key}.iw.power", "sets the strength of inverse weighting: it needs iw: true")
+                    own.pop("iw.power")  # the plain configuration of a [false, true] entry has no iw strength
+                cell = (loss, iw, {**params, **own}, where)
+                if own == training or cell[:3] not in [c[:3] for c in cells]:  # the plain one once, not per power
+                    cells.append(cell)
     for i, name in enumerate(search.configs):
         if name not in PAPER_CONFIGS:
             errors.fail("search.configs", f"unknown configuration {name!r}; known: {', '.join(PAPER_CONFIGS)}")
@@ -105,10 +129,11 @@ def enumerate_trials(search: SearchConfig, errors: _Errors) -> tuple[TrialSpec, 
             errors.fail("search", f"{name} is defined twice, by {first[ident]} and by {where} "
                                   "(the same loss, iw and parameters, defaults included); remove one")
         first[ident] = where
-    trials = tuple(TrialSpec(loss=loss, iw=iw, params=params, seed=seed)
-                   for loss, iw, params, _where in cells for seed in search.seeds)
+    trials = tuple(TrialSpec(loss=loss, iw=iw, params=params, seed=seed, fold=fold)
+                   for loss, iw, params, _where in cells for seed in search.seeds
+                   for fold in (range(folds) if folds else (None,)))
     folders: dict[str, str] = {}
-    for spec in trials:  # every per-trial folder and key must be unique
+    for spec in (t for t in trials if not t.fold):  # every per-(configuration, seed) folder and key must be unique
         other = folders.setdefault(trial_folder(spec.as_dict()), spec.label)
         if other != spec.label:
             errors.fail("search", f"trials {other} and {spec.label} would share the folder "
@@ -172,7 +197,7 @@ def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = Non
     cfg = validate(StudyConfig, data, source=source)
     if not frozen:
         _check_milestones(data, cfg, errors)
-    trials = enumerate_trials(cfg.search, errors)
+    trials = enumerate_trials(cfg.search, errors, cfg.data.folds)
     data_cfg = cfg.data
     if data_cfg.path is not None:
         p = Path(data_cfg.path).expanduser()

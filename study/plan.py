@@ -54,17 +54,23 @@ def _forward_seconds(cfg: StudyConfig) -> float:
 def measured_step(cfg: StudyConfig) -> float | None:
     """Seconds of one training step of the study's first trial on this machine's CPU; None for GPU trials (a
     CPU timing says nothing about them, and the paper's 128³ width-1.0 step takes minutes on a CPU head)."""
-    from trainables.timing import step_seconds
+    import sys
+
+    from trainables.timing import estimate_step_seconds
 
     if cfg.resources.gpu > 0:
         return None
-    return step_seconds(cfg, cfg.trials[0])
+    t = cfg.training
+    print(f"(timing one training step of {cfg.trials[0].label} on this CPU: batch {t.batch_size} × "
+          f"{'×'.join(map(str, t.patch_size))}, U-Net width {cfg.model.width:g} ...)", file=sys.stderr, flush=True)
+    return estimate_step_seconds(cfg, cfg.trials[0])
 
 
 def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True) -> dict[str, Any]:
     """Trials, trial-epochs and (``measure``, CPU trials) the measured step time and the wall-time estimate."""
     t, seeds = cfg.training, len(cfg.search.seeds)
-    n_sweep, n_retrain = len(cfg.trials), winners_per_seed(cfg) * seeds
+    n_sweep = len(cfg.trials)
+    n_retrain = 0 if cfg.holdout_models == "folds" else winners_per_seed(cfg) * seeds
     out: dict[str, Any] = {
         "trials": [s.label for s in cfg.trials],
         "sweep_trial_epochs": n_sweep * t.epochs,
@@ -106,9 +112,19 @@ def step_line(cfg: StudyConfig, step: float | None, *, gpu_step: float | None = 
             f"{int(cfg.resources.cpu)} thread(s) per trial)")
 
 
+#: what the hold-out judges, by ``evaluation.holdout_models``
+JUDGED = {"retrain": "the retrained winners", "folds": "the fold ensembles",
+          "both": "the retrained winners and the fold ensembles"}
+
+
 def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
     lines = [f"{len(p['trials'])} sweep trial(s):"]
     lines += [f"  {label}" for label in p["trials"]]
+    if cfg.data.folds:
+        judged = JUDGED[cfg.holdout_models]
+        lines.append(f"cross-validation: {cfg.data.folds} folds over the train and validation cases (folds.json, "
+                     f"seed {cfg.data.fold_seed}); every configuration and seed on each fold; the hold-out judges "
+                     f"{judged}")
     lines.append(f"trial-epochs: sweep {p['sweep_trial_epochs']}, retrain {p['retrain_trial_epochs']} "
                  f"({p['retrain_trials']} retrained winner trial(s)), {p['iterations_per_epoch']} iterations each")
     if cfg.scheduler.type == "asha":

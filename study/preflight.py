@@ -60,9 +60,13 @@ def check_data(cfg: StudyConfig) -> None:
     d = cfg.data
     if d.source == "cache":
         from trainables.data import Cache
+        from trainables.data.folds import make_folds
 
         cache = Cache(d.path)
         check_lesions(cache, cfg, where=str(d.path))
+        if d.folds:  # K folds possible on these cases (the same split the data stage makes)
+            ids = cache.case_ids(list(d.train) + list(d.val))
+            make_folds({c: cache.meta(c).get("diameters_mm", []) for c in ids}, d.folds, d.fold_seed)
     elif d.source == "manifest":
         from trainables.data.cache import manifest_sources
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from trainables.config import TrialConfig
 from trainables.errors import UserError
-from trainables.naming import config_label
+from trainables.naming import config_label, trial_slug
 
 TRIAL_ID_TAG = "trial_id"
 STAGE_TAG = "stage"
@@ -166,7 +166,8 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     """What a researcher compares runs by: loss, iw, the loss's own parameters (named by their loss:
     ``focal.alpha``), ``config`` (the configuration and its hyperparameters, ``iw-focal[alpha=0.25,gamma=2]``),
     seed, data and protocol."""
-    trial, study, run = cfg.trial, cfg.study, cfg.run
+    trial, run = cfg.trial, cfg.run
+    study = cfg.study.for_trial(trial)  # the lr and iw strength it trained with
     params: dict[str, str] = {
         "loss": trial.loss,
         "iw": param_value(trial.iw),
@@ -174,7 +175,9 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
         "seed": str(trial.seed),
         "stage": run.stage,
     }
-    params.update({f"{trial.loss}.{k}": param_value(v) for k, v in sorted(trial.params.items())})
+    if trial.fold is not None:
+        params["fold"] = str(trial.fold)
+    params.update({f"{trial.loss}.{k}": param_value(v) for k, v in sorted(trial.loss_params.items())})
     data = study.data
     params["dataset"] = data.source if data.source == "phantom" else str(data.path)
     params["dataset.preset"] = data.preset
@@ -187,6 +190,7 @@ def trial_params(cfg: TrialConfig) -> dict[str, str]:
     if trial.iw:
         clip = study.iw.clip
         params["iw.clip"] = "null" if clip is None else ",".join(str(c) for c in clip)
+        params["iw.power"] = param_value(study.iw.power)
     return params
 
 
@@ -491,7 +495,7 @@ def log_verdict(state, summary: Mapping[str, Any]) -> None:
     root = state.mlflow_ids()["study_run_id"]
     metrics: dict[str, Any] = {}
     for entry in (summary.get("verdict") or {}).get("entries") or []:
-        key = f"verdict.{entry['loss']}"
+        key = f"verdict.{trial_slug(entry['loss'])}"  # a loss, or an iw setting (iw-bce_iw.power-0.5)
         mlc.set_tag(root, key, verdict_short(entry))
         mlc.set_tag(root, f"{key}.sentence", entry["sentence"][:4900])
         for metric, d in entry["metrics"].items():

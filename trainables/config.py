@@ -117,6 +117,9 @@ class DataConfig(Section):
 
     ``source``: ``phantom`` (generated, the default), ``cache`` (a folder made by ``study data ...``)
     or ``manifest`` (a CSV prepared into the study folder with ``preset``).
+    ``folds: K`` (K >= 2): the cases of the train and validation splits are split into K folds once per study
+    (seeded by ``fold_seed``, balanced by lesion count and size: :mod:`trainables.data.folds`, kept in the study
+    folder's ``folds.json``) and every sweep trial is run on each fold; null: the fixed train/val split.
     """
 
     source: Str = "phantom"
@@ -126,6 +129,8 @@ class DataConfig(Section):
     train: tuple[Str, ...] = ("train",)
     val: tuple[Str, ...] = ("val",)
     holdout: tuple[Str, ...] = ("holdout",)
+    folds: Int | None = None
+    fold_seed: Int = 0
     #: set by the driver for the trials (the prepared cache they read); never in a YAML, never frozen
     cache_dir: Str | None = Field(default=None, exclude=True)
 
@@ -138,6 +143,9 @@ class DataConfig(Section):
             err("path", f"is required when source is {self.source!r}")
         if self.source == "phantom" and self.path:
             err("path", "is only used with source 'cache' or 'manifest'")
+        if self.folds is not None and not 2 <= self.folds <= 20:
+            err("folds", f"{self.folds} fold(s): cross-validation needs 2 to 20 folds (nnU-Net uses 5), or null for "
+                         "the fixed train/validation split")
         if self.preset not in PRESETS:
             err("preset", f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         from trainables.data.manifest import SPLITS
@@ -249,13 +257,28 @@ TRAINING_LIMITS = {"epochs": 100_000, "iterations": 1_000_000, "batch_size": 409
 
 
 class IwConfig(Section):
-    """Inverse weighting: ``clip: [1, 200000]`` (authors, default) or ``clip: null`` (paper's Eq. 1)."""
+    """Inverse weighting: ``clip: [1, 200000]`` (authors, default) or ``clip: null`` (paper's Eq. 1); ``power: p``
+    in [0, 1] softens it (``w = clip((N / ((K+1)|L|))^p)``; 1: the paper's, 0: no reweighting). A search space can
+    also sweep ``iw.power`` per configuration (:data:`TRAINING_HYPERPARAMETERS`)."""
 
     clip: tuple[Float, Float] | None = (1.0, 2e5)
+    power: Float = 1.0
 
     def check(self, err: Err) -> None:
         if self.clip is not None and not 0 <= self.clip[0] < self.clip[1]:
             err("clip", "must be [low, high] with 0 <= low < high, or null")
+        if not 0 <= self.power <= 1:
+            err("power", f"{self.power} is outside [0, 1] (1: the paper's weights, 0: none)")
+
+
+#: hyperparameters of the training a search space may set per configuration beside the loss's own parameters
+#: (``search.losses.bce: {iw: true, iw.power: [0.5, 1]}``), by their path in the study config; a trial keeps
+#: them in its ``params`` under these names (its label: ``iw-bce[iw.power=0.5]``), and
+#: :meth:`StudyConfig.for_trial` applies them. Value: (lowest, highest, whether the lowest is allowed).
+TRAINING_HYPERPARAMETERS: dict[str, tuple[float, float, bool]] = {
+    "iw.power": (0.0, 1.0, True),
+    "optimizer.lr": (0.0, float("inf"), False),
+}
 
 
 class InferenceConfig(Section):
@@ -341,8 +364,14 @@ class EvaluationConfig(Section):
     threshold: Str = "paper"  # paper: p > 0.5; calibrated: also a threshold chosen on validation (object Dice)
     #: a configuration of the study (e.g. ``dice_ce``) every other one is also compared with, seed by seed
     baseline: Str | None = None
+    #: the hold-out's models under ``data.folds``: ``retrain`` (the winners retrained on train+validation, the
+    #: paper's), ``folds`` (each winner's fold models as an ensemble, no retraining) or ``both``; null = ``both``
+    #: with folds, ``retrain`` without
+    holdout_models: Str | None = None
 
     def check(self, err: Err) -> None:
+        if self.holdout_models is not None and self.holdout_models not in HOLDOUT_MODELS:
+            err("holdout_models", f"must be one of {', '.join(HOLDOUT_MODELS)}")
         if self.threshold not in ("paper", "calibrated"):
             err("threshold", "must be 'paper' (p > 0.5) or 'calibrated' (chosen on validation, shown beside it)")
         if self.n_boot < 10:
@@ -350,6 +379,9 @@ class EvaluationConfig(Section):
         if self.size_cutoff_mm is not None and self.size_cutoff_mm <= 0:
             err("size_cutoff_mm", "must be > 0")
 
+
+#: what the hold-out judges under cross-validation (``evaluation.holdout_models``)
+HOLDOUT_MODELS = ("retrain", "folds", "both")
 
 #: the validation metrics a sweep trial reports at every validation (higher is better)
 SCORE_METRICS = ("val_avg_recall", "val_obj_dice")
@@ -472,13 +504,14 @@ class TestingConfig(Section):
 
 
 class TrialSpec(Section):
-    """One point of the grid: a loss, iw on/off, the loss parameters (canonical: every one written out) and a
-    seed."""
+    """One point of the grid: a loss, iw on/off, the loss parameters (canonical: every one written out), a seed
+    and, under ``data.folds``, the fold it trains and validates on (None: the fixed split, or a retrain)."""
 
     loss: Str
     iw: Bool
     params: dict[Str, Any] = {}
     seed: Int
+    fold: Int | None = None
 
     @property
     def config_name(self) -> str:
@@ -486,12 +519,25 @@ class TrialSpec(Section):
         return config_name(self.loss, self.iw)
 
     @property
+    def loss_params(self) -> dict[str, Any]:
+        """The loss's own parameters (what :func:`trainables.losses.get_loss` takes)."""
+        return {k: v for k, v in self.params.items() if k not in TRAINING_HYPERPARAMETERS}
+
+    @property
+    def training_params(self) -> dict[str, Any]:
+        """The training hyperparameters this trial sets (:data:`TRAINING_HYPERPARAMETERS`), e.g. ``iw.power``."""
+        return {k: v for k, v in self.params.items() if k in TRAINING_HYPERPARAMETERS}
+
+    @property
     def label(self) -> str:
-        """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``."""
+        """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0`` (``/f2`` on fold 2)."""
         return trial_label(self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "iw": self.iw, "params": dict(self.params), "seed": self.seed}
+        out = {"loss": self.loss, "iw": self.iw, "params": dict(self.params), "seed": self.seed}
+        if self.fold is not None:
+            out["fold"] = self.fold
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrialSpec:
@@ -540,6 +586,9 @@ class StudyConfig(Section):
     trials: tuple[TrialSpec, ...] = ()
 
     def check(self, err: Err) -> None:
+        if self.evaluation.holdout_models in ("folds", "both") and self.data.folds is None:
+            err("evaluation.holdout_models", f"{self.evaluation.holdout_models!r} judges the fold models: it needs "
+                                             "data.folds")
         if self.retrain_epochs is not None and self.retrain_epochs < 1:
             err("retrain_epochs", "must be a positive integer or null")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
@@ -568,6 +617,25 @@ class StudyConfig(Section):
     def epochs_retrain(self) -> int:
         return self.retrain_epochs or self.training.epochs
 
+    def for_trial(self, trial: TrialSpec) -> StudyConfig:
+        """The study config a trial trains under: its training hyperparameters (``iw.power``, ``optimizer.lr``)
+        in place of the study's (itself when the trial sets none)."""
+        hp = trial.training_params
+        if not hp:
+            return self
+        update: dict[str, Any] = {}
+        if "iw.power" in hp:
+            update["iw"] = self.iw.model_copy(update={"power": float(hp["iw.power"])})
+        if "optimizer.lr" in hp:
+            opt = self.training.optimizer.model_copy(update={"lr": float(hp["optimizer.lr"])})
+            update["training"] = self.training.model_copy(update={"optimizer": opt})
+        return self.model_copy(update=update)
+
+    @property
+    def holdout_models(self) -> str:
+        """``evaluation.holdout_models`` resolved: ``both`` with folds, ``retrain`` without, unless given."""
+        return self.evaluation.holdout_models or ("both" if self.data.folds else "retrain")
+
 
 class RunSpec(Section):
     """What a trial is run for: the stage, the splits it trains on, whether it validates, its epochs and the
@@ -579,6 +647,9 @@ class RunSpec(Section):
     splits: tuple[Str, ...]
     validates: Bool = Field(alias="validate")  # validate after epochs (sweep) or not (retrain)
     epochs: Int
+    #: under ``data.folds``: the validation cases of every fold (``folds.json``); a trial on fold k trains on the
+    #: others' and validates on fold k's
+    folds: tuple[tuple[Str, ...], ...] | None = None
     experiment_id: Str | None = None
     parent_run_id: Str | None = None
     study_id: Str | None = None
@@ -598,6 +669,11 @@ class TrialConfig(Section):
     trial: TrialSpec
     study: StudyConfig
     run: RunSpec
+
+    def check(self, err: Err) -> None:
+        fold, folds = self.trial.fold, self.run.folds
+        if fold is not None and (folds is None or not 0 <= fold < len(folds)):
+            err("trial.fold", f"fold {fold} of a run with {0 if folds is None else len(folds)} folds")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:

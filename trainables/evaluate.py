@@ -7,6 +7,7 @@ computed from the saved records.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,19 +52,43 @@ def predict_volume(
     return logits.cpu().numpy(), masks
 
 
-def case_records(logits, masks, gt, spacing, rules) -> dict[float, dict[str, CaseRecords]]:
-    """The records of one case from its logits and its masks per threshold (:func:`predict_volume`):
-    ``{threshold: {rule name: CaseRecords}}``. The lesions are labelled once for all thresholds."""
+def predict_ensemble_volume(
+    models: Sequence[torch.nn.Module],
+    image: np.ndarray,
+    *,
+    inference: InferenceConfig,
+    device: torch.device,
+    precision: Precision | None = None,
+    thresholds: Sequence[float] = (0.5,),
+) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """The mean probability of several models (a cross-validated configuration's fold models) over one volume,
+    averaged and binarised on ``device``: ``(float32 probability, {threshold: bool mask})``."""
+    prob = None
+    for model in models:
+        logits = sliding_window_logits(model, np.asarray(image), window=inference.window, stride=inference.stride,
+                                       blending=inference.blending, device=device, batch_size=inference.batch_size,
+                                       amp=None if precision is None else precision.dtype)
+        p = torch.sigmoid(logits)
+        prob = p if prob is None else prob.add_(p)
+    prob /= len(models)
+    masks = {t: (prob > t).cpu().numpy() for t in thresholds}
+    return prob.cpu().numpy(), masks
+
+
+def case_records(values, masks, gt, spacing, rules, *, is_logit: bool = True) -> dict[float, dict[str, CaseRecords]]:
+    """The records of one case from its logits (or an ensemble's probabilities: ``is_logit=False``) and its masks
+    per threshold (:func:`predict_volume`): ``{threshold: {rule name: CaseRecords}}``. The lesions are labelled
+    once for all thresholds."""
     from trainables.weights import label_components
 
     gt_labels = label_components(np.asarray(gt) > 0.5)
-    return {t: volume_records_multi(logits, gt, spacing, is_logit=True, rules=rules, threshold=t, foreground=m,
-                                    gt_labels=gt_labels)
+    return {t: volume_records_multi(values, gt, spacing, is_logit=is_logit, rules=rules, threshold=t,
+                                    foreground=m, gt_labels=gt_labels)
             for t, m in masks.items()}
 
 
 def predict_records(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     cache: Cache,
     case_ids: Sequence[str],
     *,
@@ -75,6 +100,7 @@ def predict_records(
     overlap: bool | None = None,
 ) -> dict[float, dict[str, dict[str, CaseRecords]]]:
     """Records of several cases: ``{threshold: {rule name: {case_id: CaseRecords}}}`` (inference once per case).
+    ``model`` may be a list of models: their ensemble (mean probability; confidences are probabilities then).
 
     ``overlap`` (default: on a GPU): the records of case i (labelling and matching on the host) are built in a
     worker thread while the device predicts case i + 1, so a GPU does not wait for them; at most one case waits
@@ -90,20 +116,25 @@ def predict_records(
 
     if overlap is None:
         overlap = torch.device(device).type == "cuda"
+    ensemble = isinstance(model, Sequence) and len(model) > 1
+    if isinstance(model, Sequence) and not ensemble:
+        model = model[0]
+    predict = predict_ensemble_volume if ensemble else predict_volume
     pending: tuple[str, Future] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="records") if overlap else nullcontext() as pool:
         for case_id in case_ids:
             case = cache.load(case_id)
-            logits, masks = predict_volume(model, case.image, inference=inference, device=device,
-                                           precision=precision, thresholds=thresholds)
-            job = (logits, masks, np.asarray(case.mask), case.spacing, rules)
+            values, masks = predict(model, case.image, inference=inference, device=device, precision=precision,
+                                    thresholds=thresholds)
+            job = functools.partial(case_records, values, masks, np.asarray(case.mask), case.spacing, rules,
+                                    is_logit=not ensemble)
             if pending is not None:
                 collect(pending[0], pending[1].result())
                 pending = None
             if pool is None:
-                collect(case_id, case_records(*job))
+                collect(case_id, job())
             else:
-                pending = (case_id, pool.submit(case_records, *job))
+                pending = (case_id, pool.submit(job))
         if pending is not None:
             collect(pending[0], pending[1].result())
     return out
@@ -127,15 +158,16 @@ def calibrate_threshold(records_by_threshold: Mapping[float, Mapping[str, CaseRe
 
 
 def holdout_records(
-    checkpoint_dir: str,
+    checkpoint_dir: str | Sequence[str],
     study: StudyConfig,
     out_dir: str,
     *,
     rules: Mapping[str, tuple[str, float | None]],
     calibrated: float | None = None,
 ) -> dict[str, str]:
-    """Hold-out records of one retrained configuration, written to ``out_dir/records_<rule>.json`` (p > 0.5)
-    and, with a ``calibrated`` threshold, ``out_dir/records_<rule>_calibrated.json`` (p > that threshold).
+    """Hold-out records of one retrained configuration (or, given several checkpoints, of the ensemble of its fold
+    models: their mean probability), written to ``out_dir/records_<rule>.json`` (p > 0.5) and, with a
+    ``calibrated`` threshold, ``out_dir/records_<rule>_calibrated.json`` (p > that threshold).
 
     ``study`` has ``data.cache_dir`` set (:meth:`StudyConfig.with_cache`). Skips the work when every file exists
     (the stage is resumable per configuration). Returns the paths:
@@ -149,18 +181,22 @@ def holdout_records(
     torch.set_num_threads(study.resources.threads)
     device = task_device(study.resources.gpu)
     configure_backends(device)
-    model = build_model(study.model)
-    model.load_state_dict(load_state(checkpoint_dir)["model"])
-    model.to(device)
+    checkpoints = [checkpoint_dir] if isinstance(checkpoint_dir, str) else list(checkpoint_dir)
+    models = []
+    for ckpt in checkpoints:
+        model = build_model(study.model)
+        model.load_state_dict(load_state(ckpt)["model"])
+        models.append(model.to(device))
     cache = Cache(study.data.cache_dir)
     case_ids = cache.case_ids(study.data.holdout)
     records = predict_records(
-        model, cache, case_ids, inference=study.inference, rules=rules, device=device,
+        models, cache, case_ids, inference=study.inference, rules=rules, device=device,
         precision=Precision.for_device(device, study.training.amp),  # the dtype it was trained in
         thresholds=sorted(set(thresholds.values())),
     )
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(checkpoint_dir), "splits": list(study.data.holdout)}
+    meta = {"checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
+            "splits": list(study.data.holdout)}
     for suffix, t in thresholds.items():
         for name, recordset in records[t].items():
             save_records(paths[f"{name}{suffix}"], recordset,

@@ -39,11 +39,13 @@ def config_label(trial: Mapping[str, Any]) -> str:
 
 
 def trial_label(trial: Mapping[str, Any]) -> str:
-    """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``.
+    """Readable and unique within a study, e.g. ``iw-focal[alpha=0.75,gamma=2]/s0``; a trial on fold k of a
+    cross-validated sweep ends in ``/f<k>`` (``iw-focal[alpha=0.75,gamma=2]/s0/f2``).
 
-    ``trial``: ``{"loss", "iw", "params", "seed"}`` (the ``trial`` part of a trial's config).
+    ``trial``: ``{"loss", "iw", "params", "seed"[, "fold"]}`` (the ``trial`` part of a trial's config).
     """
-    return f"{config_label(trial)}/s{trial['seed']}"
+    fold = trial.get("fold")
+    return f"{config_label(trial)}/s{trial['seed']}" + ("" if fold is None else f"/f{fold}")
 
 
 def trial_folder(trial: Mapping[str, Any]) -> str:

@@ -54,7 +54,7 @@ class StepBench:
         self.image = torch.rand(shape, generator=g).to(self.device)
         self.target = (torch.rand(shape, generator=g) > 0.97).to(torch.uint8).to(self.device)
         self.weight = torch.ones(shape, device=self.device) if trial.iw else None
-        self.loss_fn = get_loss(trial.loss, **trial.params)
+        self.loss_fn = get_loss(trial.loss, **trial.loss_params)
         self.precision = Precision.for_device(self.device, t.amp)
 
     def runner(self, *, channels_last: bool | None = None, compile: bool | None = None
@@ -93,6 +93,16 @@ def step_seconds(study: StudyConfig, trial: TrialSpec, *, iters: int = 3, warmup
     """Median seconds of one training step of ``trial`` under the ``study`` config on ``device``."""
     with _Threads(study.resources.threads):
         return statistics.median(StepBench(study, trial, device).runner()(iters, warmup))
+
+
+def estimate_step_seconds(study: StudyConfig, trial: TrialSpec, *, slow_s: float = 2.0,
+                          device: str | torch.device = "cpu") -> float:
+    """Seconds of one training step for a plan: the first step when it is slower than ``slow_s`` (a paper-sized
+    patch on a CPU takes minutes; its one-off costs are small beside it), else the median of three more."""
+    with _Threads(study.resources.threads):
+        run = StepBench(study, trial, device).runner()
+        first = run(1, 0)[0]
+        return first if first > slow_s else statistics.median(run(3, 0))
 
 
 def alternating_seconds(runs: dict[str, Callable[[int, int], list[float]]], rounds: int) -> dict[str, float]:

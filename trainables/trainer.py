@@ -35,6 +35,7 @@ import torch
 from trainables.build import STATE_FILE, build_lr_schedule, build_model, build_optimizer, compiled
 from trainables.config import TestingConfig, TrialConfig
 from trainables.data import Cache, PatchSampler
+from trainables.data.folds import fold_splits
 from trainables.device import start_trial, task_device
 from trainables.evaluate import CALIBRATION_THRESHOLDS, calibrate_threshold, predict_records
 from trainables.losses import get_loss, loss_record
@@ -68,7 +69,8 @@ class Trainer:
     def __init__(self, cfg: TrialConfig, *, state: dict[str, Any] | None = None, report: Report):
         self.cfg = cfg
         self._report = report
-        study, trial = cfg.study, cfg.trial
+        trial = cfg.trial
+        study = cfg.study.for_trial(trial)  # its iw.power / optimizer.lr when the search sets them
         self.device = task_device(study.resources.gpu)  # a GPU that cannot be used fails here, before any step
         start_trial(self.device, seed=trial.seed, threads=study.resources.threads)  # the process may be reused
         configure_backends(self.device)
@@ -78,7 +80,7 @@ class Trainer:
         self.scheduler = build_lr_schedule(self.optimizer, study.training.lr_schedule)
         self.precision = Precision.for_device(self.device, study.training.amp)
         self.scaler = self.precision.scaler()
-        self.loss_fn = get_loss(trial.loss, **trial.params)
+        self.loss_fn = get_loss(trial.loss, **trial.loss_params)
         self.needs = loss_record(trial.loss).needs  # batch extras the loss takes (per-lesion losses)
         self.resumed = state is not None
         self.start_epoch, next_batch = 0, 0
@@ -91,7 +93,11 @@ class Trainer:
             self.start_epoch = int(state["epoch"]) + 1
             next_batch = int(state["sampler"]["next_batch"])
         self.cache = Cache(study.data.cache_dir)
-        self.val_ids = self.cache.case_ids(study.data.val) if cfg.run.validates else []
+        if trial.fold is not None:  # cross-validation: fold k validates on its cases, trains on the others'
+            train_ids, val_ids = fold_splits(cfg.run.folds, trial.fold)
+        else:
+            train_ids, val_ids = self.cache.case_ids(cfg.run.splits), self.cache.case_ids(study.data.val)
+        self.val_ids = val_ids if cfg.run.validates else []
         v = study.validation
         self.val_subset = (validation_subset(self.cache, self.val_ids, v.subset, v.seed)
                            if v.subset is not None and v.subset < len(self.val_ids) else self.val_ids)
@@ -100,8 +106,8 @@ class Trainer:
         clip = study.iw.clip
         t = study.training
         self.sampler = PatchSampler(
-            self.cache, self.cache.case_ids(cfg.run.splits), patch_size=t.patch_size, batch_size=t.batch_size,
-            iw=trial.iw, iw_clip=clip, lesion_prob=t.lesion_prob, seed=trial.seed,
+            self.cache, train_ids, patch_size=t.patch_size, batch_size=t.batch_size,
+            iw=trial.iw, iw_clip=clip, iw_power=study.iw.power, lesion_prob=t.lesion_prob, seed=trial.seed,
             num_workers=t.sampler_workers, start_batch=next_batch, extras=self.needs,
             pin_memory=self.device.type == "cuda",
         )

@@ -107,12 +107,13 @@ class StudyRecords:
         frozen = read_frozen_config(study)
         ev = frozen.get("evaluation") or {}
         self.n_boot, self.seed = int(ev.get("n_boot", 1000)), int(ev.get("seed", 0))
-        self.labels: dict[str, tuple[str, str]] = {}  # holdout-relative path -> (label, rule)
+        self.labels: dict[str, tuple[str, str]] = {}  # the file's last path parts -> (label, rule)
         if study.summary_file.is_file():
-            configs = study.read_summary()["configs"]
-            for label, c in configs.items():
-                for rule, path in (c.get("records") or {}).items():
-                    self.labels["/".join(Path(path).parts[-3:])] = (label, rule)
+            summary = study.read_summary()
+            for key, suffix in (("configs", ""), ("fold_ensembles", " fold ensemble")):
+                for label, c in (summary.get(key) or {}).items():
+                    for rule, path in (c.get("records") or {}).items():
+                        self.labels["/".join(Path(path).parts[-4:])] = (label + suffix, rule)
 
     @classmethod
     def of(cls, path: Path) -> StudyRecords | None:
@@ -123,7 +124,7 @@ class StudyRecords:
 
     def name(self, file: Path) -> str | None:
         """``iw-dice/s0 (any)``: the configuration and hit rule of a records file of the study."""
-        hit = self.labels.get("/".join(file.resolve().parts[-3:]))
+        hit = self.labels.get("/".join(file.resolve().parts[-4:]))
         return None if hit is None else f"{hit[0]} ({hit[1].replace('_', ', ')})"
 
 

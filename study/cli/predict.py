@@ -37,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--config", action="append", metavar="LABEL",
                    help="configuration (e.g. iw-dice) or one model (iw-dice/s1); repeatable; default: the best")
     p.add_argument("--ensemble", action="store_true", help="average the probabilities of every seed of the "
-                   "chosen configuration(s)")
+                   "chosen configuration(s); in a cross-validated study (data.folds) of every fold model of "
+                   "every seed")
     p.add_argument("--overwrite", action="store_true", help="replace this command's earlier outputs in --output")
     p.set_defaults(func=cmd_predict)
 
@@ -108,7 +109,7 @@ def cmd_predict(args) -> int:
     if not args.name:
         raise UserError("study predict: give a study NAME or --model URI")
 
-    from study.layout import RETRAIN, open_study
+    from study.layout import RETRAIN, SWEEP, open_study
     from study.stages.context import StudyContext
     from study.tune.tuner import outcomes
     from trainables.build import build_model, load_state
@@ -129,10 +130,18 @@ def cmd_predict(args) -> int:
     labels = choose_models(summary, args.config, args.ensemble)
     cache = Cache(StudyContext(sd, cfg, state).cache_dir())
     preset = cache.preset  # the preset the training cases were prepared with
-    checkpoints = {trial_label(r.spec): r.checkpoint_path for r in outcomes(sd.ray_dir, RETRAIN)}
+    if cfg.data.folds and (args.ensemble or cfg.holdout_models == "folds"):  # the fold models of each seed
+        checkpoints: dict[str, list[str]] = {}
+        for r in outcomes(sd.ray_dir, SWEEP):
+            if r.status == "TERMINATED":
+                checkpoints.setdefault(trial_label({**r.spec, "fold": None}), []).append(r.checkpoint_path)
+        what = "fold models"
+    else:
+        checkpoints = {trial_label(r.spec): [r.checkpoint_path] for r in outcomes(sd.ray_dir, RETRAIN)}
+        what = "retrained checkpoint"
     missing = [lb for lb in labels if not checkpoints.get(lb)]
     if missing:
-        raise UserError(f"study {sd.name}: no retrained checkpoint for {', '.join(missing)}")
+        raise UserError(f"study {sd.name}: no {what} for {', '.join(missing)}")
     # one threshold per model (its validation-calibrated one, else 0.5); an ensemble takes their median
     thresholds = sorted(float((summary["configs"][lb].get("calibrated") or {}).get("threshold", 0.5)) for lb in labels)
     threshold = thresholds[len(thresholds) // 2] if len(thresholds) % 2 else \
@@ -154,11 +163,14 @@ def cmd_predict(args) -> int:
     precision = Precision.for_device(device, cfg.training.amp)
     models = []
     for lb in labels:
-        model = build_model(cfg.model)
-        model.load_state_dict(load_state(checkpoints[lb])["model"])
-        models.append(model.to(device).eval())
+        for ckpt in checkpoints[lb]:
+            model = build_model(cfg.model)
+            model.load_state_dict(load_state(ckpt)["model"])
+            models.append(model.to(device).eval())
+    n_folds = sum(len(checkpoints[lb]) for lb in labels)
     return _run(models, cases, out, preset=preset, inference=cfg.inference, threshold=threshold,
-                precision=precision, device=device, what=" + ".join(labels))
+                precision=precision, device=device,
+                what=" + ".join(labels) + (f" ({n_folds} fold models)" if what == "fold models" else ""))
 
 
 def _check_output(out: Path, cases, overwrite: bool) -> None:

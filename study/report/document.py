@@ -27,10 +27,10 @@ def _diff(d: dict[str, Any]) -> str:
     return "–" if d.get("delta") is None else f"{d['delta']:+.3f}{_ci(d.get('ci_low'), d.get('ci_high'))}"
 
 
-def verdict_blocks(summary: dict[str, Any]) -> list[tuple]:
+def verdict_blocks(summary: dict[str, Any], key: str = "verdict", title: str = "Verdict") -> list[tuple]:
     """``## Verdict``: one generated sentence per loss trained with and without iw (study.report.verdict)."""
-    v = summary.get("verdict") or {}
-    blocks: list[tuple] = [("h2", "Verdict")]
+    v = summary.get(key) or {}
+    blocks: list[tuple] = [("h2", title)]
     if not v.get("entries"):
         return blocks + [("p", "No loss was retrained both with and without iw: no verdict.")]
     blocks.append(("ul", [e["sentence"] for e in v["entries"]]))
@@ -64,19 +64,22 @@ def verdict_detail_blocks(summary: dict[str, Any], key: str = "verdict") -> list
     strict = strict_title(summary)
     names = {"avg_recall": "avg recall (any)", "avg_recall_strict": f"avg recall ({strict})",
              "obj_dice": "object Dice", "fp_per_image": "FP/image"}
-    header = ["iw vs plain" if key == "verdict" else "vs baseline", "group", "metric", "Δ [95% CI]", "per seed"]
+    iw = key.startswith("verdict")
+    header = ["iw vs plain" if iw else "vs baseline", "group", "metric", "Δ [95% CI]", "per seed"]
     rows = []
     for e in v["entries"]:
         pair = f"{e['iw']} − {e['plain']}"
-        for key, d in e["metrics"].items():
-            rows.append([pair, "all lesions", names[key], _diff(d),
+        for metric, d in e["metrics"].items():
+            rows.append([pair, "all lesions", names[metric], _diff(d),
                          ", ".join("–" if x is None else f"{x:+.3f}" for x in d["per_seed"])])
         for group, g in e["size_groups"].items():
-            for key in ("avg_recall", "avg_recall_strict", "obj_dice"):
-                rows.append([pair, group, names[key], _diff(g[key]),
-                             ", ".join("–" if x is None else f"{x:+.3f}" for x in g[key]["per_seed"])])
-    title = ("Does iw help? Differences on the same hold-out cases" if key == "verdict"
+            for metric in ("avg_recall", "avg_recall_strict", "obj_dice"):
+                rows.append([pair, group, names[metric], _diff(g[metric]),
+                             ", ".join("–" if x is None else f"{x:+.3f}" for x in g[metric]["per_seed"])])
+    title = ("Does iw help? Differences on the same hold-out cases" if iw
              else f"Differences from the baseline ({v.get('baseline')})")
+    if key.endswith("_folds"):
+        title += " (fold ensembles)"
     return [("h2", title),
             ("p", "Per seed: the difference of the two models trained with that seed, on all hold-out "
                   "cases. A size group keeps its lesions and the components of its size (the authors' rule)."),
@@ -140,7 +143,10 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
     configs = summary["configs"]
     strict = strict_title(summary)
     blocks: list[tuple] = [("h1", f"Study {study_name}: inverse weighting on the hold-out set")]
-    blocks.extend(verdict_blocks(summary))
+    folds_only = summary.get("holdout_models") == "folds"
+    blocks.extend(verdict_blocks(summary, title="Verdict (fold ensembles)" if folds_only else "Verdict"))
+    if summary.get("fold_ensembles"):
+        blocks.extend(verdict_blocks(summary, "verdict_folds", "Verdict of the fold ensembles (second evidence)"))
     blocks.extend(baseline_blocks(summary))
     if cfg is not None:
         t = cfg.training
@@ -153,6 +159,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
             f"U-Net width {cfg.model.width:g}. Winners chosen by {cfg.selection.metric} "
             f"({cfg.selection.mode}) on validation, retrained on train+validation, last-epoch model evaluated.")))
         blocks.append(("p", search_line(summary.get("search"), cfg)))
+    blocks.extend(fold_blocks(summary))
     blocks.append(("p", splits_line(summary)))
     blocks.append(("h2", "Hold-out results (Table 2 analogue)"))
     blocks.append(("p", (
@@ -164,7 +171,17 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
         "recall far below the `any` recall. paper2020: the authors' protocol (80 % subsamples).")))
     blocks.append(holdout_table_block(summary))
     blocks.extend(calibrated_table_block(summary))
+    if summary.get("fold_ensembles"):
+        folds = {**summary, "configs": summary["fold_ensembles"]}
+        blocks.append(("h2", "Hold-out results of the fold ensembles (no retraining)"))
+        blocks.append(("p", f"Each winner's {summary.get('folds')} fold models (the sweep trials of its "
+                            "configuration and seed, one per fold, each trained without its fold's validation "
+                            "cases) averaged as probabilities, judged on the same hold-out cases: a second, "
+                            "independent piece of evidence per seed, without the retraining."))
+        blocks.append(holdout_table_block(folds))
+        blocks.extend(calibrated_table_block(folds)[2:])  # its table only: the explanation is above
     blocks.extend(verdict_detail_blocks(summary))
+    blocks.extend(verdict_detail_blocks(summary, "verdict_folds"))
     blocks.extend(verdict_detail_blocks(summary, "baseline_comparison"))
     cut = summary.get("size_cutoffs_mm") or []
     if cut:
@@ -203,6 +220,29 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
         "another machine (other CPU, other thread count, a GPU) changes the last bits of every SGD step, and "
         "models near a decision boundary (short iw training) can then differ visibly.")))
     return blocks
+
+
+def fold_blocks(summary: dict[str, Any]) -> list[tuple]:
+    """Under ``data.folds``: each winner's validation score per fold, their spread, and where its lead over the
+    next candidate is smaller than that spread."""
+    folds = (summary.get("search") or {}).get("folds")
+    if not folds:
+        return []
+    rows, close = [], []
+    for name, f in folds.items():
+        scores = f.get("fold_scores") or {}
+        lead = f.get("lead")
+        rows.append([name, _f(f.get("score")), ", ".join(_f(v) for v in scores.values()), _f(f.get("fold_spread")),
+                     "–" if lead is None else f"{lead:+.3f}"])
+        if f.get("lead_within_fold_spread"):
+            close.append(name)
+    text = (f"Cross-validation: {summary.get('folds')} folds over the train and validation cases; winners chosen "
+            "on the mean over folds and seeds. Per fold: the mean over seeds; spread: their standard deviation; "
+            "lead: the winner's margin over the next candidate of its configuration.")
+    if close:
+        text += (" The lead of " + ", ".join(close) + " is smaller than its fold spread: the folds do not tell it "
+                 "from the next candidate.")
+    return [("p", text), ("table", ["winner", "validation score", "per fold", "spread", "lead"], rows)]
 
 
 def search_line(search: dict[str, Any] | None, cfg) -> str:

@@ -35,4 +35,28 @@ def stage_data(ctx: StudyContext) -> None:
     counts = check_lesions(cache, ctx.cfg, where=ctx.cache_dir())
     log(f"data: cache {ctx.cache_dir()}: {counts['train']} train, {counts['val']} val, "
         f"{counts['holdout']} hold-out cases")
+    if d.folds:
+        write_folds(ctx, cache)
     ctx.state.mark_done("data", cache_dir=ctx.cache_dir(), cases=counts)
+
+
+def write_folds(ctx: StudyContext, cache) -> None:
+    """``folds.json``: the K folds over the train and validation cases (:func:`trainables.data.folds.make_folds`),
+    made once per study; an existing file is kept as it is (a resumed study runs on the folds it began with)."""
+    import json
+
+    from trainables.data.folds import fold_splits, make_folds
+    from trainables.io_utils import write_text_atomic
+
+    d = ctx.cfg.data
+    if ctx.dir.folds_file.is_file():
+        ctx.dir.read_folds()  # checked, never made again
+        return
+    ids = cache.case_ids(list(d.train) + list(d.val))
+    val = make_folds({c: cache.meta(c).get("diameters_mm", []) for c in ids}, d.folds, d.fold_seed)
+    folds = [dict(zip(("train", "val"), fold_splits(val, k))) for k in range(d.folds)]
+    write_text_atomic(ctx.dir.folds_file, json.dumps({"seed": d.fold_seed, "k": d.folds, "folds": folds}, indent=1))
+    for k, f in enumerate(folds):
+        lesions = sum(len(cache.meta(c).get("diameters_mm", [])) for c in f["val"])
+        log(f"data: fold {k}: {len(f['train'])} training cases, {len(f['val'])} validation cases "
+            f"({lesions} lesions)")

@@ -31,11 +31,16 @@ def _reached(r, epochs: int) -> int:
 
 
 def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
-    """Best hyperparameters per (loss, iw) configuration (mean over seeds), or the top-k overall.
+    """Best hyperparameters per (loss, iw) configuration (mean over seeds, and folds), or the top-k overall.
 
     Under ASHA the candidates of a configuration (of the study, for top-k) are its trials that reached the
     highest epoch any of them reached (the last epoch, unless every one was stopped or errored), scored there;
-    the trials ASHA stopped below it are listed under ``stopped``."""
+    the trials ASHA stopped below it are listed under ``stopped``.
+
+    Under ``data.folds`` every candidate also carries its score per fold (mean over seeds), ``fold_spread`` (the
+    standard deviation of those), and a winner its ``lead`` over the next candidate it was chosen against, with
+    ``lead_within_fold_spread`` when the lead is smaller than its fold spread (the choice is then a coin toss
+    between them as far as the folds can tell)."""
     sel = cfg.selection
     epochs = cfg.training.epochs
     done = [r for r in results if r.status in ("TERMINATED", "STOPPED")]
@@ -58,6 +63,8 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
         p["obj_dice"].append(r.measured("val_obj_dice"))
         p["trial_ids"].append(r.trial_id)
         p["judged_at_epoch"] = _reached(r, epochs)
+        if spec.fold is not None:
+            p.setdefault("by_fold", defaultdict(list))[spec.fold].append(p["scores"][-1])
     ranked = []
     for order, p in enumerate(points.values()):
         scores = [s for s in p["scores"] if s is not None]
@@ -65,6 +72,12 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
         p["score"] = float(np.mean(scores)) if scores else float("-inf")
         p["val_obj_dice"] = float(np.mean(dice)) if dice else None
         p["order"] = order
+        by_fold = p.pop("by_fold", None)
+        if by_fold is not None:
+            means = {f: float(np.mean([v for v in vs if v is not None])) for f, vs in sorted(by_fold.items())
+                     if any(v is not None for v in vs)}
+            p["fold_scores"] = {str(f): v for f, v in means.items()}
+            p["fold_spread"] = float(np.std(list(means.values()))) if len(means) > 1 else None
         ranked.append(p)
     key_fn = lambda p: (-p["score"], -(p["val_obj_dice"] or 0.0), p["order"])  # noqa: E731
     ranked.sort(key=key_fn)
@@ -76,10 +89,22 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
             by_cfg[(p["loss"], p["iw"])].append(p)
         winners = [ps[0] for ps in by_cfg.values()]
         winners.sort(key=lambda p: p["order"])
-    for p in winners:
+    if cfg.data.folds:
+        for w in winners:  # the candidate it won against: the next of its configuration (top-k: the next overall)
+            rivals = [p for p in ranked if p is not w and p["score"] <= w["score"] and
+                      (sel.mode == "top-k" or (p["loss"], p["iw"]) == (w["loss"], w["iw"]))
+                      and p not in winners]
+            if rivals:
+                w["lead"] = w["score"] - rivals[0]["score"]
+                w["lead_within_fold_spread"] = w.get("fold_spread") is not None and w["lead"] < w["fold_spread"]
+    for p in ranked:
         p.pop("order", None)
     out = {"metric": sel.metric, "scope": sel.scope, "mode": sel.mode, "winners": winners,
            "excluded": excluded, "candidates": len(ranked)}
+    if cfg.data.folds:  # every candidate's folds, best first (the winners' rivals included)
+        out["fold_ranking"] = [{"loss": p["loss"], "iw": p["iw"], "params": p["params"], "score": p["score"],
+                                "fold_scores": p.get("fold_scores", {}), "fold_spread": p.get("fold_spread")}
+                               for p in ranked]
     if cfg.scheduler.type == "asha":
         out["asha"] = {"max_epochs": epochs, "judged_at_epoch": top, "stopped": stopped}
     return out
@@ -97,7 +122,14 @@ def stage_select(ctx: StudyContext) -> None:
         spec = TrialSpec(loss=w["loss"], iw=w["iw"], params=w["params"], seed=0)
         at = w.get("judged_at_epoch", ctx.cfg.training.epochs)
         where = "" if at == ctx.cfg.training.epochs else f" at epoch {at} (no trial of it reached the last epoch)"
-        log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}{where}")
+        folds = ""
+        if w.get("fold_scores"):
+            spread = "" if w.get("fold_spread") is None else f", spread {w['fold_spread']:.3f}"
+            folds = f" (folds {', '.join(f'{v:.3f}' for v in w['fold_scores'].values())}{spread})"
+            if w.get("lead_within_fold_spread"):
+                folds += (f"; its lead over the next candidate ({w['lead']:.3f}) is smaller than its fold spread: "
+                          "the folds do not tell them apart")
+        log(f"select: {spec.label.rsplit('/', 1)[0]}  {selection['metric']} = {w['score']:.3f}{where}{folds}")
     try:
         mlc = tracking.client(ctx.state.tracking_uri)
         mlc.log_artifact(ctx.state.mlflow_ids()["study_run_id"], str(ctx.dir.selection_file))

@@ -22,8 +22,10 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     ctx.ensure_ray()
     parent = tracking.stage_parent(ctx.state, stage_tag)
     ids = ctx.state.mlflow_ids()
+    folds = ctx.dir.read_folds() if ctx.cfg.data.folds and stage_tag == "sweep" else None
     space = param_space(ctx.cfg, trials=trials, cache_dir=ctx.cache_dir(), stage=stage_tag,
-                        experiment_id=ids["experiment_id"], parent_run_id=parent, study_id=ctx.state.study_id)
+                        experiment_id=ids["experiment_id"], parent_run_id=parent, study_id=ctx.state.study_id,
+                        folds=folds)
     log(f"{name}: {len(trials)} trial(s), resources per trial {ctx.cfg.resources.as_ray()}")
     scheduler = None
     if stage_tag == "sweep":
@@ -98,6 +100,11 @@ def stage_sweep(ctx: StudyContext) -> None:
 
 
 def stage_retrain(ctx: StudyContext) -> None:
+    if ctx.cfg.holdout_models == "folds":
+        log("retrain: evaluation.holdout_models is 'folds': the hold-out judges the winners' fold models, nothing "
+            "is retrained")
+        ctx.state.mark_done("retrain", trials=0, errors=0)
+        return
     results = _run_tune_stage(ctx, name=RETRAIN, stage_tag="retrain", trials=winner_trials(ctx))
     errors = sum(r.status == "ERROR" for r in results)
     ctx.state.mark_done("retrain", trials=len(results), errors=errors)

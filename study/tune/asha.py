@@ -55,8 +55,19 @@ def cutoff(values: list[float], reduction_factor: float) -> float | None:
     return float(np.nanpercentile(values, (1 - 1 / reduction_factor) * 100))
 
 
+def _pausing(tune_controller, trial) -> bool:
+    """Whether Tune is still pausing ``trial`` (its checkpoint being saved, or its PAUSE queued): stopping it now
+    would be undone when the pause completes (Ray 2.60's controller keeps these in two private maps)."""
+    tid = trial.trial_id
+    return bool(trial.is_saving or tid in getattr(tune_controller, "_cached_trial_decisions", {})
+                or tid in getattr(tune_controller, "_queued_trial_decisions", {}))
+
+
 def group_of(trial: dict[str, Any], per_config: bool) -> str:
-    return config_name(trial["loss"], trial["iw"]) if per_config else "all"
+    """The trials a rung compares: the configuration's (per-config selection) or all, and only at the same fold
+    (a cross-validated sweep never ranks folds against each other)."""
+    fold = "" if trial.get("fold") is None else f"/f{trial['fold']}"
+    return (config_name(trial["loss"], trial["iw"]) if per_config else "all") + fold
 
 
 class AshaState:
@@ -249,9 +260,10 @@ class AshaScheduler(TrialScheduler):
             trial = self._trials[tid]
             if decision == CONTINUE:
                 self._promoted.add(tid)  # choose_trial_to_run resumes it from its rung checkpoint
-            elif trial.status in ("PAUSED", "PENDING") or trial.is_saving:
+            elif trial.status in ("PAUSED", "PENDING") and not _pausing(tune_controller, trial):
                 tune_controller.stop_trial(trial)
-            # a RUNNING trial is stopped at its next result (its stop is persisted)
+            # a RUNNING trial is stopped at its next result, one whose pause is still on its way once it is
+            # PAUSED (choose_trial_to_run): stopped now, the pause's end would set it back to PAUSED for good
 
     # ---------------------------------------------------------------------------------------- Tune hooks
 
@@ -314,8 +326,9 @@ class AshaScheduler(TrialScheduler):
     def choose_trial_to_run(self, tune_controller):
         self._settle(tune_controller)
         trials = sorted(self._trials.values(), key=lambda t: t.trial_id)
-        for t in trials:  # stopped before a kill, restored as PENDING by Tune: never run it again
-            if t.status == "PENDING" and self.state.stopped_at(t.trial_id) is not None:
+        for t in trials:  # stopped (before a kill, restored as PENDING; or while its pause was saved): never run
+            if (t.status in ("PENDING", "PAUSED") and not _pausing(tune_controller, t)
+                    and self.state.stopped_at(t.trial_id) is not None):
                 tune_controller.stop_trial(t)
         for t in trials:
             if t.status == "PENDING":

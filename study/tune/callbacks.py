@@ -71,7 +71,8 @@ class StudyCallback(tune.Callback):
                       tracking.STUDY_TAG: run.study_id},
                 run_name=f"{run.stage}:{cfg.trial.label}",
                 parent_run_id=run.parent_run_id,
-                extra_tags={"config": cfg.trial.config_name, "trial_name": str(trial), tracking.KIND_TAG: "trial"},
+                extra_tags={"config": cfg.trial.config_name, "trial_name": str(trial), tracking.KIND_TAG: "trial",
+                            **({"fold": str(cfg.trial.fold)} if cfg.trial.fold is not None else {})},
             )
             if created:
                 tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg))

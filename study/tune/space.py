@@ -29,7 +29,10 @@ def param_space(
     experiment_id: str,
     parent_run_id: str,
     study_id: str,
+    folds: list[list[str]] | None = None,
 ) -> dict[str, Any]:
+    """Tune's param space of a stage: one grid entry per trial, the study as the trials see it, and the run
+    (stage, splits, epochs, MLflow ids; under ``data.folds`` the sweep's folds, each trial picking its own)."""
     from ray import tune
 
     if stage == "sweep":
@@ -49,5 +52,6 @@ def param_space(
             "experiment_id": experiment_id,
             "parent_run_id": parent_run_id,
             "study_id": study_id,
+            **({"folds": [list(f) for f in folds]} if folds is not None and stage == "sweep" else {}),
         },
     }

@@ -181,7 +181,10 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
             status = "ERROR"
         elif last.get("training_done"):
             status = "TERMINATED"
-        elif stopped is not None and trial.status == "TERMINATED":
+        elif stopped is not None:
+            # stopped by ASHA: TERMINATED, or still PAUSED/PENDING in Tune's file when the stop came while it
+            # had no live process (Ray 2.60's stop_trial does not mark such a trial for the experiment snapshot;
+            # a resume stops it again before it runs)
             status = "STOPPED"
             # a trial restored past its rung after a kill may have reported one more epoch before it was stopped
             # again: what counts is what it had at the rung

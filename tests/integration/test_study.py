@@ -247,18 +247,20 @@ def _asha_outcome(study: Path) -> dict[str, tuple]:
 
 
 def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(tmp_path, no_leftover_processes):
-    """Issues 5, 6, 10, 16: one ASHA study (plain and iw Dice, 2 seeds; a BCE configuration whose loss turns NaN)
-    killed with SIGKILL after its first rung decision, resumed, killed again during the retrain and resumed, ends
-    with the same stopped, completed and errored trials, winners and MLflow statuses, exactly the MLflow history
-    (one value per metric and step, equal values) and the summary.json numbers of an uninterrupted run of the same
-    seeds on this machine; a checkpointed trial continues from its epoch, the diverged one errors with its reason
-    and is not retrained. The finished study then serves `study predict`, a copy of its folder, `study metrics`,
-    `study status` and the MLflow UI."""
+    """Issues 5, 6, 10, 16, 26: one cross-validated ASHA study (plain and iw Dice, 2 seeds, 2 folds; a BCE
+    configuration whose loss turns NaN) killed with SIGKILL after its first rung decision, resumed, killed again
+    during the retrain and resumed, ends with the same folds, stopped, completed and errored trials, winners with
+    their per-fold scores and MLflow statuses, exactly the MLflow history (one value per metric and step, equal
+    values) and the summary.json numbers (retrained winners and fold ensembles) of an uninterrupted run of the
+    same seeds on this machine; a checkpointed trial continues from its epoch, the diverged one errors with its
+    reason and is not retrained. The finished study then serves `study predict` (a retrained model, and the fold
+    models as an ensemble), a copy of its folder, `study metrics`, `study status` and the MLflow UI."""
     changes = dict(search={"losses": {"dice": {"iw": [False, True]}, "bce": {"iw": False}}, "seeds": [0, 1]},
-                   training={**TINY["training"], "iterations": 8, "optimizer": {"lr": 0.05}},
+                   data={**TINY["data"], "folds": 2},
+                   training={**TINY["training"], "iterations": 6, "optimizer": {"lr": 0.05}},
                    scheduler={"type": "asha", "metric": "val_obj_dice", "grace_epochs": 1, "reduction_factor": 2},
                    validation={"n_boot": 0, "every": 2, "subset": 1})
-    nan = {"nan_at_iteration": 6, "nan_configs": ["bce"]}
+    nan = {"nan_at_iteration": 4, "nan_configs": ["bce"]}
     storage = tmp_path / "studies"
     # the reference: no sleep (the testing section is not part of the numerics, MLflow params or results)
     reference = run_study("launch", str(_space(tmp_path, **changes, testing=nan)), "--storage", str(storage),
@@ -275,6 +277,7 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     wait_for(lambda: len(_asha_log(study)) >= 1 and _snapshotted(study, "sweep", 0), timeout=300, proc=proc,
              log=log)
     assert not _state(study)["stages"].get("sweep", {}).get("done")
+    folds = (study / "folds.json").read_bytes()
     kill_group(proc)  # 1: mid-sweep
 
     status = json.loads(run_study("status", "killed", "--storage", str(storage), "--json", cwd=tmp_path).stdout)
@@ -289,6 +292,8 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "sweep: already done, skipped" in res.stdout and "Report:" in res.stdout
+    # the folds: made once, unchanged by the resumes, the same as the uninterrupted run's (one seed)
+    assert (study / "folds.json").read_bytes() == folds == (storage / "straight" / "folds.json").read_bytes()
     report = study / "report" / "report.md"
     text = report.read_text()
     assert "Table 2 analogue" in text and text.index("## Verdict") < text.index("## Hold-out results")
@@ -299,12 +304,16 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
                           for w in json.loads((st / "selection.json").read_text())["winners"]]
     assert winners(study) == winners(storage / "straight")
     assert sorted(w["loss"] for w in winners(study)) == ["dice", "dice"]  # the diverged configuration is out
+    assert all(len(w["fold_scores"]) >= 1 and "fold_spread" in w for w in winners(study))
     statuses = lambda st: {(r.info.run_name, r.info.status, r.data.tags.get("stopped_at_epoch"))  # noqa: E731
                            for r in _all_runs(st) if r.info.run_name != "study:" + st.name}
     assert statuses(study) == statuses(storage / "straight")
     stopped = {n: e for n, (_, e, _) in straight_asha.items() if e is not None}
     runs = _runs(study, "sweep")
-    assert len(runs) == 6 and len({r.data.tags["trial_id"] for r in runs}) == 6  # one run per trial
+    assert len(runs) == 12 and len({r.data.tags["trial_id"] for r in runs}) == 12  # one run per trial
+    assert sorted(r.data.params["fold"] for r in runs) == ["0"] * 6 + ["1"] * 6
+    assert all(r.data.tags["fold"] == r.data.params["fold"] and r.info.run_name.endswith(f"/f{r.data.params['fold']}")
+               for r in runs)
     for r in runs:
         label = r.info.run_name.removeprefix("sweep:")
         if r.data.tags["config"] == "bce":  # diverged: its reason in MLflow, no epoch logged
@@ -321,9 +330,18 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     assert {states[k] for k in states if k.startswith("bce")} == {"ERROR"}
     assert {states[k] for k in states if k in stopped} <= {"STOPPED"}
 
-    holdout = _runs(study, "holdout")
-    assert sorted(r.data.tags["config"] for r in holdout) == ["dice", "dice", "iw-dice", "iw-dice"]
-    assert len({r.data.tags["trial_id"] for r in holdout}) == 4
+    summary = json.loads((study / "holdout" / "summary.json").read_text())
+    assert sorted(summary["configs"]) == ["dice/s0", "dice/s1", "iw-dice/s0", "iw-dice/s1"]
+    # a fold ensemble averages the fold models of its configuration and seed that completed (ASHA stops some)
+    completed: dict[str, int] = {}
+    for label, (end, _, _) in straight_asha.items():
+        if end == "completed":
+            completed[label.rsplit("/", 1)[0]] = completed.get(label.rsplit("/", 1)[0], 0) + 1
+    assert {lb: c["fold_models"] for lb, c in summary["fold_ensembles"].items()} == completed
+    assert summary["holdout_models"] == "both" and summary["verdict_folds"]["entries"]
+    holdout = _runs(study, "holdout")  # the retrained winners' runs and the fold ensembles'
+    assert len({r.data.tags["trial_id"] for r in holdout}) == len(holdout) == 4 + len(completed)
+    assert "## Hold-out results of the fold ensembles (no retraining)" in text and "Cross-validation: 2 folds" in text
     assert all("holdout_avg_recall" in r.data.metrics for r in holdout)
     assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
 
@@ -341,7 +359,7 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
             rungs = [1, 2][: stopped.get(label, 2)]
             last = [] if label in stopped else [4]
             assert [s for s, _ in m["val_avg_recall"]] == rungs + last, name
-            assert [v for _, v in m["val_n_cases"]] == [1] * len(rungs) + [2] * len(last), name
+            assert [v for _, v in m["val_n_cases"]] == [1] * len(rungs) + [3] * len(last), name  # a fold's 3
             assert [s for s, _ in m["train_loss"]] == list(range(1, len(m["train_loss"]) + 1)), name
 
     # summary.json: every number identical (the same study twice on one machine, one run interrupted twice)
@@ -349,6 +367,12 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     b = _numbers(json.loads((study / "holdout" / "summary.json").read_text()))
     assert len(a) > 50 and a == b
     _check_predict(storage, study, tmp_path)  # the finished study also serves `study predict`
+    out = tmp_path / "predict_folds"
+    res = run_study("predict", study.name, "--storage", str(storage), "--input", str(tmp_path / "predict_in"),
+                    "--roi", str(tmp_path / "predict_roi"), "--output", str(out), "--config", "dice", "--ensemble",
+                    cwd=tmp_path)
+    assert res.returncode == 0 and "dice/s0 + dice/s1 (4 fold models)" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert len(list(out.glob("*_prob.nii.gz"))) == 2
     _check_relocated(study, tmp_path)  # after _check_predict: it reuses its inputs and outputs
     _check_finished_study(storage, storage / "straight", tmp_path)  # last: its browser part may skip
 
@@ -397,8 +421,11 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     for r in _runs(study, "sweep"):
         out = r.data.tags.get("stopped_at_epoch") or r.info.status == "FAILED"
         assert r.data.tags["selected"] == ("false" if out else "true"), r.info.run_name
-    for r in _runs(study, "holdout"):
-        assert r.data.tags["retrain_run_id"] in {x.info.run_id for x in _runs(study, "retrain")}
+    for r in _runs(study, "holdout"):  # linked to the run(s) of the model(s) it judges
+        if r.data.tags["trial_id"].startswith("folds:"):
+            assert set(r.data.tags["fold_run_ids"].split(",")) <= {x.info.run_id for x in _runs(study, "sweep")}
+        else:
+            assert r.data.tags["retrain_run_id"] in {x.info.run_id for x in _runs(study, "retrain")}
         assert {"holdout_avg_recall", "holdout_recall_at_0.125_fp"} <= set(r.data.metrics)
         files = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"records_any.json", "records_strict.json", "froc.png"} <= files
@@ -412,7 +439,7 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     proc, url = ui_check.start_ui(storage, study.name, tmp_path, tmp_path / "ui.log")
     try:
         ui_check.check_ui(url, Path(os.environ.get("STUDY_UI_SHOTS", tmp_path / "shots")),
-                          plain="dice/s0", iw="iw-dice/s0")
+                          plain="dice/s0/f0", iw="iw-dice/s0/f0")
     finally:
         ui_check.sigterm_leaves_nothing(proc, before)
 

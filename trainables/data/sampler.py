@@ -117,6 +117,7 @@ class PatchSampler:
         batch_size: samples per batch.
         iw: yield the inverse-weight map (else weight = ones).
         iw_clip: ``(w_min, w_max)``; None = the paper's Eq. 1 (no clip).
+        iw_power: ``p`` of ``iw.power`` (1: Eq. 1; :func:`trainables.weights.weights_from_labels`).
         lesion_prob: probability of a lesion-centred patch.
         seed: batch ``k`` is drawn from ``default_rng([seed, k])``.
         num_workers: background workers (0 = make each batch in the consumer's thread).
@@ -138,6 +139,7 @@ class PatchSampler:
         batch_size: int,
         iw: bool,
         iw_clip: tuple[float, float] | None = DEFAULT_CLIP,
+        iw_power: float = 1.0,
         lesion_prob: float = 0.5,
         seed: int = 0,
         num_workers: int = 1,
@@ -167,6 +169,9 @@ class PatchSampler:
         self.batch_size = int(batch_size)
         self.iw = bool(iw)
         self.iw_clip = None if iw_clip is None else (float(iw_clip[0]), float(iw_clip[1]))
+        self.iw_power = float(iw_power)
+        if not 0.0 <= self.iw_power <= 1.0:
+            raise DataError(f"iw_power must be in [0, 1], got {iw_power}")
         self.lesion_prob = float(lesion_prob)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
@@ -221,7 +226,7 @@ class PatchSampler:
             crop_padded(case.labels, box, 0, out=crop)
             np.not_equal(crop, 0, out=target[b, 0])
             if self.iw:
-                weights_from_labels(crop, clip=self.iw_clip, out=weight[b, 0])
+                weights_from_labels(crop, clip=self.iw_clip, out=weight[b, 0], power=self.iw_power)
             if regions is not None:
                 regions[b, 0] = voronoi_regions(crop)
         if not self.extras:
@@ -394,6 +399,7 @@ class PatchSampler:
             "batch_size": self.batch_size,
             "iw": self.iw,
             "iw_clip": self.iw_clip,
+            "iw_power": self.iw_power,
             "lesion_prob": self.lesion_prob,
             "seed": self.seed,
         }

@@ -55,6 +55,36 @@ def test_grid_is_enumerated_with_conditional_parameters():
     assert {t.seed for t in cfg.trials} == {0, 1}
 
 
+def test_a_cross_validated_grid_runs_every_configuration_and_seed_on_each_fold():
+    cfg = config_from_dict({"search": {"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]},
+                            "data": {"folds": 3}})
+    labels = [t.label for t in cfg.trials]
+    assert len(labels) == len(set(labels)) == 2 * 2 * 3
+    assert {lb.rsplit("/", 1)[1] for lb in labels} == {"f0", "f1", "f2"}
+    assert "iw-dice/s1/f2" in labels and cfg.holdout_models == "both"
+    assert all(t.as_dict()["fold"] == int(t.label[-1]) for t in cfg.trials)
+    plain = config_from_dict({"search": {"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]}})
+    assert [t.label for t in plain.trials] == ["dice/s0", "dice/s1", "iw-dice/s0", "iw-dice/s1"]
+    assert "fold" not in plain.trials[0].as_dict() and plain.holdout_models == "retrain"
+
+
+def test_iw_power_and_lr_are_swept_per_configuration_and_applied_to_the_trial():
+    cfg = config_from_dict({"search": {"losses": {"bce": {"iw": [False, True], "iw.power": [0, 0.5, 1]},
+                                                  "focal": {"optimizer.lr": [0.001, 0.1]}}, "seeds": [0]}})
+    labels = [t.label for t in cfg.trials]  # the plain configuration once (it has no iw strength)
+    assert labels == ["bce/s0", "iw-bce[iw.power=0]/s0", "iw-bce[iw.power=0.5]/s0", "iw-bce[iw.power=1]/s0",
+                      "focal[alpha=0.75,gamma=2,optimizer.lr=0.001]/s0", "focal[alpha=0.75,gamma=2,optimizer.lr=0.1]/s0"]
+    by = {t.label: t for t in cfg.trials}
+    half = by["iw-bce[iw.power=0.5]/s0"]
+    assert half.loss_params == {} and half.training_params == {"iw.power": 0.5}
+    assert cfg.for_trial(half).iw.power == 0.5 and cfg.for_trial(half).iw.clip == cfg.iw.clip
+    assert cfg.for_trial(by["bce/s0"]) is cfg and cfg.iw.power == 1.0
+    fast = by["focal[alpha=0.75,gamma=2,optimizer.lr=0.1]/s0"]
+    assert fast.loss_params == {"alpha": 0.75, "gamma": 2.0}
+    trained = cfg.for_trial(fast).training
+    assert trained.optimizer.lr == 0.1 and trained.optimizer.momentum == cfg.training.optimizer.momentum
+
+
 def test_numbers_are_normalised_before_identity():
     """2 and 2.0 are one value: ints become floats where the loss's parameter is a float, defaults are filled."""
     a = config_from_dict({"search": {"losses": {"focal": {"gamma": 2}}}})
@@ -107,6 +137,16 @@ def test_labels_never_round_distinct_values():
         ({"data": {"source": "cache", "path": "/nonexistent/cache"}}, "data.path", "does not exist"),
         ({"resources": {"gpu": -1}}, "resources.gpu", ">= 0"),
         ({"inference": {"batch_size": 0}}, "inference.batch_size", "[1, 64]"),
+        ({"data": {"folds": 1}}, "data.folds", "2 to 20 folds"),
+        ({"search": {"losses": {"bce": {"iw.power": 0.5}}}}, "search.losses.bce.iw.power", "needs iw: true"),
+        ({"search": {"losses": {"bce": {"iw": True, "iw.power": [0.5, 1.5]}}}}, "search.losses.bce.iw.power",
+         "1.5 is outside [0, 1]"),
+        ({"search": {"losses": {"bce": {"optimizer.lr": 0}}}}, "search.losses.bce.optimizer.lr", "must be > 0"),
+        ({"search": {"losses": {"bce": {"optimizer.momentum": 0.5}}}}, "search.losses.bce.optimizer.momentum",
+         "iw.power, optimizer.lr"),
+        ({"iw": {"power": 2}}, "iw.power", "outside [0, 1]"),
+        ({"evaluation": {"holdout_models": "folds"}}, "evaluation.holdout_models", "needs data.folds"),
+        ({"data": {"folds": 3}, "evaluation": {"holdout_models": "all"}}, "evaluation.holdout_models", "one of"),
     ],
 )
 def test_invalid_configs_name_file_and_key(tmp_path, data, key, needle):

@@ -41,6 +41,34 @@ def test_per_config_selection_averages_seeds_and_skips_errors():
     assert [e["trial"]["seed"] for e in sel["excluded"]] == [0]
 
 
+def _cv_results(scores):
+    """(alpha, seed, fold) -> val_avg_recall, as focal trials of a 2-fold sweep."""
+    out = []
+    for i, ((alpha, seed, fold), v) in enumerate(sorted(scores.items())):
+        spec = {"loss": "focal", "iw": False, "params": {"alpha": alpha, "gamma": 2.0}, "seed": seed, "fold": fold}
+        out.append(TrialOutcome(f"t{i:02d}", spec, "TERMINATED", {"val_avg_recall": v, "val_obj_dice": 0.5}, None,
+                                None, []))
+    return out
+
+
+def test_cross_validated_selection_averages_folds_and_seeds_and_says_when_the_lead_is_within_the_spread():
+    cfg = config_from_dict({"search": {"losses": {"focal": {"iw": False, "alpha": [0.25, 0.75]}}, "seeds": [0, 1]},
+                            "data": {"folds": 2}})
+    a = {(0.25, 0, 0): 0.50, (0.25, 1, 0): 0.70, (0.25, 0, 1): 0.30, (0.25, 1, 1): 0.10}  # folds 0.6, 0.2
+    b = {(0.75, 0, 0): 0.45, (0.75, 1, 0): 0.35, (0.75, 0, 1): 0.40, (0.75, 1, 1): 0.30}  # folds 0.4, 0.35
+    (w,) = select_winners(_cv_results({**a, **b}), cfg)["winners"]
+    assert w["params"]["alpha"] == 0.25 and w["score"] == pytest.approx(0.4)  # mean over folds and seeds
+    assert w["fold_scores"] == pytest.approx({"0": 0.6, "1": 0.2})
+    assert w["fold_spread"] == pytest.approx(0.2)  # population std of the fold means
+    assert w["lead"] == pytest.approx(0.4 - 0.375) and w["lead_within_fold_spread"] is True
+    ranking = select_winners(_cv_results({**a, **b}), cfg)["fold_ranking"]
+    assert [(r["params"]["alpha"], r["fold_spread"]) for r in ranking] == [(0.25, pytest.approx(0.2)),
+                                                                           (0.75, pytest.approx(0.025))]
+    low = {k: v - 0.3 for k, v in b.items()}  # the runner-up 0.3 lower: a lead of 0.325 beats the spread
+    (w,) = select_winners(_cv_results({**a, **low}), cfg)["winners"]
+    assert w["lead"] == pytest.approx(0.325) and w["lead_within_fold_spread"] is False
+
+
 def test_top_k_and_best_scope():
     a25, a75 = {"alpha": 0.25, "gamma": 2.0}, {"alpha": 0.75, "gamma": 2.0}
     hist = [{"val_avg_recall": 0.95}, {"val_avg_recall": 0.2}]
@@ -163,6 +191,12 @@ def test_iw_pairs_prefer_the_same_parameters_then_fall_back_to_the_plain_winner(
     assert pairs == [("bce", 0, "bce/s0", "iw-bce/s0"), ("bce", 1, "bce/s1", "iw-bce/s1"),
                      ("dice", 0, "dice[x=2]/s0", "iw-dice[x=2]/s0"),
                      ("focal", 0, "focal[a=0.5]/s0", "iw-focal[a=0.75]/s0")]
+    # two iw settings of one loss (an iw.power axis under top-k): a verdict each, both against the plain winner
+    strength = {"bce/s0": c("bce", False, 0), "bce/s1": c("bce", False, 1),
+                **{f"iw-bce[iw.power={p}]/s{s}": {**c("bce", True, s), "params": {"iw.power": p}}
+                   for p in (0.5, 1) for s in (0, 1)}}
+    assert sorted(iw_pairs(strength)) == [
+        (f"iw-bce[iw.power={p}]", s, f"bce/s{s}", f"iw-bce[iw.power={p}]/s{s}") for p in (0.5, 1) for s in (0, 1)]
 
 
 def test_epoch_history_keeps_one_result_per_epoch_and_the_last_measured_value():

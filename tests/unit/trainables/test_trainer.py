@@ -61,7 +61,7 @@ class Recorder:
         assert (Path(ckpt_dir) / STATE_FILE).is_file()
 
 
-def _first_batch_loss(config, weighted: bool) -> float:
+def _first_batch_loss(config, weighted: bool, power: float = 1.0) -> float:
     """The loss of the sampler's first batch under the trial's initial model, recomputed from outside."""
     study, trial = config["study"], config["trial"]
     t = study["training"]
@@ -70,10 +70,10 @@ def _first_batch_loss(config, weighted: bool) -> float:
     cache = Cache(study["data"]["cache_dir"])
     sampler = PatchSampler(cache, cache.case_ids(["train"]), patch_size=tuple(t["patch_size"]),
                            batch_size=t["batch_size"], iw=True, iw_clip=tuple(study["iw"]["clip"]),
-                           lesion_prob=t["lesion_prob"], seed=trial["seed"], num_workers=0)
+                           iw_power=power, lesion_prob=t["lesion_prob"], seed=trial["seed"], num_workers=0)
     batch = sampler.batch(0)
     assert (batch.weight > 1).any(), "the first batch holds no lesion: the test would prove nothing"
-    loss_fn = get_loss(trial["loss"], **trial["params"])
+    loss_fn = get_loss(trial["loss"], **{k: v for k, v in trial["params"].items() if "." not in k})
     with torch.no_grad():
         logits = model(torch.from_numpy(batch.image))
         weight = torch.from_numpy(batch.weight) if weighted else None
@@ -88,6 +88,19 @@ def test_the_iw_map_reaches_the_loss(cache_dir):
     reported = rec.metrics[0]["train_loss"]
     assert reported == pytest.approx(_first_batch_loss(config, weighted=True), rel=1e-5)
     assert abs(reported - _first_batch_loss(config, weighted=False)) > 1e-3
+
+
+def test_a_trials_iw_power_and_lr_reach_the_sampler_and_the_optimiser(cache_dir):
+    """A search space's iw.power and optimizer.lr for one trial: the first batch's loss is weighted by the
+    softened map (p = 0.5), not the paper's, and the optimiser runs at the trial's lr."""
+    config = _config(cache_dir, iw=True, epochs=1, training={"iterations": 1})
+    config["trial"]["params"] = {**config["trial"]["params"], "iw.power": 0.5, "optimizer.lr": 0.03}
+    rec = Recorder()
+    run_trial(config, state=None, report=rec)
+    reported = rec.metrics[0]["train_loss"]
+    assert reported == pytest.approx(_first_batch_loss(config, weighted=True, power=0.5), rel=1e-5)
+    assert abs(reported - _first_batch_loss(config, weighted=True)) > 1e-3
+    assert rec.metrics[0]["lr"] == pytest.approx(0.03)
 
 
 def test_a_plain_trial_gets_no_weight(cache_dir):

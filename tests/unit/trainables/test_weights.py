@@ -11,14 +11,15 @@ from scipy import ndimage
 from trainables.weights import DEFAULT_CLIP, inverse_weights, label_components, weights_from_labels
 
 
-def reference_weights(components: np.ndarray, clip: tuple[float, float] | None) -> np.ndarray:
+def reference_weights(components: np.ndarray, clip: tuple[float, float] | None, power: float = 1.0) -> np.ndarray:
     """The authors' ``cc2weight`` written out literally (slow, independent of the module's bincount/peeling):
-    ``K + 1 = len(unique(cc))``; every voxel of component i gets ``N / ((K + 1) * |cc == i|)``; then clip."""
+    ``K + 1 = len(unique(cc))``; every voxel of component i gets ``N / ((K + 1) * |cc == i|)`` (to the power
+    ``power``); then clip."""
     n = components.size
     ids = np.unique(components)
     weights = np.zeros(components.shape, dtype=np.float64)
     for i in ids:
-        weights[components == i] = n / (len(ids) * np.sum(components == i))
+        weights[components == i] = (n / (len(ids) * np.sum(components == i))) ** power
     if clip is not None:
         weights = np.clip(weights, *clip)
     return weights.astype(np.float32)
@@ -133,6 +134,28 @@ def test_values_match_literal_authors_formula() -> None:
         np.testing.assert_array_equal(inverse_weights(mask, clip=clip), reference_weights(components, clip))
 
 
+def test_power_softens_eq1_square_root_at_one_half_ones_at_zero() -> None:
+    """iw.power: p = 0.5 gives the square root of Eq. 1's weights (computed directly here), p = 0 all ones
+    (the plain loss), p = 1 exactly Eq. 1; the power comes before the clip."""
+    mask = separated_blobs()
+    n, k1 = mask.size, 4  # three lesions and the background
+    eq1 = np.empty(mask.shape)
+    eq1[...] = n / (k1 * (n - 36))
+    eq1[2:5, 2:5, 2:5], eq1[10:12, 10:12, 10:12], eq1[17, 3, 15] = n / (k1 * 27), n / (k1 * 8), n / k1
+    np.testing.assert_allclose(inverse_weights(mask, clip=None, power=0.5), np.sqrt(eq1), rtol=1e-6)
+    np.testing.assert_array_equal(inverse_weights(mask, clip=None, power=0.0), np.ones(mask.shape, np.float32))
+    np.testing.assert_array_equal(inverse_weights(mask, clip=None, power=1.0), inverse_weights(mask, clip=None))
+    clipped = inverse_weights(mask, clip=(1.0, 20.0), power=0.5)  # sqrt(2000) = 44.7 -> 20, sqrt(74.1) -> 8.6
+    np.testing.assert_allclose(clipped, np.clip(np.sqrt(eq1), 1.0, 20.0), rtol=1e-6)
+    rng = np.random.default_rng(4)
+    noisy = rng.random((16, 12, 10)) < 0.08
+    np.testing.assert_array_equal(inverse_weights(noisy, clip=DEFAULT_CLIP, power=0.5),
+                                  reference_weights(scipy_components(noisy), DEFAULT_CLIP, power=0.5))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="power must be in"):
+            inverse_weights(mask, power=bad)
+
+
 @pytest.mark.parametrize("clip", [None, DEFAULT_CLIP])
 def test_no_lesion_gives_ones(clip: tuple[float, float] | None) -> None:
     # K = 0: w = N / (1 * N) = 1.
@@ -245,6 +268,9 @@ def test_fast_path_equals_direct_path(case, id_offset: int) -> None:
         direct = inverse_weights(crop > 0, clip=clip)
         np.testing.assert_array_equal(fast, direct)
         np.testing.assert_array_equal(fast, reference_weights(crop, clip))
+        for power in (0.0, 0.5):  # iw.power: the two paths agree too
+            np.testing.assert_array_equal(weights_from_labels(crop, clip=clip, power=power),
+                                          inverse_weights(crop > 0, clip=clip, power=power))
 
 
 def test_fast_path_dense_foreground_matches_reference() -> None:

@@ -83,6 +83,22 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
     assert not storage.exists()
 
 
+def test_dry_run_of_a_three_fold_space_counts_every_fold(tmp_path, capsys):
+    space = tmp_path / "cv.yaml"
+    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())  # the demo's small network and patch
+    demo["data"] = {**demo.get("data", {}), "folds": 3}
+    demo["search"] = {"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]}
+    space.write_text(yaml.safe_dump(demo))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
+    out = capsys.readouterr().out
+    assert "12 sweep trial(s):" in out  # 2 configurations x 2 seeds x 3 folds
+    assert all(f"  {c}/s{s}/f{f}\n" in out for c in ("dice", "iw-dice") for s in (0, 1) for f in (0, 1, 2))
+    assert "cross-validation: 3 folds" in out and "the retrained winners and the fold ensembles" in out
+    e = demo["training"]["epochs"]
+    assert f"trial-epochs: sweep {12 * e}, retrain {4 * e} (4 retrained winner trial(s))" in out
+    assert "training step on this machine:" in out
+
+
 def test_gpu_trials_are_not_timed_on_the_cpu():
     """A CPU timing says nothing about GPU trials (and the paper's step takes minutes on a CPU head)."""
     from study.loader import config_from_dict
