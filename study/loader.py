@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import zlib
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 from pydantic import BaseModel
 
 from trainables.config import (  # noqa: F401  (re-exported: the driver's names for the shared types)
@@ -30,7 +32,7 @@ from trainables.config import (  # noqa: F401  (re-exported: the driver's names 
 from trainables.errors import ConfigError
 from trainables.io_utils import read_yaml
 from trainables.losses import LOSSES, PAPER_CONFIGS, canonical_params, loss_record
-from trainables.naming import trial_folder
+from trainables.naming import config_name, trial_folder
 
 
 class _Errors:
@@ -59,6 +61,63 @@ def _training_value(key: str, value: Any, errors: _Errors) -> float:
     return float(value)
 
 
+#: significant digits of a drawn value (the trial trains with the rounded value; labels stay readable)
+DRAW_DIGITS = 4
+
+
+class _Draw:
+    """A range of a search space, ``{low, high[, log]}``: drawn uniformly (log-uniformly with ``log: true``)."""
+
+    def __init__(self, low: float, high: float, log: bool):
+        self.low, self.high, self.log = low, high, log
+
+    def draw(self, rng: np.random.Generator) -> float:
+        if self.log:
+            value = float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+        else:
+            value = float(rng.uniform(self.low, self.high))
+        return float(f"{value:.{DRAW_DIGITS}g}")
+
+
+def _axis(key: str, value: Any, algorithm: str, errors: _Errors) -> list[Any] | _Draw:
+    """One axis of a loss entry: a list of choices (a single value is a list of one) or a range (a mapping)."""
+    if isinstance(value, dict):
+        extra = sorted(set(value) - {"low", "high", "log"})
+        if extra or not {"low", "high"} <= set(value):
+            errors.fail(key, f"a range is {{low: a, high: b}} or {{low: a, high: b, log: true}}, got {value!r}")
+        low, high, log = value["low"], value["high"], value.get("log", False)
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (low, high)):
+            errors.fail(key, f"low and high must be numbers, got {value!r}")
+        if not isinstance(log, bool):
+            errors.fail(f"{key}.log", f"must be true or false, got {log!r}")
+        if low >= high:
+            errors.fail(key, f"low ({low}) must be below high ({high})")
+        if log and low <= 0:
+            errors.fail(key, f"a log range needs low > 0, got {low}")
+        if algorithm == "grid":
+            errors.fail(key, "a range needs a search algorithm that draws (search.algorithm: random); a grid "
+                             "takes a value or a list of values")
+        return _Draw(float(low), float(high), log)
+    values = _as_list(value)
+    if not values:
+        errors.fail(key, "is an empty list")
+    return values
+
+
+def _draws(choices: dict[str, list[Any] | _Draw], n: int, seed: int, config: str) -> list[dict[str, Any]]:
+    """``n`` points of one configuration: every range drawn, every list sampled uniformly, from a generator
+    seeded by ``seed`` and the configuration's name (another entry in the space does not change them)."""
+    rng = np.random.default_rng([seed, zlib.crc32(config.encode())])
+    out = []
+    for _ in range(n):
+        point = {}
+        for name in sorted(choices):
+            axis = choices[name]
+            point[name] = axis.draw(rng) if isinstance(axis, _Draw) else axis[int(rng.integers(len(axis)))]
+        out.append(point)
+    return out
+
+
 def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = None) -> tuple[TrialSpec, ...]:
     """Expand the grid into explicit trials, validating every loss and parameter combination; with ``folds``,
     every (configuration, seed) once per fold."""
@@ -76,16 +135,19 @@ def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = 
             if v and not loss_record(loss).iw:
                 errors.fail(f"{key}.iw", f"{loss} is a baseline without inverse weighting (iw: false only)")
         names = sorted(axes)
-        value_lists = []
-        for name in names:
-            values = _as_list(axes[name])
-            if not values:
-                errors.fail(f"{key}.{name}", "is an empty list")
-            value_lists.append(values)
+        choices = {name: _axis(f"{key}.{name}", axes[name], search.algorithm, errors) for name in names}
         if len(set(iw_values)) != len(iw_values):
             errors.fail(f"{key}.iw", f"has duplicate values {iw_values!r}")
-        for combo in itertools.product(*value_lists):
-            given = dict(zip(names, combo))
+        if "iw.power" in names and True not in iw_values:
+            errors.fail(f"{key}.iw.power", "sets the strength of inverse weighting: it needs iw: true")
+        if search.algorithm == "grid":  # every combination, each with every iw value (the grid's order)
+            points = [(iw, dict(zip(names, combo)))
+                      for combo in itertools.product(*(choices[n] for n in names)) for iw in iw_values]
+        else:  # num_samples draws per configuration, seeded by the search seed and the configuration's name
+            points = [(iw, given) for iw in iw_values
+                      for given in _draws(choices, search.num_samples, search.seed, config_name(loss, iw))]
+        for iw, given in points:
+            power = given.pop("iw.power", None) if not iw else None  # a plain configuration has no iw strength
             training = {n: _training_value(f"{key}.{n}", v, errors) for n, v in given.items()
                         if n in TRAINING_HYPERPARAMETERS}
             try:
@@ -96,17 +158,14 @@ def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = 
                 bad = unknown[0] if unknown else next((n for n in names if f"{loss}: {n} must" in str(exc)), None)
                 message = str(exc) + (f"; besides its own parameters a loss takes {', '.join(TRAINING_HYPERPARAMETERS)}"
                                       if unknown else "")
+                if not unknown and isinstance(choices.get(bad), _Draw):
+                    message += f" (a draw of the range {axes[bad]}: narrow it)"
                 errors.fail(f"{key}.{bad}" if bad else key, message)
             where = f"{key}" + (f" ({', '.join(f'{n}={v!r}' for n, v in given.items())})" if given else "")
-            for iw in iw_values:
-                own = dict(training)
-                if "iw.power" in own and not iw:
-                    if True not in iw_values:
-                        errors.fail(f"{key}.iw.power", "sets the strength of inverse weighting: it needs iw: true")
-                    own.pop("iw.power")  # the plain configuration of a [false, true] entry has no iw strength
-                cell = (loss, iw, {**params, **own}, where)
-                if own == training or cell[:3] not in [c[:3] for c in cells]:  # the plain one once, not per power
-                    cells.append(cell)
+            cell = (loss, iw, {**params, **training}, where)
+            # the plain configuration once (not once per iw strength); a draw that repeats one is not run twice
+            if (power is None and search.algorithm == "grid") or cell[:3] not in [c[:3] for c in cells]:
+                cells.append(cell)
     for i, name in enumerate(search.configs):
         if name not in PAPER_CONFIGS:
             errors.fail("search.configs", f"unknown configuration {name!r}; known: {', '.join(PAPER_CONFIGS)}")

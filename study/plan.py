@@ -120,6 +120,12 @@ JUDGED = {"retrain": "the retrained winners", "folds": "the fold ensembles",
 def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
     lines = [f"{len(p['trials'])} sweep trial(s):"]
     lines += [f"  {label}" for label in p["trials"]]
+    if cfg.search.algorithm == "random":
+        configs = {t.config_name for t in cfg.trials}
+        settings = {t.label.rsplit("/", 2 if cfg.data.folds else 1)[0] for t in cfg.trials}
+        lines.append(f"random search: {cfg.search.num_samples} draw(s) per (loss, iw) configuration (search.seed "
+                     f"{cfg.search.seed}), each with every seed: {len(settings)} hyperparameter settings of "
+                     f"{len(configs)} configuration(s)")
     if cfg.data.folds:
         judged = JUDGED[cfg.holdout_models]
         lines.append(f"cross-validation: {cfg.data.folds} folds over the train and validation cases (folds.json, "

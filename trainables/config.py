@@ -279,6 +279,12 @@ TRAINING_HYPERPARAMETERS: dict[str, tuple[float, float, bool]] = {
     "iw.power": (0.0, 1.0, True),
     "optimizer.lr": (0.0, float("inf"), False),
 }
+#: what each of them sets (``study catalog``)
+TRAINING_HYPERPARAMETER_DOCS = {
+    "iw.power": ("a number in [0, 1]", "the strength of iw, w = clip((N / ((K+1)|L|))^p): 1 the paper's, 0 none "
+                                      "(iw configurations only)"),
+    "optimizer.lr": ("a number > 0", "the SGD learning rate of the configuration's trials"),
+}
 
 
 class InferenceConfig(Section):
@@ -556,6 +562,31 @@ class SearchConfig(Section):
     losses: dict[Str, dict[Str, Any] | None] = {}
     configs: tuple[Str, ...] = ()
     seeds: tuple[Int, ...] = (0,)
+    #: ``grid`` (every combination) or ``random`` (``num_samples`` draws per (loss, iw) configuration from the
+    #: lists and ranges ``{low, high[, log]}`` of its entry, seeded by ``seed``; seeds stay an axis of each draw)
+    algorithm: Str = "grid"
+    num_samples: Int | None = None
+    seed: Int = 0
+
+    def check(self, err: Err) -> None:
+        if self.algorithm not in SEARCH_ALGORITHMS:
+            err("algorithm", f"unknown search algorithm {self.algorithm!r}; known: {', '.join(SEARCH_ALGORITHMS)}")
+        if self.algorithm == "grid" and self.num_samples is not None:
+            err("num_samples", "is the number of draws of search.algorithm random; a grid runs every combination")
+        if self.algorithm != "grid" and (self.num_samples is None or self.num_samples < 1):
+            err("num_samples", f"search.algorithm {self.algorithm} needs num_samples >= 1 (draws per configuration), "
+                               f"got {self.num_samples}")
+
+
+#: how a search space's hyperparameters are searched (``search.algorithm``): what it runs, the axes it takes
+SEARCH_ALGORITHMS = {
+    "grid": ("every combination of the entry's values, each with every seed (the paper's 24 configurations)",
+             "a value or a list of values"),
+    "random": ("num_samples draws per (loss, iw) configuration, seeded by search.seed and the configuration's "
+               "name; each draw with every seed; drawn values rounded to 4 significant digits",
+               "a value, a list (one drawn uniformly) or a range {low: a, high: b} (uniform) / "
+               "{low: a, high: b, log: true} (log-uniform, a > 0)"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- study

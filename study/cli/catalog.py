@@ -1,9 +1,11 @@
 """``study catalog``: what a study can name, read from the registries' records.
 
 Losses (:data:`trainables.losses.LOSSES`), hit rules (:data:`trainables.metrics.HIT_RULES`), metric
-protocols (:data:`trainables.metrics.PROTOCOLS`) and preprocessing presets
-(:data:`trainables.data.preprocess.PRESETS`). ``--markdown`` prints the tables of docs/catalog.md
-holds (a test keeps the two equal), so a record added in code shows up in the CLI and the docs at once.
+protocols (:data:`trainables.metrics.PROTOCOLS`), preprocessing presets
+(:data:`trainables.data.preprocess.PRESETS`), search algorithms and the training hyperparameters a search space
+may set (:data:`trainables.config.SEARCH_ALGORITHMS`, :data:`trainables.config.TRAINING_HYPERPARAMETER_DOCS`).
+``--markdown`` prints the tables of docs/catalog.md holds (a test keeps the two equal), so a record added in code
+shows up in the CLI and the docs at once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 
 
 def register(sub) -> None:
-    p = sub.add_parser("catalog", help="the losses, hit rules, metric protocols and presets a study can name",
+    p = sub.add_parser("catalog", help="the losses, hit rules, metric protocols, presets and search algorithms a study can name",
                        description="Print every registered loss (with iw support and parameters), hit rule, "
                        "metric protocol and preprocessing preset, from their registry records.")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables (docs/catalog.md)")
@@ -25,6 +27,7 @@ def _param_text(params) -> str:
 
 def tables() -> list[tuple[str, Sequence[str], list[Sequence[str]]]]:
     """(title, header, rows) for each registry."""
+    from trainables.config import SEARCH_ALGORITHMS, TRAINING_HYPERPARAMETER_DOCS
     from trainables.data.preprocess import PRESETS
     from trainables.losses import LOSSES
     from trainables.metrics import HIT_RULES, PROTOCOLS
@@ -35,12 +38,16 @@ def tables() -> list[tuple[str, Sequence[str], list[Sequence[str]]]]:
               "yes" if r.strict else "no", r.doc, r.checked or "–") for r in HIT_RULES.values()]
     protocols = [(r.name, r.doc, r.checked or "–") for r in PROTOCOLS.values()]
     presets = [(p.name, "required" if p.roi_required else "optional", p.doc) for p in PRESETS.values()]
+    algorithms = [(name, runs, axes) for name, (runs, axes) in SEARCH_ALGORITHMS.items()]
+    training = [(name, accepts, doc) for name, (accepts, doc) in TRAINING_HYPERPARAMETER_DOCS.items()]
     return [
         ("Losses", ("loss", "iw", "what it is", "parameters (default, accepted values)", "source",
                     "checked against"), losses),
         ("Hit rules", ("rule", "default threshold", "strict", "a lesion is hit when", "checked against"), rules),
         ("Metric protocols", ("protocol", "what it reports", "checked against"), protocols),
         ("Preprocessing presets", ("preset", "ROI", "what it does"), presets),
+        ("Search algorithms", ("search.algorithm", "what it runs", "an axis of a loss entry is"), algorithms),
+        ("Training hyperparameters a loss entry may set", ("key", "accepted values", "what it sets"), training),
     ]
 
 

@@ -160,6 +160,7 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
             f"({cfg.selection.mode}) on validation, retrained on train+validation, last-epoch model evaluated.")))
         blocks.append(("p", search_line(summary.get("search"), cfg)))
     blocks.extend(fold_blocks(summary))
+    blocks.extend(hyperparameter_blocks(summary))
     blocks.append(("p", splits_line(summary)))
     blocks.append(("h2", "Hold-out results (Table 2 analogue)"))
     blocks.append(("p", (
@@ -208,6 +209,8 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
                 "size_groups": "Avg recall and object Dice by lesion size, mean over seeds with ± 1 std over "
                                "seeds on both panels (paper Fig. 3)",
                 "diameters": "Lesion diameters by split, the size-group cut-offs dotted (paper Fig. 2)",
+                "hyperparameters": "Sweep trials: validation score against each hyperparameter that varied "
+                                   "(one point per trial; iw filled, plain open)",
                 "curves": "Sweep trials per epoch: training loss, validation avg recall and object Dice "
                           "(validation every validation.every epochs): flat curves at the end = converged"}
     for key, path in figures.items():
@@ -220,6 +223,28 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
         "another machine (other CPU, other thread count, a GPU) changes the last bits of every SGD step, and "
         "models near a decision boundary (short iw training) can then differ visibly.")))
     return blocks
+
+
+def hyperparameter_blocks(summary: dict[str, Any]) -> list[tuple]:
+    """Which hyperparameters mattered: per configuration whose hyperparameters varied in the sweep, the share of
+    the validation score's variance each explains (fANOVA, :mod:`study.importance`), or why there is none."""
+    hyper = (summary.get("search") or {}).get("hyperparameters")
+    if not hyper:
+        return []
+    rows = []
+    for config, h in hyper.items():
+        if h.get("importance"):
+            shares = ", ".join(f"{k} {v:.2f}" for k, v in h["importance"].items())
+        else:
+            shares = f"– ({h.get('why')})"
+        rows.append([config, str(h.get("n")), ", ".join(h.get("varying") or []), shares])
+    metric = next(iter(hyper.values())).get("metric", "the selection metric")
+    return [("h2", "Which hyperparameters mattered"),
+            ("p", f"Per configuration, the share of the variance of its sweep trials' {metric} that each "
+                  "hyperparameter explains (fANOVA: Optuna's FanovaImportanceEvaluator over the finished trials, "
+                  "seeds and folds as separate points; shares sum to 1). The figure hyperparameters.png shows "
+                  "every trial's score against each hyperparameter."),
+            ("table", ["configuration", "trials", "varied", "importance"], rows)]
 
 
 def fold_blocks(summary: dict[str, Any]) -> list[tuple]:
@@ -360,7 +385,13 @@ def display_names(labels) -> dict[str, str]:
 
 
 def write_figures(summary: dict[str, Any], out_dir: Path, curves: dict[str, list] | None = None) -> dict[str, str]:
-    from trainables.metrics.plots import plot_diameters, plot_froc, plot_size_groups, plot_training_curves
+    from trainables.metrics.plots import (
+        plot_diameters,
+        plot_froc,
+        plot_hyperparameters,
+        plot_size_groups,
+        plot_training_curves,
+    )
 
     configs = summary["configs"]
     short = display_names(list(configs))
@@ -375,6 +406,11 @@ def write_figures(summary: dict[str, Any], out_dir: Path, curves: dict[str, list
     if diam:
         figures["diameters"] = str(plot_diameters(diam, out_dir / "diameters.png",
                                                   cutoffs_mm=summary.get("size_cutoffs_mm") or ()))
+    hyper = (summary.get("search") or {}).get("hyperparameters")
+    if hyper:
+        figures["hyperparameters"] = str(plot_hyperparameters({c: h["points"] for c, h in hyper.items()},
+                                                              out_dir / "hyperparameters.png",
+                                                              metric=next(iter(hyper.values()))["metric"]))
     if curves:
         short = display_names(list(curves))
         figures["curves"] = str(plot_training_curves({short[k]: v for k, v in curves.items()}, out_dir / "curves.png"))

@@ -252,6 +252,8 @@ def search_summary(ctx: StudyContext) -> dict[str, Any]:
         out["folds"] = {config_label(w): {
             k: w.get(k) for k in ("score", "fold_scores", "fold_spread", "lead", "lead_within_fold_spread")}
             for w in ctx.dir.read_selection()["winners"]}
+    if ctx.dir.selection_file.is_file() and ctx.dir.read_selection().get("hyperparameters"):
+        out["hyperparameters"] = ctx.dir.read_selection()["hyperparameters"]
     if cfg.scheduler.type == "asha":
         sch = cfg.scheduler
         out.update(metric=sch.metric, reduction_factor=sch.reduction_factor, stopped=sweep.get("stopped"),

@@ -107,6 +107,11 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
                                for p in ranked]
     if cfg.scheduler.type == "asha":
         out["asha"] = {"max_epochs": epochs, "judged_at_epoch": top, "stopped": stopped}
+    from study.importance import hyperparameter_summary
+
+    hyper = hyperparameter_summary(finished, sel.metric, lambda r: _score(r, sel.metric, sel.scope))
+    if hyper:  # which hyperparameters mattered, per configuration (the report's section and figure)
+        out["hyperparameters"] = hyper
     return out
 
 

@@ -353,3 +353,47 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
     fig.suptitle(title or f"Sweep trials ({len(names)}: {len(set(configs))} configurations × ~{n_seeds} seeds)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_hyperparameters(configs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, *,
+                         metric: str = "val_avg_recall", title: str | None = None) -> Path:
+    """Validation score against each numeric hyperparameter that varied: one panel per hyperparameter, one point
+    per sweep trial (seeds and folds as separate points), one colour per configuration (iw filled, plain open).
+
+    Args:
+        configs: configuration (``iw-focal``) -> its points ``{"params", "seed", "score"}`` (selection.json's
+            ``hyperparameters.<config>.points``).
+        path: PNG to write.
+    """
+    names: list[str] = []
+    for points in configs.values():
+        for p in points:
+            for k, v in p["params"].items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in names:
+                    if len({q["params"].get(k) for pts in configs.values() for q in pts}) > 1:
+                        names.append(k)
+    names.sort()
+    colours = _colours(list(configs))
+    fig = Figure(figsize=(4.2 * max(1, len(names)), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(names))))
+    for ax, name in zip(axes, names):
+        for config, points in configs.items():
+            pts = [(p["params"][name], p["score"]) for p in points if name in p["params"]]
+            if not pts:
+                continue
+            x, y = zip(*pts)
+            iw = config.startswith(_IW_PREFIX)
+            ax.scatter(x, y, s=22, color=colours[_family(config)] if iw else "none",
+                       edgecolors=colours[_family(config)], label=config, alpha=0.85)
+        if name.endswith(".lr"):  # learning rates are searched on a log scale
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"validation {metric.removeprefix('val_')}")
+        ax.grid(alpha=0.3)
+    if not names:
+        axes[0].text(0.5, 0.5, "no numeric hyperparameter varied", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(title or "Sweep trials: validation score against each hyperparameter (one point per trial)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -85,6 +86,34 @@ def test_iw_power_and_lr_are_swept_per_configuration_and_applied_to_the_trial():
     assert trained.optimizer.lr == 0.1 and trained.optimizer.momentum == cfg.training.optimizer.momentum
 
 
+def _random_space(seed=1, n=3, **losses):
+    return {"search": {"algorithm": "random", "num_samples": n, "seed": seed, "seeds": [0, 1],
+                       "losses": losses or {"focal": {"iw": [False, True], "alpha": {"low": 0.2, "high": 0.9},
+                                                      "gamma": [1.0, 2.0, 3.0],
+                                                      "optimizer.lr": {"low": 1e-3, "high": 1e-1, "log": True}}}}}
+
+
+def test_random_search_draws_n_points_per_configuration_reproducibly_with_seeds_as_an_axis():
+    cfg = config_from_dict(_random_space())
+    by_config: dict[str, set[str]] = {}
+    for t in cfg.trials:
+        by_config.setdefault(t.config_name, set()).add(t.label.rsplit("/", 1)[0])
+        p = t.params
+        assert 0.2 <= p["alpha"] <= 0.9 and p["gamma"] in (1.0, 2.0, 3.0) and 1e-3 <= p["optimizer.lr"] <= 1e-1
+        assert float(f"{p['alpha']:.4g}") == p["alpha"]  # drawn values are rounded to 4 significant digits
+    assert {c: len(v) for c, v in by_config.items()} == {"focal": 3, "iw-focal": 3}
+    assert len(cfg.trials) == 3 * 2 * 2  # draws x configurations x seeds: every draw with every seed
+    labels = [t.label for t in cfg.trials]
+    assert labels == [t.label for t in config_from_dict(_random_space()).trials]  # the same seed: the same draws
+    assert labels != [t.label for t in config_from_dict(_random_space(seed=2)).trials]
+    # another entry in the space does not change a configuration's draws
+    more = config_from_dict(_random_space(**_random_space()["search"]["losses"], bce={"iw": [False, True]}))
+    assert [t.label for t in more.trials if t.loss == "focal"] == labels
+    # log ranges are drawn log-uniformly: over many draws about half fall below the geometric mean
+    lrs = [t.params["optimizer.lr"] for t in config_from_dict(_random_space(n=400)).trials if t.seed == 0]
+    assert 0.4 < np.mean(np.array(lrs) < 1e-2) < 0.6
+
+
 def test_numbers_are_normalised_before_identity():
     """2 and 2.0 are one value: ints become floats where the loss's parameter is a float, defaults are filled."""
     a = config_from_dict({"search": {"losses": {"focal": {"gamma": 2}}}})
@@ -138,6 +167,22 @@ def test_labels_never_round_distinct_values():
         ({"resources": {"gpu": -1}}, "resources.gpu", ">= 0"),
         ({"inference": {"batch_size": 0}}, "inference.batch_size", "[1, 64]"),
         ({"data": {"folds": 1}}, "data.folds", "2 to 20 folds"),
+        ({"search": {"losses": {"focal": {"alpha": {"low": 0.2, "high": 0.9}}}}}, "search.losses.focal.alpha",
+         "a range needs a search algorithm that draws"),
+        ({"search": {"algorithm": "random", "num_samples": 2, "losses": {"focal": {"alpha": {"low": 0.9, "high": 0.2}}}}},
+         "search.losses.focal.alpha", "low (0.9) must be below high (0.2)"),
+        ({"search": {"algorithm": "random", "num_samples": 2, "losses": {"focal": {"alpha": {"low": 0, "high": 0.5,
+                                                                                          "log": True}}}}},
+         "search.losses.focal.alpha", "a log range needs low > 0"),
+        ({"search": {"algorithm": "random", "num_samples": 2, "losses": {"focal": {"beta": {"low": 1, "high": 2}}}}},
+         "search.losses.focal.beta", "unknown parameter"),
+        ({"search": {"algorithm": "random", "num_samples": 4, "losses": {"focal": {"alpha": {"low": 0.5, "high": 3}}}}},
+         "search.losses.focal.alpha", "narrow it"),
+        ({"search": {"algorithm": "random", "num_samples": 0, "losses": {"focal": {}}}}, "search.num_samples", ">= 1"),
+        ({"search": {"algorithm": "random", "losses": {"focal": {}}}}, "search.num_samples", ">= 1"),
+        ({"search": {"num_samples": 3, "losses": {"focal": {}}}}, "search.num_samples", "a grid runs every"),
+        ({"search": {"algorithm": "bayes", "num_samples": 3, "losses": {"focal": {}}}}, "search.algorithm",
+         "known: grid, random"),
         ({"search": {"losses": {"bce": {"iw.power": 0.5}}}}, "search.losses.bce.iw.power", "needs iw: true"),
         ({"search": {"losses": {"bce": {"iw": True, "iw.power": [0.5, 1.5]}}}}, "search.losses.bce.iw.power",
          "1.5 is outside [0, 1]"),

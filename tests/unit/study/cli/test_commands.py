@@ -99,6 +99,20 @@ def test_dry_run_of_a_three_fold_space_counts_every_fold(tmp_path, capsys):
     assert "training step on this machine:" in out
 
 
+def test_dry_run_of_a_random_search_lists_its_draws(tmp_path, capsys):
+    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
+    demo["search"] = {"algorithm": "random", "num_samples": 3, "seed": 5, "seeds": [0, 1],
+                      "losses": {"focal": {"iw": [False, True], "alpha": {"low": 0.25, "high": 0.9}}}}
+    space = tmp_path / "random.yaml"
+    space.write_text(yaml.safe_dump(demo))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(space)
+    assert "12 sweep trial(s):" in out and all(f"  {t.label}\n" in out for t in cfg.trials)
+    assert "random search: 3 draw(s) per (loss, iw) configuration (search.seed 5), each with every seed: 6 " \
+           "hyperparameter settings of 2 configuration(s)" in out
+
+
 def test_gpu_trials_are_not_timed_on_the_cpu():
     """A CPU timing says nothing about GPU trials (and the paper's step takes minutes on a CPU head)."""
     from study.loader import config_from_dict
