@@ -22,7 +22,7 @@ MIN_POINTS = 6
 def hyperparameter_points(results: Iterable[Any], metric: str, score) -> dict[str, list[dict[str, Any]]]:
     """Configuration name -> one point per finished trial: ``{"params", "seed", "fold", "score"}``.
     ``score(outcome)``: the trial's selection score (None: left out)."""
-    from trainables.naming import config_name
+    from trainables.naming import config_group
 
     out: dict[str, list[dict[str, Any]]] = {}
     for r in results:
@@ -30,7 +30,7 @@ def hyperparameter_points(results: Iterable[Any], metric: str, score) -> dict[st
         if value is None:
             continue
         spec = r.spec
-        out.setdefault(config_name(spec["loss"], spec["iw"]), []).append(
+        out.setdefault(config_group(spec), []).append(
             {"params": dict(spec.get("params") or {}), "seed": spec["seed"], "fold": spec.get("fold"),
              "score": float(value)})
     return out

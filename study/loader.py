@@ -32,7 +32,7 @@ from trainables.config import (  # noqa: F401  (re-exported: the driver's names 
 from trainables.errors import ConfigError
 from trainables.io_utils import read_yaml
 from trainables.losses import LOSSES, PAPER_CONFIGS, canonical_params, loss_record
-from trainables.naming import config_name, trial_folder
+from trainables.naming import NETWORK_PARAM, config_name, trial_folder
 
 
 class _Errors:
@@ -174,6 +174,9 @@ def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = 
                       f"search.configs[{i}] ({name!r})"))
     if not cells:
         errors.fail("search", "defines no trial: give search.losses and/or search.configs")
+    if search.models:  # networks: an axis over every configuration (selected and judged per network)
+        cells = [(loss, iw, {**params, NETWORK_PARAM: network}, f"{where} on {network}")
+                 for network in search.models for loss, iw, params, where in cells]
     if not search.seeds:
         errors.fail("search.seeds", "needs at least one seed")
     if len(set(search.seeds)) != len(search.seeds):

@@ -16,13 +16,14 @@ import time
 from typing import Any
 
 from trainables.config import StudyConfig
+from trainables.naming import config_group
 
 
 def winners_per_seed(cfg: StudyConfig) -> int:
     """How many configurations the selection keeps (each retrained once per seed)."""
     if cfg.selection.mode == "top-k":
         return min(cfg.selection.k, len({(t.loss, t.iw, str(t.params)) for t in cfg.trials}))
-    return len({(t.loss, t.iw) for t in cfg.trials})
+    return len({config_group(t.as_dict()) for t in cfg.trials})
 
 
 def _windows_per_case(cfg: StudyConfig) -> int | None:
@@ -40,7 +41,7 @@ def _forward_seconds(cfg: StudyConfig) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.resources.threads)
     try:
-        model = build_model(cfg.model).eval()
+        model = build_model(cfg.model, cfg.training.patch_size).eval()
         x = torch.rand((1, 1, *cfg.inference.window))
         with torch.inference_mode():
             model(x)
@@ -92,7 +93,8 @@ def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True)
     if windows is not None:
         n_val_cases = max(1, round(cfg.data.phantom.cases / 4))
         validations = sum(1 for e in range(t.epochs) if (e + 1) % cfg.validation.every == 0 or e + 1 == t.epochs)
-        val_seconds = n_sweep * validations * n_val_cases * windows * _forward_seconds(cfg)
+        passes = 8 if cfg.inference.tta == "mirror" else 1  # test-time mirroring: 8 flips per window
+        val_seconds = n_sweep * validations * n_val_cases * windows * passes * _forward_seconds(cfg)
     out["validation_seconds"] = val_seconds
     out["estimate_seconds"] = (steps * step + val_seconds) / parallel
     return out

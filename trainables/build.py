@@ -7,22 +7,23 @@ check), so that none of them needs another's internals and no import goes round 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainables.config import LrScheduleConfig, ModelConfig, OptimizerConfig
-from trainables.unet import UNet3D
+from trainables.networks import network_record
 
 #: the file of a trial checkpoint that holds its state (model, optimizer, schedule, scaler, sampler, epoch)
 STATE_FILE = "state.pt"
 
 
-def build_model(model: ModelConfig) -> UNet3D:
-    """The U-Net described by the study's ``model`` section (never compiled: see :func:`compiled`)."""
-    return UNet3D(in_channels=model.in_channels, out_channels=1, width=model.width,
-                  channels_last=model.channels_last)
+def build_model(model: ModelConfig, patch_size: Sequence[int] = (128, 128, 128)) -> torch.nn.Module:
+    """The network of the study's ``model`` section (:data:`trainables.networks.NETWORKS`; a dynunet is planned
+    for ``patch_size``, the study's ``training.patch_size``), never compiled (see :func:`compiled`)."""
+    return network_record(model.network).build(model, tuple(patch_size))
 
 
 def compiled(model: torch.nn.Module, enabled: bool | None) -> torch.nn.Module:

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from trainables.errors import ConfigError
-from trainables.naming import config_name, trial_label
+from trainables.naming import NETWORK_PARAM, config_name, trial_label
 
 Int = StrictInt
 Bool = StrictBool
@@ -173,14 +173,30 @@ class ModelConfig(Section):
     step against the eager one on a GPU node (kept if it is at least 5 % faster).
     """
 
+    #: the architecture (:data:`trainables.networks.NETWORKS`): unet2020 (the authors'), dynunet, segresnet
+    network: Str = "unet2020"
     width: Float = 1.0
     in_channels: Int = 1
     channels_last: Bool | None = None
     compile: Bool | None = None
+    #: dynunet: train the decoder's lower-resolution heads too (nnU-Net's deep supervision weights)
+    deep_supervision: Bool = False
+    #: dynunet: the voxel spacing (z, y, x) its kernels and strides are planned for; null = isotropic
+    spacing: tuple[Float, Float, Float] | None = None
 
     def check(self, err: Err) -> None:
+        from trainables.networks import MONAI_INSTALL, NETWORKS, monai_available
+
         if not 0 < self.width <= 4:
             err("width", "must be in (0, 4]")
+        if self.network not in NETWORKS:
+            err("network", f"unknown network {self.network!r}; known: {', '.join(NETWORKS)}")
+        if NETWORKS[self.network].monai and not monai_available():
+            err("network", f"{self.network} is a MONAI network and MONAI is not installed here: {MONAI_INSTALL}")
+        if self.deep_supervision and self.network != "dynunet":
+            err("deep_supervision", f"only dynunet has deep supervision, not {self.network}")
+        if self.spacing is not None and (self.network != "dynunet" or min(self.spacing) <= 0):
+            err("spacing", "plans a dynunet's kernels and strides: positive (z, y, x) spacing, dynunet only")
 
 
 class OptimizerConfig(Section):
@@ -298,10 +314,15 @@ class InferenceConfig(Section):
     stride: Size3 = (144, 144, 144)
     blending: Str = "uniform"
     batch_size: Int | None = None
+    #: test-time augmentation: ``none`` or ``mirror`` (every window also flipped along each subset of the three
+    #: axes, the 8 logits averaged: nnU-Net's default), in validation, hold-out and predict
+    tta: Str = "none"
 
     def check(self, err: Err) -> None:
         if any(w < 8 or w % 8 for w in self.window):
             err("window", "every side must be a positive multiple of 8")
+        if self.tta not in ("none", "mirror"):
+            err("tta", f"must be 'none' or 'mirror' (8 flips averaged), got {self.tta!r}")
         if any(s < 1 or s > w for s, w in zip(self.stride, self.window)):
             err("stride", "every side must be in [1, window]")
         if self.blending not in ("uniform", "gaussian"):
@@ -527,12 +548,13 @@ class TrialSpec(Section):
     @property
     def loss_params(self) -> dict[str, Any]:
         """The loss's own parameters (what :func:`trainables.losses.get_loss` takes)."""
-        return {k: v for k, v in self.params.items() if k not in TRAINING_HYPERPARAMETERS}
+        return {k: v for k, v in self.params.items() if k not in TRAINING_HYPERPARAMETERS and k != NETWORK_PARAM}
 
     @property
     def training_params(self) -> dict[str, Any]:
-        """The training hyperparameters this trial sets (:data:`TRAINING_HYPERPARAMETERS`), e.g. ``iw.power``."""
-        return {k: v for k, v in self.params.items() if k in TRAINING_HYPERPARAMETERS}
+        """The training hyperparameters this trial sets (:data:`TRAINING_HYPERPARAMETERS`, e.g. ``iw.power``)
+        and its network (``model.network``, a search over networks)."""
+        return {k: v for k, v in self.params.items() if k in TRAINING_HYPERPARAMETERS or k == NETWORK_PARAM}
 
     @property
     def label(self) -> str:
@@ -562,6 +584,8 @@ class SearchConfig(Section):
     losses: dict[Str, dict[Str, Any] | None] = {}
     configs: tuple[Str, ...] = ()
     seeds: tuple[Int, ...] = (0,)
+    #: networks as an axis over everything (:data:`trainables.networks.NETWORKS`); empty = ``model.network``
+    models: tuple[Str, ...] = ()
     #: ``grid`` (every combination) or ``random`` (``num_samples`` draws per (loss, iw) configuration from the
     #: lists and ranges ``{low, high[, log]}`` of its entry, seeded by ``seed``; seeds stay an axis of each draw)
     algorithm: Str = "grid"
@@ -569,6 +593,15 @@ class SearchConfig(Section):
     seed: Int = 0
 
     def check(self, err: Err) -> None:
+        from trainables.networks import MONAI_INSTALL, NETWORKS, monai_available
+
+        for name in self.models:
+            if name not in NETWORKS:
+                err("models", f"unknown network {name!r}; known: {', '.join(NETWORKS)}")
+            if NETWORKS[name].monai and not monai_available():
+                err("models", f"{name} is a MONAI network and MONAI is not installed here: {MONAI_INSTALL}")
+        if len(set(self.models)) != len(self.models):
+            err("models", f"has duplicate networks {list(self.models)}")
         if self.algorithm not in SEARCH_ALGORITHMS:
             err("algorithm", f"unknown search algorithm {self.algorithm!r}; known: {', '.join(SEARCH_ALGORITHMS)}")
         if self.algorithm == "grid" and self.num_samples is not None:
@@ -617,6 +650,18 @@ class StudyConfig(Section):
     trials: tuple[TrialSpec, ...] = ()
 
     def check(self, err: Err) -> None:
+        from trainables.networks import NETWORKS
+
+        for network in self.search.models or (self.model.network,):
+            model = self.model.model_copy(update={"network": network})
+            div = NETWORKS[network].divisor(model, self.training.patch_size)
+            for key, sides in (("training.patch_size", self.training.patch_size),
+                               ("inference.window", self.inference.window)):
+                if any(s % d for s, d in zip(sides, div)):
+                    err(key, f"{list(sides)}: every side must be a multiple of {list(div)} for {network} "
+                             f"(its downsamplings for a {list(self.training.patch_size)} patch)")
+        if self.model.deep_supervision and self.search.models and set(self.search.models) != {"dynunet"}:
+            err("model.deep_supervision", "only dynunet has deep supervision; set it on a study of dynunet alone")
         if self.evaluation.holdout_models in ("folds", "both") and self.data.folds is None:
             err("evaluation.holdout_models", f"{self.evaluation.holdout_models!r} judges the fold models: it needs "
                                              "data.folds")
@@ -660,6 +705,8 @@ class StudyConfig(Section):
         if "optimizer.lr" in hp:
             opt = self.training.optimizer.model_copy(update={"lr": float(hp["optimizer.lr"])})
             update["training"] = self.training.model_copy(update={"optimizer": opt})
+        if NETWORK_PARAM in hp:
+            update["model"] = self.model.model_copy(update={"network": hp[NETWORK_PARAM]})
         return self.model_copy(update=update)
 
     @property

@@ -47,6 +47,7 @@ def predict_volume(
         device=device,
         batch_size=inference.batch_size,
         amp=None if precision is None else precision.dtype,
+        tta=inference.tta,
     )
     masks = {t: (logits > math.log(t / (1.0 - t))).cpu().numpy() for t in thresholds}
     return logits.cpu().numpy(), masks
@@ -67,7 +68,7 @@ def predict_ensemble_volume(
     for model in models:
         logits = sliding_window_logits(model, np.asarray(image), window=inference.window, stride=inference.stride,
                                        blending=inference.blending, device=device, batch_size=inference.batch_size,
-                                       amp=None if precision is None else precision.dtype)
+                                       amp=None if precision is None else precision.dtype, tta=inference.tta)
         p = torch.sigmoid(logits)
         prob = p if prob is None else prob.add_(p)
     prob /= len(models)
@@ -176,6 +177,8 @@ def holdout_records(
     out = Path(out_dir)
     thresholds = {"": 0.5} if calibrated is None else {"": 0.5, "_calibrated": float(calibrated)}
     paths = {f"{name}{suffix}": str(out / f"records_{name}{suffix}.json") for name in rules for suffix in thresholds}
+    if study.inference.tta != "none":
+        paths.update({f"{name}_notta": str(out / f"records_{name}_notta.json") for name in rules})
     if all(Path(p).is_file() for p in paths.values()):
         return paths
     torch.set_num_threads(study.resources.threads)
@@ -184,7 +187,7 @@ def holdout_records(
     checkpoints = [checkpoint_dir] if isinstance(checkpoint_dir, str) else list(checkpoint_dir)
     models = []
     for ckpt in checkpoints:
-        model = build_model(study.model)
+        model = build_model(study.model, study.training.patch_size)
         model.load_state_dict(load_state(ckpt)["model"])
         models.append(model.to(device))
     cache = Cache(study.data.cache_dir)
@@ -196,9 +199,17 @@ def holdout_records(
     )
     out.mkdir(parents=True, exist_ok=True)
     meta = {"checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
-            "splits": list(study.data.holdout)}
+            "splits": list(study.data.holdout), "tta": study.inference.tta}
     for suffix, t in thresholds.items():
         for name, recordset in records[t].items():
             save_records(paths[f"{name}{suffix}"], recordset,
                          meta={**meta, "hit_rule": list(rules[name]), "threshold": t})
+    if study.inference.tta != "none":  # the same models without test-time augmentation, for the comparison
+        plain = predict_records(
+            models, cache, case_ids, inference=study.inference.model_copy(update={"tta": "none"}), rules=rules,
+            device=device, precision=Precision.for_device(device, study.training.amp), thresholds=[0.5])
+        for name, recordset in plain[0.5].items():
+            paths[f"{name}_notta"] = str(out / f"records_{name}_notta.json")
+            save_records(paths[f"{name}_notta"], recordset,
+                         meta={**meta, "tta": "none", "hit_rule": list(rules[name]), "threshold": 0.5})
     return paths

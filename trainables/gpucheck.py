@@ -214,7 +214,7 @@ def section_loop(device: torch.device, sizes: Sizes, seconds: float, *, cache_ro
     study = _study(sizes, amp=True)
     t = study.training
     torch.manual_seed(0)
-    model = build_model(study.model).to(device)
+    model = build_model(study.model, study.training.patch_size).to(device)
     opt = build_optimizer(model, t.optimizer)
     precision = Precision.for_device(device, t.amp)
     scaler = precision.scaler()

@@ -84,7 +84,8 @@ def sliding_window_logits(
     batch_size: int | None = 1,
     amp: torch.dtype | None = None,
     pad_value: float | None = None,
-    divisible: int = 8,
+    divisible: int | Sequence[int] | None = None,
+    tta: str = "none",
     progress: bool = False,
 ) -> torch.Tensor:
     """Logits of a whole volume from a model applied to overlapping windows, left on ``device``.
@@ -108,7 +109,10 @@ def sliding_window_logits(
             their :attr:`trainables.step.Precision.dtype`, so inference runs in the dtype the model was trained
             in), or ``None`` for float32. The output stays float32.
         pad_value: value of the padding for volumes smaller than the window (default: the image minimum).
-        divisible: required divisor of the window sides (the U-Net pools three times: 8).
+        divisible: required divisor of the window sides, one or per axis; None = the model's ``divisor`` (the
+            networks of :mod:`trainables.networks` have one; 8 otherwise, the U-Net's three poolings).
+        tta: ``"none"`` or ``"mirror"``: every window is also predicted flipped along each subset of the three
+            axes and the 8 logits (flipped back) are averaged (nnU-Net's test-time mirroring).
         progress: print a window counter to stderr.
 
     Returns:
@@ -121,8 +125,14 @@ def sliding_window_logits(
     stride = tuple(int(s) for s in stride)
     if len(window) != 3 or len(stride) != 3:
         raise ValueError(f"window and stride need 3 values each, got {window} and {stride}")
-    if any(w <= 0 or w % divisible for w in window):
-        raise ValueError(f"window sides must be positive multiples of {divisible}, got {window}")
+    if divisible is None:
+        divisible = getattr(model, "divisor", 8)
+    div = (int(divisible),) * 3 if isinstance(divisible, int) else tuple(int(d) for d in divisible)
+    if any(w <= 0 or w % d for w, d in zip(window, div)):
+        raise ValueError(f"window sides must be positive multiples of {div if len(set(div)) > 1 else div[0]}, "
+                         f"got {window}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if any(not 1 <= s <= w for s, w in zip(stride, window)):
         raise ValueError(f"stride must be in [1, window] per axis, got stride {stride} for window {window}")
     if batch_size is not None and batch_size < 1:
@@ -159,7 +169,7 @@ def sliding_window_logits(
             while b < len(corners):
                 n = 1 if batch_size is None else min(batch_size, len(corners) - b)
                 slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in corners[b : b + n]]
-                out = _forward_windows(model, x, slices, window, device, autocast)
+                out = _forward_windows(model, x, slices, window, device, autocast, tta == "mirror")
                 if out is None:  # a batch ran out of GPU memory: half of it, same windows
                     batch_size = max(1, n // 2)
                     continue
@@ -215,7 +225,7 @@ class _Stitch:
             return cls.allocate(shape, uniform, torch.device("cpu"))
 
 
-def _forward_windows(model, x, slices, window, device, autocast) -> torch.Tensor | None:
+def _forward_windows(model, x, slices, window, device, autocast, mirror: bool = False) -> torch.Tensor | None:
     """Logits ``(n, *window)`` float32 of the windows ``slices`` of ``x``, on ``device``; None when a batch of
     several windows ran out of GPU memory (the caller splits it)."""
     if len(slices) == 1:  # a view, no copy
@@ -228,7 +238,7 @@ def _forward_windows(model, x, slices, window, device, autocast) -> torch.Tensor
         base = torch.cuda.memory_allocated(device)
     try:
         with autocast:
-            out = model(inp)
+            out = mirrored(model, inp) if mirror else model(inp)
     except torch.cuda.OutOfMemoryError:
         if len(slices) == 1:
             raise
@@ -240,6 +250,23 @@ def _forward_windows(model, x, slices, window, device, autocast) -> torch.Tensor
     if tuple(out.shape) not in ((len(slices), 1, *window), (len(slices), *window)):
         raise ValueError(f"model output must be (B, 1, *window) = {(len(slices), 1, *window)}, got {tuple(out.shape)}")
     return out.reshape(len(slices), *window).float()
+
+
+#: test-time augmentation of the inference (``inference.tta``)
+TTA_MODES = ("none", "mirror")
+#: the flips of test-time mirroring: every subset of the three spatial axes of a (B, C, D, H, W) batch
+MIRROR_AXES = tuple(tuple(a for a, on in zip((2, 3, 4), bits) if on) for bits in itertools.product((0, 1), repeat=3))
+
+
+def mirrored(model, x: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's test-time mirroring: the mean of the 8 predictions of ``x`` flipped along each subset of its
+    spatial axes, each flipped back (float32 logits)."""
+    total = None
+    for axes in MIRROR_AXES:
+        out = model(torch.flip(x, axes) if axes else x).float()
+        out = torch.flip(out, axes) if axes else out
+        total = out if total is None else total.add_(out)
+    return total / len(MIRROR_AXES)
 
 
 #: GPU memory one window's forward pass took (measured on the first window of a volume)

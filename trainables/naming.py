@@ -19,6 +19,17 @@ def config_name(loss: str, iw: bool) -> str:
     return ("iw-" if iw else "") + loss
 
 
+#: a trial's parameter naming its network when the search has a network axis (``search.models``)
+NETWORK_PARAM = "model.network"
+
+
+def config_group(trial: Mapping[str, Any]) -> str:
+    """The configuration a winner is chosen for: ``iw-focal``, or ``iw-focal@dynunet`` when the trial names its
+    network (a search over networks selects per network × loss × iw)."""
+    network = (trial.get("params") or {}).get(NETWORK_PARAM)
+    return config_name(trial["loss"], bool(trial["iw"])) + (f"@{network}" if network else "")
+
+
 def format_value(value: Any) -> str:
     """A parameter value as it appears in labels: floats in shortest round-trip form, ``2.0`` as ``2``."""
     if isinstance(value, float):

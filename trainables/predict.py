@@ -106,7 +106,7 @@ def predict_probability(models: Sequence[torch.nn.Module], case: InputCase, *, p
     for model in models:
         logits = sliding_window_inference(model, pre.image, window=inference.window, stride=inference.stride,
                                           blending=inference.blending, device=device,
-                                          batch_size=inference.batch_size,
+                                          batch_size=inference.batch_size, tta=inference.tta,
                                           amp=None if precision is None else precision.dtype)
         prob_crop += 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
     prob_crop /= len(models)

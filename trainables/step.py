@@ -79,6 +79,19 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def supervised_loss(loss_fn, logits: torch.Tensor, target, weight) -> torch.Tensor:
+    """The loss of a network's output: ``loss_fn(logits, target, weight)``, or for a deep-supervised network's
+    stacked heads ``(B, heads, C, D, H, W)`` (full resolution first, every head at the target's size) the sum of
+    each head's loss times nnU-Net's weights (:func:`trainables.networks.deep_supervision_weights`); the iw map
+    weighs every head alike."""
+    if logits.ndim != 6:
+        return loss_fn(logits, target, weight)
+    from trainables.networks import deep_supervision_weights
+
+    weights = deep_supervision_weights(logits.shape[1])
+    return sum(w * loss_fn(logits[:, i], target, weight) for i, w in enumerate(weights) if w > 0)
+
+
 def train_step(model, optimizer, scaler, loss_fn, image, target, weight, precision: Precision) -> torch.Tensor:
     """Forward, loss, backward and SGD update on one batch; returns the loss as a detached 0-d device tensor.
 
@@ -88,7 +101,7 @@ def train_step(model, optimizer, scaler, loss_fn, image, target, weight, precisi
     """
     with precision.autocast():
         logits = model(image)
-    loss = loss_fn(logits.float(), target, weight)
+    loss = supervised_loss(loss_fn, logits.float(), target, weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

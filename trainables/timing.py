@@ -63,7 +63,7 @@ class StepBench:
         model_cfg = self.study.model if channels_last is None else \
             self.study.model.model_copy(update={"channels_last": channels_last})
         torch.manual_seed(0)
-        model = build_model(model_cfg).to(self.device)
+        model = build_model(model_cfg, self.study.training.patch_size).to(self.device)
         opt = build_optimizer(model, self.study.training.optimizer)
         forward = compiled(model, compile)
 

@@ -74,7 +74,7 @@ class Trainer:
         self.device = task_device(study.resources.gpu)  # a GPU that cannot be used fails here, before any step
         start_trial(self.device, seed=trial.seed, threads=study.resources.threads)  # the process may be reused
         configure_backends(self.device)
-        self.model = build_model(study.model).to(self.device)
+        self.model = build_model(study.model, study.training.patch_size).to(self.device)
         self.forward = compiled(self.model, study.model.compile)  # the training step's (shares the weights)
         self.optimizer = build_optimizer(self.model, study.training.optimizer)
         self.scheduler = build_lr_schedule(self.optimizer, study.training.lr_schedule)

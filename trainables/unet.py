@@ -138,6 +138,7 @@ class UNet3D(nn.Module):
         self.channels_last = channels_last
         self.out_channels = out_channels
         self.width = float(width)
+        self.divisor = (DIVISOR,) * 3  # what every input side must be a multiple of (trainables.networks)
         c1, c2, c3, c4 = (scaled_channels(c, width) for c in _BASE_CHANNELS)
         self.channels = (c1, c2, c3, c4)
 

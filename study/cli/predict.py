@@ -113,6 +113,7 @@ def cmd_predict(args) -> int:
     from study.stages.context import StudyContext
     from study.tune.tuner import outcomes
     from trainables.build import build_model, load_state
+    from trainables.config import TrialSpec
     from trainables.data import Cache
     from trainables.device import task_device
     from trainables.naming import trial_label
@@ -163,8 +164,10 @@ def cmd_predict(args) -> int:
     precision = Precision.for_device(device, cfg.training.amp)
     models = []
     for lb in labels:
+        c = summary["configs"][lb]
+        network = cfg.for_trial(TrialSpec(loss=c["loss"], iw=c["iw"], params=c["params"], seed=c["seed"])).model
         for ckpt in checkpoints[lb]:
-            model = build_model(cfg.model)
+            model = build_model(network, cfg.training.patch_size)
             model.load_state_dict(load_state(ckpt)["model"])
             models.append(model.to(device).eval())
     n_folds = sum(len(checkpoints[lb]) for lb in labels)

@@ -19,7 +19,7 @@ from study.stages.context import StudyContext, log
 from trainables.config import TRAINING_HYPERPARAMETERS, TrialSpec
 from trainables.errors import UserError
 from trainables.io_utils import json_default, write_text_atomic
-from trainables.naming import config_label, config_name, trial_folder, trial_slug
+from trainables.naming import NETWORK_PARAM, config_group, config_label, config_name, trial_folder, trial_slug
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def stage_holdout(ctx: StudyContext) -> None:
     for kind, judged in groups.items():
         for j in judged:
             ckpt = j.checkpoints[0] if kind == "retrain" else list(j.checkpoints)
-            pending[(kind, j.label)] = task.remote(ckpt, study, str(ctx.dir.holdout_dir / j.folder), rules=rules,
-                                                   calibrated=thresholds.get(j.label))
+            pending[(kind, j.label)] = task.remote(ckpt, study.for_trial(j.spec), str(ctx.dir.holdout_dir / j.folder),
+                                                   rules=rules, calibrated=thresholds.get(j.label))
     what = " and ".join({"retrain": "retrained winner(s)", "folds": "fold ensemble(s)"}[k] + f" ({len(v)})"
                         for k, v in groups.items())
     log(f"holdout: whole-volume inference of the {what} on the hold-out cases")
@@ -166,6 +166,12 @@ def _summarize_group(ctx: StudyContext, judged: list[Judged], paths: dict[str, d
                 "threshold": cal_meta.get("threshold"),
                 "luna16": summarize(cal_any, protocol="luna16", n_boot=ev.n_boot, seed=ev.seed),
                 "strict": summarize(cal_strict, protocol="luna16", n_boot=0, seed=ev.seed)}
+        if "any_notta" in paths[label]:  # inference.tta on: the same model without it
+            configs[label]["without_tta"] = {
+                "luna16": summarize(load_records(paths[label]["any_notta"]), protocol="luna16", n_boot=ev.n_boot,
+                                    seed=ev.seed),
+                "strict": summarize(load_records(paths[label]["strict_notta"]), protocol="luna16", n_boot=0,
+                                    seed=ev.seed)}
     return configs
 
 
@@ -260,7 +266,7 @@ def search_summary(ctx: StudyContext) -> dict[str, Any]:
                    rungs=list(sch.milestones(cfg.training.epochs)))
         if ctx.dir.selection_file.is_file():
             sel = ctx.dir.read_selection()
-            out["judged_at_epoch"] = {config_name(w["loss"], w["iw"]): w.get("judged_at_epoch")
+            out["judged_at_epoch"] = {config_group(w): w.get("judged_at_epoch")
                                       for w in sel["winners"]}
     return out
 
@@ -285,8 +291,10 @@ def iw_pairs(configs: dict[str, dict[str, Any]]) -> list[tuple[str, int, str, st
         if not iw:
             continue
         plain = by_key.get((loss, params, seed, False))
-        if plain is None:
-            plain = next((lb for (lo, _p, s, w), lb in by_key.items() if lo == loss and s == seed and not w), None)
+        if plain is None:  # the plain winner of the loss and seed (on the same network)
+            net = json.loads(params).get(NETWORK_PARAM)
+            plain = next((lb for (lo, p, s, w), lb in by_key.items()
+                          if lo == loss and s == seed and not w and json.loads(p).get(NETWORK_PARAM) == net), None)
         if plain is not None:
             group = loss if len(settings[loss]) == 1 else label_iw.rsplit("/", 1)[0]
             pairs.append((group, seed, plain, label_iw))
@@ -333,7 +341,7 @@ def _log_models(ctx: StudyContext, judged: list[Judged], configs: dict[str, Any]
             c = configs.get(label, {})
             uris = []
             for k, ckpt in enumerate(j.checkpoints):
-                model = build_model(ctx.cfg.model)
+                model = build_model(ctx.cfg.for_trial(j.spec).model, ctx.cfg.training.patch_size)
                 model.load_state_dict(load_state(ckpt)["model"])
                 metadata = {"study": ctx.dir.name, "label": label, "preset": preset,
                             "inference": ctx.cfg.inference.model_dump(mode="json"),
@@ -373,7 +381,8 @@ def _holdout_runs(ctx: StudyContext, summary: dict[str, Any], configs: dict[str,
         if kind == "folds":
             extra = {"holdout.models": "fold ensemble", "folds": str(c.get("fold_models")), "loss": c["loss"],
                      "iw": tracking.param_value(c["iw"]), "config": label.rsplit("/", 1)[0], "seed": str(c["seed"]),
-                     **{(k if k in TRAINING_HYPERPARAMETERS else f"{c['loss']}.{k}"): tracking.param_value(v)
+                     **{(k if k in TRAINING_HYPERPARAMETERS or k == NETWORK_PARAM else f"{c['loss']}.{k}"):
+                        tracking.param_value(v)
                         for k, v in sorted(c["params"].items())}}
         run_id = run_ids[c["trial_id"]] = tracking.holdout_run(
             ctx.state, trial_id=c["trial_id"], label=label + (" (folds)" if kind == "folds" else ""),

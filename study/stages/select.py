@@ -15,7 +15,7 @@ from study.stages.context import StudyContext, log
 from trainables.config import StudyConfig, TrialSpec
 from trainables.errors import UserError
 from trainables.io_utils import write_text_atomic
-from trainables.naming import config_name
+from trainables.naming import config_group
 
 
 def _score(outcome, metric: str, scope: str) -> float | None:
@@ -46,7 +46,7 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
     done = [r for r in results if r.status in ("TERMINATED", "STOPPED")]
     excluded = [{"trial": r.spec, "status": r.status, "reason": r.error} for r in results
                 if r.status not in ("TERMINATED", "STOPPED")]
-    group = (lambda r: config_name(r.spec["loss"], r.spec["iw"])) if sel.mode == "per-config" else (lambda r: "all")
+    group = (lambda r: config_group(r.spec)) if sel.mode == "per-config" else (lambda r: "all")
     top: dict[str, int] = {}
     for r in done:
         top[group(r)] = max(top.get(group(r), 0), _reached(r, epochs))
@@ -86,13 +86,13 @@ def select_winners(results, cfg: StudyConfig) -> dict[str, Any]:
     else:
         by_cfg: dict[tuple[str, bool], list] = defaultdict(list)
         for p in ranked:
-            by_cfg[(p["loss"], p["iw"])].append(p)
+            by_cfg[config_group(p)].append(p)
         winners = [ps[0] for ps in by_cfg.values()]
         winners.sort(key=lambda p: p["order"])
     if cfg.data.folds:
         for w in winners:  # the candidate it won against: the next of its configuration (top-k: the next overall)
             rivals = [p for p in ranked if p is not w and p["score"] <= w["score"] and
-                      (sel.mode == "top-k" or (p["loss"], p["iw"]) == (w["loss"], w["iw"]))
+                      (sel.mode == "top-k" or config_group(p) == config_group(w))
                       and p not in winners]
             if rivals:
                 w["lead"] = w["score"] - rivals[0]["score"]

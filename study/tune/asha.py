@@ -37,7 +37,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from trainables.config import SchedulerConfig, StudyConfig
 from trainables.io_utils import write_text_atomic
-from trainables.naming import config_name, trial_label
+from trainables.naming import config_group, trial_label
 
 CONTINUE, STOP = "continue", "stop"
 COMPLETED, STOPPED, ERRORED = "completed", "stopped", "error"
@@ -67,7 +67,7 @@ def group_of(trial: dict[str, Any], per_config: bool) -> str:
     """The trials a rung compares: the configuration's (per-config selection) or all, and only at the same fold
     (a cross-validated sweep never ranks folds against each other)."""
     fold = "" if trial.get("fold") is None else f"/f{trial['fold']}"
-    return (config_name(trial["loss"], trial["iw"]) if per_config else "all") + fold
+    return (config_group(trial) if per_config else "all") + fold
 
 
 class AshaState:

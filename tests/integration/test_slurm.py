@@ -131,8 +131,12 @@ def _check_complete(storage: Path, name: str) -> None:
 
 def test_cancelled_job_requeues_and_resumes(slurm, tmp_path, no_leftover_processes):
     """A submitted study, sent scancel --signal=TERM mid-sweep: the script stops the driver and requeues the
-    job; the next run resumes the study, which completes (driver exit 0) with every trial once."""
-    storage, job = _submit(tmp_path, slurm, "requeued", testing={"sleep_per_iteration": 0.25})
+    job; the next run resumes the study, which completes (driver exit 0) with every trial once. The study trains
+    MONAI's DynUNet with deep supervision and predicts with test-time mirroring (issue 28): its hold-out has the
+    mirrored and the single-pass records of every model, and `study predict` with a winner writes masks."""
+    storage, job = _submit(tmp_path, slurm, "requeued", testing={"sleep_per_iteration": 0.25},
+                           model={"network": "dynunet", "deep_supervision": True, "width": 0.125},
+                           inference={**TINY["inference"], "tta": "mirror"})
     study = storage / "requeued"
     wait_for(lambda: _snapshotted(study, "sweep", 1), timeout=300)
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=slurm, check=True)
@@ -148,3 +152,21 @@ def test_cancelled_job_requeues_and_resumes(slurm, tmp_path, no_leftover_process
     res = run_study("status", "requeued", "--storage", str(storage), "--json", cwd=tmp_path)
     sweep = json.loads(res.stdout)["trials"]["sweep"]
     assert [t["epochs_done"] for t in sweep] == [4, 4, 4]
+    summary = json.loads((study / "holdout" / "summary.json").read_text())
+    for label, c in summary["configs"].items():
+        assert c["without_tta"]["luna16"]["avg_recall"] is not None, label
+        meta = json.loads(Path(c["records"]["any"]).read_text())["meta"]
+        assert meta["tta"] == "mirror" and json.loads(Path(c["records"]["any_notta"]).read_text())["meta"]["tta"] == "none"
+    assert "## Test-time mirroring (beyond the paper)" in (study / "report" / "report.md").read_text()
+    manifest = study / "data" / "phantom" / "manifest.csv"
+    rows = [ln.split(",") for ln in manifest.read_text().splitlines()[1:]]
+    inputs, rois = tmp_path / "in", tmp_path / "roi"
+    inputs.mkdir()
+    rois.mkdir()
+    for r in [r for r in rows if r[3] == "holdout"]:
+        shutil.copy(manifest.parent / r[1], inputs / Path(r[1]).name)
+        shutil.copy(manifest.parent / r[4], rois / Path(r[1]).name)
+    res = run_study("predict", "requeued", "--storage", str(storage), "--input", str(inputs), "--roi", str(rois),
+                    "--output", str(tmp_path / "out"), "--config", "iw-bce/s0", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("*_mask.nii.gz"))) == len(list(inputs.iterdir())) > 0

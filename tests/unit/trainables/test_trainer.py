@@ -66,7 +66,8 @@ def _first_batch_loss(config, weighted: bool, power: float = 1.0) -> float:
     study, trial = config["study"], config["trial"]
     t = study["training"]
     torch.manual_seed(trial["seed"])
-    model = build_model(TrialConfig.from_dict(config).study.model)
+    typed = TrialConfig.from_dict(config)
+    model = build_model(typed.study.model, typed.study.training.patch_size)
     cache = Cache(study["data"]["cache_dir"])
     sampler = PatchSampler(cache, cache.case_ids(["train"]), patch_size=tuple(t["patch_size"]),
                            batch_size=t["batch_size"], iw=True, iw_clip=tuple(study["iw"]["clip"]),
@@ -148,11 +149,13 @@ def test_validation_metrics_only_at_validated_epochs(cache_dir):
     assert has_val == [False, True, False, True, True]  # epochs 2 and 4 (every 2) and the last; no stale copy
 
 
-def test_resume_from_a_checkpoint_equals_an_uninterrupted_trial(cache_dir, monkeypatch):
-    """Two epochs straight == one epoch, then a resume from its checkpoint; with fp16 + GradScaler (forced on
-    the CPU) the scaler's state travels in the checkpoint."""
+@pytest.mark.parametrize("network", [{}, {"network": "dynunet", "deep_supervision": True},
+                                     {"network": "segresnet"}], ids=["unet2020", "dynunet-ds", "segresnet"])
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_trial(cache_dir, monkeypatch, network):
+    """Two epochs straight == one epoch, then a resume from its checkpoint, for every network of the registry;
+    with fp16 + GradScaler (forced on the CPU) the scaler's state travels in the checkpoint."""
     monkeypatch.setattr(Precision, "for_device", classmethod(lambda cls, device, amp: cls("cpu", torch.float16)))
-    config = _config(cache_dir, epochs=2)
+    config = _config(cache_dir, epochs=2, model=network)
     straight = Recorder()
     run_trial(config, state=None, report=straight)
     first = Recorder()
@@ -242,7 +245,7 @@ def test_per_lesion_losses_get_the_samplers_labels(cache_dir, loss):
     run_trial(config, state=None, report=rec)
     typed = TrialConfig.from_dict(config)
     torch.manual_seed(3)
-    model = build_model(typed.study.model)
+    model = build_model(typed.study.model, typed.study.training.patch_size)
     cache = Cache(cache_dir)
     t = typed.study.training
     needs = loss_record(loss).needs
