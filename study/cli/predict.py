@@ -102,12 +102,22 @@ def _load_mlflow_model(uri: str, tracking_uri: str | None):
 
 
 def cmd_predict(args) -> int:
-    import torch
 
     if args.model:
         return _predict_with_mlflow_model(args)
     if not args.name:
         raise UserError("study predict: give a study NAME or --model URI")
+    if args.overwrite:  # replacing earlier outputs: one driver of the study at a time (study.lock)
+        from study.layout import StudyDir
+        from study.lock import driver_lock
+
+        with driver_lock(StudyDir.of(args.storage, args.name).require(), "predict --overwrite"):
+            return _predict_study(args)
+    return _predict_study(args)
+
+
+def _predict_study(args) -> int:
+    import torch
 
     from study.layout import RETRAIN, SWEEP, open_study
     from study.stages.context import StudyContext

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from study.cli.args import add_cluster_options, add_storage
-from study.layout import open_study
+from study.layout import StudyDir, open_study
+from study.lock import StudyBusy, driver_lock
 from trainables.errors import UserError
 
 
@@ -58,10 +59,9 @@ def _run(ctx) -> int:
 
 def cmd_launch(args) -> int:
     from search_spaces import builtin_path
-    from study.layout import StudyDir, StudyState, check_name, write_frozen_config
+    from study.layout import StudyDir, check_name
     from study.loader import load_config
     from study.preflight import check_data, check_storage, preflight
-    from study.stages.context import StudyContext
     from study.tracking import check_server, check_tracking_uri
 
     space = Path(args.space) if args.space else Path(str(builtin_path("demo")))
@@ -92,13 +92,10 @@ def cmd_launch(args) -> int:
     made = [p for p in (study_dir.root, *study_dir.root.parents) if not p.exists()]
     study_dir.root.mkdir(parents=True, exist_ok=True)
     try:
-        write_frozen_config(study_dir, cfg.to_dict())
-        state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=uri)
-        print(f"study {study_dir.name}: {len(cfg.trials)} sweep trial(s) from {space}\n"
-              f"  folder  {study_dir.root}\n  MLflow  {uri}", flush=True)
-        ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
-                           num_cpus=args.num_cpus)
-        return _run(ctx)
+        with driver_lock(study_dir, "launch"):
+            return _launch(study_dir, cfg, uri, space, args)
+    except StudyBusy:  # another launch of this name is driving the folder: it is not this launch's to undo
+        raise
     except Exception as exc:
         note = _undo_launch(study_dir, made, cfg.data.source)
         if note is None:
@@ -107,6 +104,22 @@ def cmd_launch(args) -> int:
             raise type(exc)(f"{exc}\n{note}") from None
         print(note, file=sys.stderr)
         raise
+
+
+def _launch(study_dir, cfg, uri: str, space: Path, args) -> int:
+    from study.layout import StudyState, write_frozen_config
+    from study.stages.context import StudyContext
+
+    if study_dir.config_file.exists():  # another launch of the same name won the race to the empty folder
+        raise StudyBusy(f"study {study_dir.name!r} was just created by another launch at {study_dir.root}; "
+                        f"follow it with `study status {study_dir.name} --storage {study_dir.root.parent}`")
+    write_frozen_config(study_dir, cfg.to_dict())
+    state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=uri)
+    print(f"study {study_dir.name}: {len(cfg.trials)} sweep trial(s) from {space}\n"
+          f"  folder  {study_dir.root}\n  MLflow  {uri}", flush=True)
+    ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
+                       num_cpus=args.num_cpus)
+    return _run(ctx)
 
 
 def _warn(cfg) -> None:
@@ -173,21 +186,30 @@ def cmd_resume(args) -> int:
     from study.stages import redo_missing_outputs
     from study.stages.context import StudyContext
 
-    study_dir, cfg, state = open_study(args.storage, args.name)
-    ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
-                       num_cpus=args.num_cpus)
-    redo_missing_outputs(ctx)
-    if all(state.done(s) for s in STAGES):
-        print(f"study {study_dir.name} is complete; report: {study_dir.report_file}")
-        return 0
-    return _run(ctx)
+    with driver_lock(StudyDir.of(args.storage, args.name).require(), "resume"):
+        study_dir, cfg, state = open_study(args.storage, args.name)
+        ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
+                           num_cpus=args.num_cpus)
+        redo_missing_outputs(ctx)
+        if all(state.done(s) for s in STAGES):
+            print(f"study {study_dir.name} is complete; report: {study_dir.report_file}")
+            return 0
+        return _run(ctx)
 
 
 def cmd_report(args) -> int:
+
+    if args.markdown:  # reads only
+        return _report(args)
+    with driver_lock(StudyDir.of(args.storage, args.name).require(), "report"):
+        return _report(args)
+
+
+def _report(args) -> int:
     from study.stages.context import StudyContext
     from study.stages.report import stage_report
 
-    study_dir, cfg, state = open_study(args.storage, args.name)
+    study_dir, cfg, state = open_study(args.storage, args.name, writes=not args.markdown)
     if not (study_dir.summary_file).is_file():
         raise UserError(f"study {study_dir.name}: the hold-out stage has not finished; run `study resume "
                         f"{study_dir.name}` first")

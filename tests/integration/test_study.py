@@ -284,6 +284,10 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     assert not status["stages"]["sweep"].get("done")
     log2 = tmp_path / "resume.log"
     proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log2)
+    # one driver per study (issue 30): a second resume started while this one drives exits 2 naming it
+    wait_for(lambda: (study / "driver.json").is_file(), timeout=60, proc=proc, log=log2)
+    second = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
+    assert second.returncode == 2 and "is being driven by `study resume` (PID" in second.stderr, second.stderr
     wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log2)
     assert _state(study)["stages"].get("select", {}).get("done")
     assert not _state(study)["stages"].get("retrain", {}).get("done")
