@@ -215,10 +215,11 @@ def build_blocks(summary: dict[str, Any], figures: dict[str, str], *, study_name
         rule = summary.get("size_cut_rule") or "the study's cut-offs"
         blocks.append(("p", "Lesions grouped by equivalent diameter at " + ", ".join(f"{c:.1f} mm" for c in cut)
                        + f" ({rule}; the same cut-offs for every configuration): "
-                       + ", ".join(f"{g}: {counts[g]} lesions" for g in groups)
+                       + ", ".join(g if counts[g] is None else f"{g}: {counts[g]} lesions" for g in groups)
                        + ". Avg recall / object Dice per group; a group keeps its lesions and the predicted "
                          "components of its size."))
-        header = ["configuration"] + [f"{g} (n = {counts[g]}) recall / objDice" for g in groups]
+        header = ["configuration"] + [f"{g}{'' if counts[g] is None else f' (n = {counts[g]})'} recall / objDice"
+                                      for g in groups]
         rows = []
         for label, c in configs.items():
             sg = c.get("size_groups") or {}

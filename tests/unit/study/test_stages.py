@@ -131,6 +131,17 @@ def test_report_tables_carry_every_number_and_missing_values():
     assert page.count("<table>") == 3 and "<img src='froc.png'" in page and "<li>iw-dice vs dice" in page
 
 
+def test_no_placeholder_text_in_a_report_with_or_without_a_baseline():
+    """Issue 30: no "(None)" or another placeholder in a report, with no baseline or with one."""
+    plain = render_markdown(build_blocks(_summary(), {"froc": "froc.png"}, study_name="x", cfg=None))
+    with_baseline = _summary()
+    with_baseline["baseline_comparison"] = {**with_baseline["verdict"], "baseline": "dice"}
+    md = render_markdown(build_blocks(with_baseline, {"froc": "froc.png"}, study_name="x", cfg=None))
+    assert "## Differences from the baseline (dice)" in md and "Differences from the baseline" not in plain
+    for text in (plain, md):
+        assert not any(bad in text for bad in ("(None)", "None ", " nan", "{", "}")), text
+
+
 def test_write_report_files(tmp_path):
     files = write_report(_summary(), tmp_path, study_name="x")
     names = sorted(f.name for f in files)
