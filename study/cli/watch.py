@@ -89,9 +89,12 @@ def cmd_ui(args) -> int:
         raise _Stop(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    # its own process group, stopped as one; under a watchdog that stops the group when this process is gone,
+    # SIGKILL included (study.watchdog)
+    cmd = [sys.executable, "-m", "study.watchdog", str(os.getpid()), "--", *cmd]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # its own process group: stopped as one
+                                start_new_session=True)
     try:
         print(f"starting the MLflow UI for study {study_dir.name} (its log: {log_path})", flush=True)
         deadline = time.monotonic() + args.timeout
