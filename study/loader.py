@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +31,7 @@ from trainables.config import (  # noqa: F401  (re-exported: the driver's names 
     validate,
 )
 from trainables.errors import ConfigError
-from trainables.io_utils import read_yaml
+from trainables.io_utils import read_yaml, why_unreadable
 from trainables.losses import LOSSES, PAPER_CONFIGS, canonical_params, loss_record
 from trainables.naming import NETWORK_PARAM, config_name, trial_folder
 
@@ -212,12 +213,15 @@ def load_config(path: str | Path, *, data_path: str | Path | None = None) -> Stu
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, not a search-space file (not found as a YAML file)")
     if not path.is_file():
-        raise ConfigError(f"{path}: search-space file not found")
+        raise ConfigError(f"{path}: search-space file {why_unreadable(path)}")
     data = read_yaml(path, what="the search space")
     if data_path is not None and isinstance(data, dict):
-        p = Path(data_path).expanduser().resolve()
-        if not p.exists():
-            raise ConfigError(f"--data {data_path}: {p} does not exist")
+        try:
+            p = Path(data_path).expanduser().resolve(strict=False)
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+            raise ConfigError(f"--data {data_path}: cannot be resolved ({exc})") from None
+        if not os.access(p, os.F_OK):
+            raise ConfigError(f"--data {data_path}: {p} {why_unreadable(p)}")
         section = dict(data.get("data") or {})
         section["source"] = "manifest" if p.suffix.lower() == ".csv" else "cache"
         section["path"] = str(p)

@@ -112,3 +112,31 @@ def read_yaml(path: str | os.PathLike, *, what: str, remedy: str = "") -> Any:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}" + (f"; {remedy}" if remedy else "")) from None
+
+
+def why_unreadable(path: str | os.PathLike, *, folder: bool = False) -> str:
+    """Why ``path`` cannot be used as an input, in words: ``not found``, ``exists but cannot be read
+    (permission denied)``, ``cannot be reached (no permission on a folder of its path)``, ``is a folder`` ... (an
+    input that exists is never reported as missing)."""
+    import errno
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "cannot be reached (no permission on a folder of its path)"
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if exc.errno == errno.ENOTDIR:
+            return "not found (a part of its path is a file, not a folder)"
+        return "not found"
+    import stat
+
+    if folder and not stat.S_ISDIR(st.st_mode):
+        return "is a file, not a folder"
+    if not folder and stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
+        return "exists but cannot be read by this user (permission denied; fix its mode or owner)"
+    return "cannot be read"

@@ -73,7 +73,7 @@ def os_error_message(exc: OSError) -> str:
     import errno
 
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    hints = {errno.EACCES: "no permission; pick a folder you can write (--storage / --out) or fix its mode",
+    hints = {errno.EACCES: "no permission for this user: fix the mode or owner of the path, or pick another one",
              errno.EPERM: "not permitted; pick another folder",
              errno.EROFS: "read-only filesystem; pick a folder on a writable disk",
              errno.ENOSPC: "the disk is full; free space, then run the command again (`study resume` continues "

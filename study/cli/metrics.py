@@ -239,6 +239,10 @@ def compare_records(a: Path, b: Path, *, rule: str = "any", n_boot: int = 1000, 
     from trainables.metrics.io import read_records
 
     fa, fb = _seed_files(a, rule), _seed_files(b, rule)
+    same = {Path(f).resolve() for f in fa.values()} & {Path(f).resolve() for f in fb.values()}
+    if same:  # B − A of one set of records is 0 by construction: almost certainly a typo
+        raise RecordsError(f"{a} and {b} are the same records ({', '.join(sorted(map(str, same)))}): give the "
+                           "reference as A and the configuration to test as B")
     if len(fa) == len(fb) == 1:
         keys = [(next(iter(fa)), next(iter(fb)))]
     elif set(fa) == set(fb):

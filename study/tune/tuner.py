@@ -172,6 +172,17 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
                         f"({type(exc).__name__}: {exc}); restore the folder from a backup (its trials and "
                         "checkpoints are recorded there), or launch the study again under another --name") from None
     asha = AshaState.read(asha_state_file(storage, name))
+    for trial in analysis.trials:  # a trial whose results file exists but could not be read: name it
+        results = path / trial.trial_id / "result.json"
+        df = histories.get(trial.trial_id)
+        if (df is None or df.empty) and results.is_file() and results.stat().st_size:
+            from trainables.naming import trial_label
+
+            label = trial_label(trial.config["trial"]) if "trial" in trial.config else trial.trial_id
+            raise UserError(f"{results}: the per-epoch results of trial {label} cannot be read (damaged or "
+                            f"hand-edited); restore the file from a backup (the same metrics are in the trial's "
+                            f"MLflow run, {name}:{label}), or remove it: the study then goes on without that trial's "
+                            "per-epoch history (its curves, and selection.scope best, lose it)")
     out = []
     for trial in analysis.trials:
         last = dict(trial.last_result or {})

@@ -361,7 +361,8 @@ def build_cache(
                     shutil.rmtree(d, ignore_errors=True)
                 kept = f"nothing of this run was kept: the cache at {out} is as it was"
             if isinstance(exc, OSError):
-                raise OSError(exc.errno, f"{exc.strerror or exc} [{kept}]", exc.filename) from None
+                errno_, what = _disk_error(exc, out, s.case_id)
+                raise OSError(errno_, f"{what} [{kept}]", exc.filename or str(tmp)) from None
             raise DataError(f"{exc} [{kept}]") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -471,6 +472,23 @@ def _check_out(out: Path, *, preset: str) -> None:
             f"cache output {out} is a non-empty folder that is not a data cache (no cache.json); "
             "choose a new or empty folder"
         )
+
+
+def _disk_error(exc: OSError, out: Path, case_id: str) -> tuple[int | None, str]:
+    """``(errno, words)`` of an OS error while writing a case: a full disk is named as such (numpy reports a short
+    write as "16384 requested and 16352 written", without an errno), with the free space left."""
+    import errno
+
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        free = None
+    short_write = "requested and" in str(exc) and "written" in str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or short_write or (free is not None and free < (1 << 20)):
+        left = "" if free is None else f", {free / 1e6:.1f} MB free"
+        return errno.ENOSPC, (f"no space left on the disk of {out}{left} while writing case {case_id}; free space "
+                              "(or prepare into another --out), then run the command again")
+    return exc.errno, exc.strerror or str(exc)
 
 
 def _stderr(msg: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainables.errors import DataError
-from trainables.io_utils import write_text_atomic
+from trainables.io_utils import why_unreadable, write_text_atomic
 
 #: file endings SimpleITK reads for us (anything else is still tried, SimpleITK decides)
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
@@ -92,7 +92,7 @@ def _read(path: str | Path, read, *, case_id: str | None, role: str):
     """``read(str(path))``, a SimpleITK call; a missing or unreadable file becomes a :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{_where(case_id, role)} file not found: {path}")
+        raise DataError(f"{_where(case_id, role)} file {why_unreadable(path)}: {path}")
     try:
         return read(str(path))
     except RuntimeError as exc:

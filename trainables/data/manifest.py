@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainables.errors import DataError
+from trainables.io_utils import why_unreadable
 
 SPLITS: tuple[str, ...] = ("train", "val", "holdout")
 REQUIRED_COLUMNS = ("case_id", "image", "mask", "split")
@@ -72,7 +73,7 @@ def read_manifest(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"manifest not found: {path}")
+        raise DataError(f"manifest {why_unreadable(path)}: {path}")
     base = path.resolve().parent
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:

@@ -249,6 +249,13 @@ def C(*argv, **builders) -> Callable[[Path], list[str]]:  # noqa: N802
     return make
 
 
+def _symlink_loop(tmp: Path) -> str:
+    """``tmp/loop`` -> ``tmp/loop2`` -> ``tmp/loop``."""
+    (tmp / "loop").symlink_to(tmp / "loop2")
+    (tmp / "loop2").symlink_to(tmp / "loop")
+    return str(tmp / "loop")
+
+
 _RO = _readonly_dir()
 _has_ro = lambda: _RO is not None  # noqa: E731
 
@@ -525,6 +532,10 @@ CASES: list[Case] = [
          ("--protocol",)),
     Case("compare: b missing", C("compare", "{r}", "{tmp}/nope.json", r=lambda t: _records(t)), ("nope.json",)),
     Case("compare: a folder without records", C("compare", "{tmp}", "{r}", r=lambda t: _records(t)), ("records",)),
+    Case("compare: the same records twice", C("compare", "{r}", "{r}", r=lambda t: _records(t)),
+         ("are the same records",)),
+    Case("launch: --data a symlink loop", C("launch", "--data", "{loop}", "--storage", "{studies}",
+                                            loop=lambda t: _symlink_loop(t)), ("--data", "loop")),
     # --- study predict
     Case("predict: no such study", C("predict", "nope", "--storage", "{studies}", "--input", "{tmp}",
                                      "--output", "{tmp}/out"), ("nope",)),

@@ -160,6 +160,9 @@ def test_compare_refuses_other_cases_and_other_rules(tmp_path, capsys):
     assert main(["compare", str(a), str(strict)]) == 2
     err = capsys.readouterr().err
     assert str(a) in err and str(strict) in err and "different hit rules" in err
+    for same in ((a, a), (tmp_path / "dice", tmp_path / "dice")):  # X vs X: refused, not "+0.000 everywhere"
+        assert main(["compare", *map(str, same)]) == 2
+        assert "are the same records" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ protocols

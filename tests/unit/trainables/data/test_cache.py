@@ -378,3 +378,28 @@ def test_interrupt_during_a_case_leaves_no_half_case(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cache.json is missing"):
         Cache(out)
     assert prepare_cache(manifest, out, progress=False).case_ids() == ["a", "b", "c", "d"]
+
+
+def test_a_full_disk_is_named_as_such_with_the_case_and_the_cache_left_as_it_was(tmp_path, monkeypatch):
+    """numpy reports a short write on a full disk as "16384 requested and 16352 written" (no errno): the error
+    says the disk is full, names the case and the file, and nothing of the run is kept."""
+    import errno
+
+    import trainables.data.cache as cache_mod
+
+    manifest = make_dataset(tmp_path / "ds")
+    real = cache_mod._prepare_one
+
+    def full_on_c(s, tmp, *, preset):
+        if s.case_id == "c":
+            tmp.mkdir(parents=True)
+            raise OSError("16384 requested and 16352 written")
+        return real(s, tmp, preset=preset)
+
+    monkeypatch.setattr(cache_mod, "_prepare_one", full_on_c)
+    with pytest.raises(OSError) as err:
+        prepare_cache(manifest, tmp_path / "cache", preset="lits", progress=False)
+    assert err.value.errno == errno.ENOSPC and ".tmp-c-" in err.value.filename
+    assert f"no space left on the disk of {tmp_path / 'cache'}" in str(err.value)
+    assert "while writing case c" in str(err.value) and "the cache at" in str(err.value)
+    assert not (tmp_path / "cache").exists()  # this run's cases removed: the cache is as it was (none)
