@@ -518,13 +518,15 @@ class FailureConfig(Section):
 class TestingConfig(Section):
     """Test-only faults, wired into the trainer's hooks by the Tune function (``trainables.trainer``):
     ``nan_at_iteration`` makes the listed configurations produce a NaN loss from that global iteration on;
-    ``sleep_per_iteration`` slows every step (to interrupt a study mid-trial)."""
+    ``sleep_per_iteration`` slows every step (to interrupt a study mid-trial); ``sleep_after_holdout_model``
+    holds a hold-out task after it wrote a model's records (to interrupt a study mid-hold-out)."""
 
     __test__ = False  # not a pytest class
 
     nan_at_iteration: Int | None = None
     nan_configs: tuple[Str, ...] = ()
     sleep_per_iteration: Float = 0.0
+    sleep_after_holdout_model: Float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- trials

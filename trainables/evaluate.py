@@ -212,4 +212,8 @@ def holdout_records(
             paths[f"{name}_notta"] = str(out / f"records_{name}_notta.json")
             save_records(paths[f"{name}_notta"], recordset,
                          meta={**meta, "tta": "none", "hit_rule": list(rules[name]), "threshold": 0.5})
+    if study.testing.sleep_after_holdout_model:  # tests: a window to kill the study mid-hold-out
+        import time
+
+        time.sleep(study.testing.sleep_after_holdout_model)
     return paths

@@ -247,9 +247,9 @@ def _asha_outcome(study: Path) -> dict[str, tuple]:
 
 
 def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(tmp_path, no_leftover_processes):
-    """Issues 5, 6, 10, 16, 26: one cross-validated ASHA study (plain and iw Dice, 2 seeds, 2 folds; a BCE
-    configuration whose loss turns NaN) killed with SIGKILL after its first rung decision, resumed, killed again
-    during the retrain and resumed, ends with the same folds, stopped, completed and errored trials, winners with
+    """Issues 5, 6, 10, 16, 26, 30: one cross-validated ASHA study (plain and iw Dice, 2 seeds, 2 folds; a BCE
+    configuration whose loss turns NaN) killed with SIGKILL after its first rung decision, resumed (a second
+    resume beside it exits 2), killed again during the retrain and during the hold-out and resumed, ends with the same folds, stopped, completed and errored trials, winners with
     their per-fold scores and MLflow statuses, exactly the MLflow history (one value per metric and step, equal
     values) and the summary.json numbers (retrained winners and fold ensembles) of an uninterrupted run of the
     same seeds on this machine; a checkpointed trial continues from its epoch, the diverged one errors with its
@@ -269,7 +269,7 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     straight_asha = _asha_outcome(storage / "straight")
     assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped", "error"}, straight_asha
 
-    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15})
+    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15, "sleep_after_holdout_model": 4})
     study = storage / "killed"
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
@@ -292,6 +292,12 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     assert _state(study)["stages"].get("select", {}).get("done")
     assert not _state(study)["stages"].get("retrain", {}).get("done")
     kill_group(proc)  # 2: mid-retrain
+
+    log3 = tmp_path / "resume2.log"
+    proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log3)
+    wait_for(lambda: any((study / "holdout").rglob("records_any.json")), timeout=400, proc=proc, log=log3)
+    assert not _state(study)["stages"].get("holdout", {}).get("done")
+    kill_group(proc)  # 3: mid-hold-out, some models' records written, others not
 
     res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

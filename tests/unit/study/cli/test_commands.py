@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
 
 from search_spaces import builtin_path
@@ -111,6 +112,21 @@ def test_dry_run_of_a_random_search_lists_its_draws(tmp_path, capsys):
     assert "12 sweep trial(s):" in out and all(f"  {t.label}\n" in out for t in cfg.trials)
     assert "random search: 3 draw(s) per (loss, iw) configuration (search.seed 5), each with every seed: 6 " \
            "hyperparameter settings of 2 configuration(s)" in out
+
+
+def test_dry_run_of_a_search_over_two_networks_names_both(tmp_path, capsys):
+    pytest.importorskip("monai")
+    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
+    demo["search"] = {"losses": {"bce": {"iw": [False, True]}}, "models": ["unet2020", "dynunet"], "seeds": [0]}
+    demo["inference"] = {**demo.get("inference", {}), "tta": "mirror"}
+    space = tmp_path / "nets.yaml"
+    space.write_text(yaml.safe_dump(demo))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
+    out = capsys.readouterr().out
+    assert "4 sweep trial(s):" in out
+    for net in ("unet2020", "dynunet"):
+        assert f"  bce[model.network={net}]/s0\n" in out and f"  iw-bce[model.network={net}]/s0\n" in out
+    assert "(4 retrained winner trial(s))" in out  # one winner per network x loss x iw
 
 
 def test_gpu_trials_are_not_timed_on_the_cpu():
