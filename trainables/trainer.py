@@ -67,6 +67,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrialConfig, *, state: dict[str, Any] | None = None, report: Report):
+        t_init = time.perf_counter()
         self.cfg = cfg
         self._report = report
         trial = cfg.trial
@@ -112,6 +113,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.val_records = None
+        #: where this trial process's fixed cost went (seconds), reported with its first epoch as ``phase_*``
+        #: (Tune's results only; ``python -m benchmarks.trial_cost`` reads them)
+        self.phases: dict[str, float] = {"phase_setup_s": time.perf_counter() - t_init}
 
     # ------------------------------------------------------------------------------------------- hooks
 
@@ -185,7 +189,9 @@ class Trainer:
         epochs, iterations = cfg.run.epochs, cfg.study.training.iterations
         every = cfg.study.validation.every
         calibrated = cfg.study.evaluation.threshold == "calibrated"
+        t_fit = time.perf_counter()
         with self.sampler:
+            self.phases["phase_sampler_start_s"] = time.perf_counter() - t_fit
             batches = DevicePrefetcher(iter(self.sampler), self.device, iw=cfg.trial.iw, extras=self.needs)
             for epoch in range(self.start_epoch, epochs):
                 t0 = time.perf_counter()
@@ -194,6 +200,8 @@ class Trainer:
                 losses: list[torch.Tensor] = []
                 for it in range(iterations):
                     losses.append(self.train_step(next(batches)))
+                    if it == 0 and epoch == self.start_epoch:  # the first batch and step of this process
+                        self.phases["phase_first_step_s"] = time.perf_counter() - t0
                     if (it + 1) % CHECK_EVERY == 0 or it + 1 == iterations:
                         self._check_losses(losses, epoch, lr)
                 self.scheduler.step()
@@ -211,7 +219,11 @@ class Trainer:
                                                      case_ids=None if last else self.val_subset))
                     metrics["epoch_seconds"] = time.perf_counter() - t0
                     metrics["train_seconds"] = train_seconds
+                    t_ckpt = time.perf_counter()
                     self.checkpoint(epoch, ckpt_dir)
+                    metrics["phase_checkpoint_s"] = time.perf_counter() - t_ckpt
+                    if epoch == self.start_epoch:
+                        metrics.update(self.phases)
                     self.report(metrics, ckpt_dir)
 
     def _check_losses(self, losses: list[torch.Tensor], epoch: int, lr: float) -> None:

@@ -101,6 +101,10 @@ class TrialOutcome:
         return None if value is None else float(value)
 
 
+#: reuse a trial's process for the next trial of the same resources (``benchmarks.trial_cost`` compares both)
+REUSE_ACTORS = True
+
+
 def run_experiment(
     *,
     storage: Path,
@@ -138,7 +142,7 @@ def run_experiment(
                 max_concurrent_trials=max_concurrent, trial_dirname_creator=_dirname, scheduler=scheduler,
                 # a trial's process is reused for the next trial of the same resources: no new Python, no torch
                 # import, no CUDA context per trial; the trainer resets every per-trial state itself
-                reuse_actors=True,
+                reuse_actors=REUSE_ACTORS,
             ),
             run_config=tune.RunConfig(
                 name=name,
