@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -154,6 +155,81 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, Any], step: in
     if items:
         mlflow_client.log_batch(run_id, metrics=items)
     return [m.key for m in items]
+
+
+#: the values of a trial's results its MLflow run holds, besides every ``val_*``: step = the epoch + 1
+LOGGED_RESULT_KEYS = ("train_loss", "lr", "epoch_seconds", "train_seconds")
+
+
+class TrackingUnavailable(UserError):
+    """The tracking server stayed unreachable past ``failure.tracking_retry_s`` (exit 2; the study resumes)."""
+
+
+def backfill_runs(state, stage: str, results, *, retry_s: float) -> int:
+    """Log into each trial's MLflow run the (metric, step) values of its Tune history that the run lacks (the
+    tracking server was down while it trained; Tune's results hold every epoch); return how many were logged.
+
+    A server that does not answer is retried with a doubling pause for up to ``retry_s`` seconds, then
+    :class:`TrackingUnavailable` stops the study cleanly: its stage is not marked done, and `study resume` logs
+    what was missed."""
+    deadline, pause = time.monotonic() + retry_s, 1.0
+    while True:
+        try:
+            return _backfill(state, stage, results)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the server (requests, MlflowException)
+            if not _unreachable(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise TrackingUnavailable(
+                    f"the MLflow tracking server {state.tracking_uri} has not answered for {retry_s:g} s "
+                    f"(failure.tracking_retry_s; {type(exc).__name__}); the study stopped cleanly with every "
+                    f"result kept: start the server again, then `study resume` logs what it missed") from None
+            print(f"MLflow {state.tracking_uri} unreachable ({type(exc).__name__}); retrying in {pause:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(pause)
+            pause = min(2 * pause, 30.0)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server could not be reached (not a request it refused)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(s in text for s in ("ConnectionError", "Connection refused", "Max retries exceeded", "Timeout",
+                                   "RemoteDisconnected", "API request to", "503", "502", "504"))
+
+
+def _backfill(state, stage: str, results) -> int:
+    mlc = client(state.tracking_uri)
+    n = 0
+    for r in results:
+        if r.config is None:
+            continue
+        run_id, created = trial_run(mlc, r.trial_id, TrialConfig.from_dict(r.config), r.name or r.trial_id)
+        have = {} if created else logged_steps(mlc, run_id)  # created: the server was down when it started
+        if r.status == "ERROR" and r.error and (created or "error" not in mlc.get_run(run_id).data.tags):
+            mlc.set_tag(run_id, "error", r.error)
+        for row in r.history:
+            step = int(row["epoch"]) + 1
+            missing = {k: v for k, v in row.items()
+                       if (k in LOGGED_RESULT_KEYS or k.startswith("val_")) and step not in have.get(k, ())}
+            n += len(log_metrics(mlc, run_id, missing, step))
+    return n
+
+
+def trial_run(mlflow_client, trial_id: str, cfg: TrialConfig, trial_name: str) -> tuple[str, bool]:
+    """``(run_id, created)`` of a trial's MLflow run, found by its Ray trial id and stage or made (with its params)
+    under its stage's parent run."""
+    run = cfg.run
+    run_id, created = find_or_create_run(
+        mlflow_client, run.experiment_id,
+        tags={TRIAL_ID_TAG: trial_id, STAGE_TAG: run.stage, STUDY_TAG: run.study_id},
+        run_name=f"{run.stage}:{cfg.trial.label}",
+        parent_run_id=run.parent_run_id,
+        extra_tags={"config": cfg.trial.config_name, "trial_name": trial_name, KIND_TAG: "trial",
+                    **({"fold": str(cfg.trial.fold)} if cfg.trial.fold is not None else {})},
+    )
+    if created:
+        log_params(mlflow_client, run_id, trial_params(cfg))
+    return run_id, created
 
 
 def logged_steps(mlflow_client, run_id: str) -> dict[str, set[int]]:

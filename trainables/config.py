@@ -508,11 +508,18 @@ class ResourcesConfig(Section):
 
 
 class FailureConfig(Section):
+    """``max_failures``: retries of a failed trial (from its checkpoint). ``tracking_retry_s``: how long an
+    unreachable MLflow tracking server is waited for at the end of a training stage (a doubling pause) before the
+    study stops cleanly (exit 2, resumable; what was missed is logged by the resume)."""
+
     max_failures: Int = 1
+    tracking_retry_s: Float = 300.0
 
     def check(self, err: Err) -> None:
         if self.max_failures < 0:
             err("max_failures", "must be >= 0")
+        if self.tracking_retry_s < 0:
+            err("tracking_retry_s", "must be >= 0 seconds")
 
 
 class TestingConfig(Section):

@@ -55,6 +55,10 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     if left:
         raise StudyInterrupted(f"{name}: {left} of {len(trials)} trial(s) did not finish")
     _stop_on_gpu_errors(ctx, name, results)
+    # every epoch of every trial in MLflow: what an outage of the tracking server kept out is logged now
+    missed = tracking.backfill_runs(ctx.state, stage_tag, results, retry_s=ctx.cfg.failure.tracking_retry_s)
+    if missed:
+        log(f"{name}: {missed} metric value(s) the tracking server missed while the trials ran were logged now")
     tracking.finish_stage_runs(ctx.state, stage_tag, {r.trial_id: r.status for r in results})
     print(trial_table(results), flush=True)
     return results

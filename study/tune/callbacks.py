@@ -23,7 +23,7 @@ from study import tracking
 from trainables.config import TrialConfig
 
 #: what the trainable reports that goes to MLflow (Tune's own bookkeeping keys are left out)
-_LOGGED = ("train_loss", "lr", "epoch_seconds", "train_seconds")
+_LOGGED = tracking.LOGGED_RESULT_KEYS
 _ARTIFACTS = ("trial_config.json", "val_records.json", "val_froc.png")
 
 
@@ -39,6 +39,7 @@ class StudyCallback(tune.Callback):
         self._configs: dict[str, TrialConfig] = {}
         self._found: set[str] = set()  # runs that existed before this driver saw their trial (resumed trials)
         self._client = None
+        self._failing: set[str] = set()  # kinds of MLflow calls failing now (warned once until they work)
 
     def __getstate__(self):  # pickled into the experiment: no client, no cache
         return {"stage": self.stage, "asha_file": self.asha_file}
@@ -64,18 +65,8 @@ class StudyCallback(tune.Callback):
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
             cfg = self._cfg(trial)
-            run = cfg.run
-            run_id, created = tracking.find_or_create_run(
-                self._mlc(), run.experiment_id,
-                tags={tracking.TRIAL_ID_TAG: trial.trial_id, tracking.STAGE_TAG: run.stage,
-                      tracking.STUDY_TAG: run.study_id},
-                run_name=f"{run.stage}:{cfg.trial.label}",
-                parent_run_id=run.parent_run_id,
-                extra_tags={"config": cfg.trial.config_name, "trial_name": str(trial), tracking.KIND_TAG: "trial",
-                            **({"fold": str(cfg.trial.fold)} if cfg.trial.fold is not None else {})},
-            )
+            run_id, created = tracking.trial_run(self._mlc(), trial.trial_id, cfg, str(trial))
             if created:
-                tracking.log_params(self._mlc(), run_id, tracking.trial_params(cfg))
                 self._safely("dataset logging", lambda: self._mlc().log_inputs(
                     run_id, datasets=tracking.dataset_inputs(cfg)))
             self._steps[run_id] = {} if created else tracking.logged_steps(self._mlc(), run_id)
@@ -92,11 +83,17 @@ class StudyCallback(tune.Callback):
         return cfg
 
     def _safely(self, what: str, fn) -> None:
-        """MLflow trouble is reported, never allowed to stop the sweep (the results are in Tune's state)."""
+        """MLflow trouble is reported (once per kind until it works again), never allowed to stop the sweep: the
+        results are in Tune's state, and the stage logs what MLflow missed when it ends
+        (:func:`study.tracking.backfill_runs`)."""
         try:
             fn()
+            self._failing.discard(what)
         except Exception as exc:  # noqa: BLE001
-            self._print(f"warning: MLflow {what} failed: {type(exc).__name__}: {exc}")
+            if what not in self._failing:
+                self._failing.add(what)
+                self._print(f"warning: MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); the values "
+                            "stay in Tune's results and are logged when the stage ends")
 
     # ------------------------------------------------------------------------------------------ Tune hooks
 

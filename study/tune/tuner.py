@@ -92,6 +92,8 @@ class TrialOutcome:
     error: str | None
     history: list[dict[str, Any]]
     stopped_at_epoch: int | None = None  # the rung epoch (1-based) where ASHA stopped it
+    config: dict[str, Any] | None = None  # the trial's whole config (study, run, trial), as Tune keeps it
+    name: str | None = None  # Tune's name of the trial (train_trial_<id>)
 
     def measured(self, metric: str) -> float | None:
         """``metric`` at the last epoch that measured it (the last result when no history was read)."""
@@ -209,7 +211,8 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
             status = "UNFINISHED"
         ckpt = trial.checkpoint.path if trial.checkpoint is not None else None
         out.append(TrialOutcome(trial.trial_id, dict(trial.config.get("trial", {})), status, last, ckpt,
-                                error_reason(trial), history, stopped if status == "STOPPED" else None))
+                                error_reason(trial), history, stopped if status == "STOPPED" else None,
+                                config=dict(trial.config), name=str(trial)))
     out.sort(key=lambda o: o.trial_id)
     return out
 

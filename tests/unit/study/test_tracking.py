@@ -108,3 +108,64 @@ def test_the_selection_rule_and_experiment_url():
                                             "study (ASHA)")
     assert tracking.experiment_url("http://h:5000/", "3") == \
         "http://h:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=study"
+
+
+def _outcome(state, cfg, spec, status, history, error=None):
+    from study.tune.space import study_payload
+    from study.tune.tuner import TrialOutcome
+
+    ids = state.mlflow_ids()
+    config = {"trial": spec.as_dict(), "study": study_payload(cfg, "/tmp/cache"),
+              "run": {"stage": "sweep", "splits": ["train"], "validate": True, "epochs": 3,
+                      "experiment_id": ids["experiment_id"], "parent_run_id": ids["study_run_id"],
+                      "study_id": state.study_id}}
+    return TrialOutcome(f"t-{spec.label}", spec.as_dict(), status, history[-1] if history else {}, None, error,
+                        history, config=config, name=f"train_trial_{spec.label}")
+
+
+def test_what_an_outage_kept_out_of_mlflow_is_logged_at_the_stage_end(study):
+    """Issue 30: the values Tune holds and MLflow lacks (a run that missed epochs, a run never created, an error
+    never tagged) are logged once, each (metric, step) once; a second pass logs nothing."""
+    d, state = study
+    cfg = config_from_dict({"search": {"losses": {"bce": {"iw": [False, True]}, "dice": {}}, "seeds": [0]}})
+    plain, iw, dice = cfg.trials
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "lr": 0.01, "epoch_seconds": 1.5, "train_seconds": 1.0,
+                "phase_setup_s": 0.1, **({"val_avg_recall": 0.5, "val_obj_dice": 0.4} if e == 2 else {})}
+               for e in range(3)]
+    mlc = tracking.client(state.tracking_uri)
+    partial = _outcome(state, cfg, plain, "TERMINATED", history)
+    run_id, created = tracking.trial_run(mlc, partial.trial_id, tracking.TrialConfig.from_dict(partial.config),
+                                         partial.name)
+    tracking.log_metrics(mlc, run_id, {"train_loss": 1.0, "lr": 0.01}, step=1)  # the server went down after it
+    missing = _outcome(state, cfg, iw, "TERMINATED", history)  # started while the server was down: no run
+    failed = _outcome(state, cfg, dice, "ERROR", [], error="TrialDivergedError: non-finite training loss")
+    n = tracking.backfill_runs(state, "sweep", [partial, missing, failed], retry_s=0)
+    assert n == (4 * 3 + 2 - 2) + (4 * 3 + 2)  # every (metric, step) of both histories but the two already logged
+    for o in (partial, missing):
+        rid = tracking.find_run(mlc, state.mlflow_ids()["experiment_id"], {tracking.TRIAL_ID_TAG: o.trial_id}).info.run_id
+        steps = tracking.logged_steps(mlc, rid)
+        assert steps == {"train_loss": {1, 2, 3}, "lr": {1, 2, 3}, "epoch_seconds": {1, 2, 3},
+                         "train_seconds": {1, 2, 3}, "val_avg_recall": {3}, "val_obj_dice": {3}}
+        assert [m.value for m in mlc.get_metric_history(rid, "train_loss")] == [1.0, 0.5, 1 / 3]
+    made = tracking.find_run(mlc, state.mlflow_ids()["experiment_id"], {tracking.TRIAL_ID_TAG: missing.trial_id})
+    assert made.data.params["loss"] == "bce" and made.data.params["iw"] == "true"
+    err = tracking.find_run(mlc, state.mlflow_ids()["experiment_id"], {tracking.TRIAL_ID_TAG: failed.trial_id})
+    assert err.data.tags["error"].startswith("TrialDivergedError")
+    assert tracking.backfill_runs(state, "sweep", [partial, missing, failed], retry_s=0) == 0
+
+
+def test_a_tracking_server_down_past_the_window_stops_the_stage_cleanly(study, monkeypatch):
+    import socket
+
+    d, state = study
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state.data["tracking_uri"] = f"http://127.0.0.1:{port}"
+    cfg = config_from_dict({"search": {"losses": {"bce": {}}, "seeds": [0]}})
+    o = _outcome(state, cfg, cfg.trials[0], "TERMINATED", [{"epoch": 0, "train_loss": 1.0}])
+    with pytest.raises(tracking.TrackingUnavailable, match=rf"127.0.0.1:{port} has not answered for 2 s .*"
+                                                           r"`study resume` logs what it missed"):
+        tracking.backfill_runs(state, "sweep", [o], retry_s=2)
