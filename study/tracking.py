@@ -91,14 +91,16 @@ def find_or_create_run(
     run_name: str,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    reopen: bool = True,
 ) -> tuple[str, bool]:
     """Return ``(run_id, created)``; the run is identified by ``tags`` (e.g. the Ray trial id).
 
-    A found run that an interrupted attempt left RUNNING, KILLED or FINISHED is set back to RUNNING.
+    A found run that an interrupted attempt left RUNNING, KILLED or FINISHED is set back to RUNNING (unless
+    ``reopen`` is False: a run looked up to complete it is left as it is).
     """
     found = find_run(mlflow_client, experiment_id, tags)
     if found is not None:
-        if found.info.status != "RUNNING":
+        if reopen and found.info.status != "RUNNING":
             mlflow_client.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id, False
     all_tags = dict(tags)
@@ -203,7 +205,8 @@ def _backfill(state, stage: str, results) -> int:
     for r in results:
         if r.config is None:
             continue
-        run_id, created = trial_run(mlc, r.trial_id, TrialConfig.from_dict(r.config), r.name or r.trial_id)
+        run_id, created = trial_run(mlc, r.trial_id, TrialConfig.from_dict(r.config), r.name or r.trial_id,
+                                    reopen=False)
         have = {} if created else logged_steps(mlc, run_id)  # created: the server was down when it started
         if r.status == "ERROR" and r.error and (created or "error" not in mlc.get_run(run_id).data.tags):
             mlc.set_tag(run_id, "error", r.error)
@@ -215,12 +218,13 @@ def _backfill(state, stage: str, results) -> int:
     return n
 
 
-def trial_run(mlflow_client, trial_id: str, cfg: TrialConfig, trial_name: str) -> tuple[str, bool]:
-    """``(run_id, created)`` of a trial's MLflow run, found by its Ray trial id and stage or made (with its params)
-    under its stage's parent run."""
+def trial_run(mlflow_client, trial_id: str, cfg: TrialConfig, trial_name: str, *,
+              reopen: bool = True) -> tuple[str, bool]:
+    """``(run_id, created)`` of a trial's MLflow run, found by its Ray trial id and stage (set RUNNING again when
+    ``reopen``: the trial runs again) or made, with its params, under its stage's parent run."""
     run = cfg.run
     run_id, created = find_or_create_run(
-        mlflow_client, run.experiment_id,
+        mlflow_client, run.experiment_id, reopen=reopen,
         tags={TRIAL_ID_TAG: trial_id, STAGE_TAG: run.stage, STUDY_TAG: run.study_id},
         run_name=f"{run.stage}:{cfg.trial.label}",
         parent_run_id=run.parent_run_id,
