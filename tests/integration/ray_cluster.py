@@ -88,11 +88,24 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=60)
 
+    def stop_mlflow(self) -> None:
+        """Stop the MLflow server's process group (an outage); :meth:`start_mlflow` brings it back on its port."""
+        proc = self.mlflow
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
     def start_mlflow(self) -> None:
-        proc = self._spawn([str(BIN / "mlflow"), "server", "--backend-store-uri",
-                            f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
-                            str(self.root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-                            "--workers", "1"], "mlflow.log")
+        """The MLflow server on its port and sqlite store (again after :meth:`stop_mlflow`: the same store)."""
+        self.mlflow_starts = getattr(self, "mlflow_starts", 0) + 1
+        log = "mlflow.log" if self.mlflow_starts == 1 else f"mlflow{self.mlflow_starts}.log"
+        proc = self.mlflow = self._spawn([str(BIN / "mlflow"), "server", "--backend-store-uri",
+                                          f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
+                                          str(self.root / "mlartifacts"), "--host", "127.0.0.1", "--port",
+                                          str(self.mlflow_port), "--workers", "1"], log)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -102,7 +115,7 @@ class Cluster:
                 if proc.poll() is not None:
                     break
                 time.sleep(1)
-        pytest.fail("mlflow server did not start:\n" + (self.root / "mlflow.log").read_text()[-3000:])
+        pytest.fail("mlflow server did not start:\n" + (self.root / log).read_text()[-3000:])
 
     def stop(self, grace: float = 3.0) -> None:
         """SIGTERM to every process group, SIGKILL to what is left after ``grace`` seconds (a `ray start --block`
