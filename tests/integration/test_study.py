@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,7 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     straight_asha = _asha_outcome(storage / "straight")
     assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped", "error"}, straight_asha
 
-    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15, "sleep_after_holdout_model": 4})
+    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15, "sleep_after_holdout_model": 2})
     study = storage / "killed"
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
@@ -397,7 +398,7 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     """Issue 15 on a finished study: `study metrics` on its hold-out folder reproduces the report's numbers,
     `study status --json` has the winners, hold-out table, verdict and report, the MLflow layout (stage parents,
     selected winners, hold-out runs with records, the study run's verdict), and the UI in a real browser;
-    SIGTERM to `study ui` leaves nothing behind."""
+    SIGKILL to `study ui` leaves nothing behind (its watchdog)."""
     from mlflow.tracking import MlflowClient
 
     from . import ui_check
@@ -451,7 +452,7 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
         ui_check.check_ui(url, Path(os.environ.get("STUDY_UI_SHOTS", tmp_path / "shots")),
                           plain="dice/s0/f0", iw="iw-dice/s0/f0")
     finally:
-        ui_check.sigterm_leaves_nothing(proc, before)
+        ui_check.kill_leaves_nothing(proc, before, signal.SIGKILL)  # no handler runs: study ui's watchdog acts
 
 
 def test_gpu_request_without_gpu_fails_fast(tmp_path, no_leftover_processes):

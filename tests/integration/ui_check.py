@@ -55,9 +55,10 @@ def start_ui(storage: Path, name: str, cwd: Path, log: Path) -> tuple[subprocess
     pytest.fail(f"study ui printed no URL:\n{log.read_text()[-3000:]}")
 
 
-def sigterm_leaves_nothing(proc: subprocess.Popen, before: set[int]) -> None:
-    """`kill -TERM` of `study ui` (the command, not its group) ends it and everything it started."""
-    proc.send_signal(signal.SIGTERM)
+def kill_leaves_nothing(proc: subprocess.Popen, before: set[int], sig: int = signal.SIGTERM) -> None:
+    """``sig`` to `study ui` (the command, not its group: SIGTERM runs its handler, SIGKILL none, and its
+    watchdog then stops the server) ends it and everything it started."""
+    proc.send_signal(sig)
     proc.wait(timeout=60)
     deadline = time.time() + 30
     left = {}
@@ -67,7 +68,8 @@ def sigterm_leaves_nothing(proc: subprocess.Popen, before: set[int]) -> None:
         if not left:
             return
         time.sleep(0.5)
-    pytest.fail("study ui left processes behind after SIGTERM: " + "; ".join(c[:100] for c in left.values()))
+    pytest.fail(f"study ui left processes behind after {signal.Signals(sig).name}: "
+                + "; ".join(c[:100] for c in left.values()))
 
 
 def check_ui(url: str, shots: Path, *, plain: str, iw: str) -> None:
