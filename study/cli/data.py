@@ -8,6 +8,7 @@ is read when the parser is built.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -121,11 +122,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    p.add_argument("--workers", type=_workers, default=os.cpu_count() or 1,
+                   help="cases prepared at once, each in a process of its own (default: this machine's cores, "
+                        f"{os.cpu_count()}); the cache's files are the same whatever the number")
     p.add_argument(
         "--keep-partial",
         action="store_true",
         help="on bad input keep the cases finished before it (default: leave the cache as it was)",
     )
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 256, got {text!r}")
+    return n
 
 
 def _outputs(args: argparse.Namespace, *flags: str) -> None:
@@ -173,7 +187,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     _outputs(args, "--out")
     prepare_cache(
-        args.manifest, args.out, preset=args.preset, progress=not args.quiet, keep_partial=args.keep_partial
+        args.manifest, args.out, preset=args.preset, progress=not args.quiet, keep_partial=args.keep_partial,
+        workers=args.workers,
     )
     return 0
 
@@ -193,6 +208,7 @@ def _luna16(args: argparse.Namespace) -> int:
         lung_dilation=args.lung_dilation,
         annotations_csv=args.annotations,
         keep_partial=args.keep_partial,
+        workers=args.workers,
     )
     return 0
 
@@ -202,6 +218,7 @@ def _lits(args: argparse.Namespace) -> int:
 
     _outputs(args, "--out")
     prepare_lits(
-        args.raw, args.out, splits=args.splits, progress=not args.quiet, keep_partial=args.keep_partial
+        args.raw, args.out, splits=args.splits, progress=not args.quiet, keep_partial=args.keep_partial,
+        workers=args.workers,
     )
     return 0

