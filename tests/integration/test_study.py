@@ -241,6 +241,13 @@ def _asha_log(study: Path) -> list[dict]:
     return json.loads(p.read_text())["log"] if p.is_file() else []
 
 
+def _holder_pid(study: Path) -> int | None:
+    try:
+        return json.loads((study / "driver.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _asha_outcome(study: Path) -> dict[str, tuple]:
     """Trial label -> (how it ended, the epoch ASHA stopped it at, its decisions)."""
     trials = json.loads((study / "ray" / "sweep-asha.json").read_text())["trials"]
@@ -286,9 +293,11 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     log2 = tmp_path / "resume.log"
     proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log2)
     # one driver per study (issue 30): a second resume started while this one drives exits 2 naming it
-    wait_for(lambda: (study / "driver.json").is_file(), timeout=60, proc=proc, log=log2)
+    # (the killed launch left its driver.json behind, never its lock: wait for this resume's own)
+    wait_for(lambda: _holder_pid(study) == proc.pid, timeout=60, proc=proc, log=log2)
     second = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
-    assert second.returncode == 2 and "is being driven by `study resume` (PID" in second.stderr, second.stderr
+    assert second.returncode == 2 and f"is being driven by `study resume` (PID {proc.pid}" in second.stderr, \
+        second.stderr
     wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log2)
     assert _state(study)["stages"].get("select", {}).get("done")
     assert not _state(study)["stages"].get("retrain", {}).get("done")
