@@ -274,6 +274,11 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     reference = run_study("launch", str(_space(tmp_path, **changes, testing=nan)), "--storage", str(storage),
                           "--name", "straight", cwd=tmp_path)
     assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
+    # a clean console (issue 30): the diverged trial shows its error, no trial actor that ended normally shows
+    # Ray's SystemExit noise
+    console = reference.stdout + reference.stderr
+    assert "SystemExit" not in console and "Exception ignored" not in console, console[-4000:]
+    assert "non-finite training loss" in console
     straight_asha = _asha_outcome(storage / "straight")
     assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped", "error"}, straight_asha
 
