@@ -21,6 +21,7 @@ server can stay bound to 127.0.0.1 on the head node and a single process writes 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,9 +32,21 @@ from trainables.trainer import Report, Trainer, TrialDivergedError, inject_fault
 __all__ = ["TrialDivergedError", "run_trial", "train_trial"]
 
 
+def _quiet_actor_exit(unraisable) -> None:
+    """``sys.unraisablehook`` of a trial process: the ``SystemExit`` Ray raises to end a (reused) trial actor that
+    finished normally can land in a weakref callback, which Python reports as "Exception ignored ... SystemExit"
+    on stderr, forwarded to the study's console as a traceback. That one is dropped; every other unraisable
+    exception is reported as before (a trial that fails raises its error the normal way, not through this hook)."""
+    if isinstance(unraisable.exc_type, type) and issubclass(unraisable.exc_type, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune function trainable (see the module docstring for ``config``)."""
     from ray import tune
+
+    sys.unraisablehook = _quiet_actor_exit
 
     for name in ("ray.tune", "ray.train"):  # keep the driver's console to the study's own progress lines
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -369,15 +369,18 @@ def build_cache(
         eta = (len(todo) - k) / rate if rate else 0.0
         log(f"{head}: {shape} voxels, {meta['n_lesions']} lesion(s), {seconds:.1f} s; {rate:.1f} cases/min, "
             f"about {eta:.1f} min left")
-    if failures:
+    def undo() -> str:
+        """This run's cases removed (unless ``keep_partial``); what was kept, in words."""
         if keep_partial:
-            kept = f"the {len(written)} case(s) finished in this run were kept; fix the input and rerun to resume"
-        else:
-            for d in written:
-                shutil.rmtree(d, ignore_errors=True)
-            for d in reversed(created_dirs):
-                shutil.rmtree(d, ignore_errors=True)
-            kept = f"nothing of this run was kept: the cache at {out} is as it was"
+            return f"the {len(written)} case(s) finished in this run were kept; fix the input and rerun to resume"
+        for d in written:
+            shutil.rmtree(d, ignore_errors=True)
+        for d in reversed(created_dirs):
+            shutil.rmtree(d, ignore_errors=True)
+        return f"nothing of this run was kept: the cache at {out} is as it was"
+
+    if failures:
+        kept = undo()
         s, exc, tmp = failures[0]
         if len(failures) == 1 and isinstance(exc, OSError):
             errno_, what = _disk_error(exc, out, s.case_id)
@@ -393,7 +396,11 @@ def build_cache(
         "source": source,
         "cases": [{"case_id": s.case_id, "split": s.split} for s in sources],
     }
-    write_json_atomic(out / "cache.json", index)
+    try:
+        write_json_atomic(out / "cache.json", index)
+    except OSError as exc:  # the disk filled up (or refused) at the last file: the run did not happen
+        kept = undo()
+        raise OSError(exc.errno, f"{exc.strerror or exc} [{kept}]", exc.filename or str(out / "cache.json")) from None
     counts = ", ".join(f"{sp} {sum(1 for s in sources if s.split == sp)}" for sp in SPLITS)
     log(
         f"prepared {len(written)} case(s), skipped {len(done)} already prepared; {n} cases ({counts}), "
@@ -543,8 +550,8 @@ def _disk_error(exc: OSError, out: Path, case_id: str) -> tuple[int | None, str]
     short_write = "requested and" in str(exc) and "written" in str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT) or short_write or (free is not None and free < (1 << 20)):
         left = "" if free is None else f", {free / 1e6:.1f} MB free"
-        return errno.ENOSPC, (f"no space left on the disk of {out}{left} while writing case {case_id}; free space "
-                              "(or prepare into another --out), then run the command again")
+        return errno.ENOSPC, (f"{exc.strerror or exc}: the disk of {out} is full{left} (writing case {case_id}); "
+                              "free space (or prepare into another --out), then run the command again")
     return exc.errno, exc.strerror or str(exc)
 
 

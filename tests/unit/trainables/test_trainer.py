@@ -292,3 +292,20 @@ def test_a_trial_in_a_reused_process_trains_bit_for_bit_like_a_fresh_one(cache_d
     assert strip(reused.metrics) == strip(fresh["metrics"]) and any("val_avg_recall" in m for m in reused.metrics)
     for key, value in fresh["model"].items():
         assert torch.equal(reused.states[-1]["model"][key], value), key
+
+
+def test_a_trial_process_drops_only_the_systemexit_of_an_actor_that_ended(capsys):
+    """Ray ends a finished (reused) trial actor with SystemExit, which can surface as "Exception ignored"; the trial
+    process's unraisable hook drops that one and reports any other."""
+    import types
+
+    from trainables.trainable import _quiet_actor_exit
+
+    def args(exc):
+        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                     err_msg="Exception ignored in", object=None)
+
+    _quiet_actor_exit(args(SystemExit(1)))
+    assert capsys.readouterr().err == ""
+    _quiet_actor_exit(args(ValueError("a real problem")))
+    assert "ValueError: a real problem" in capsys.readouterr().err

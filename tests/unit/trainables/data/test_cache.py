@@ -401,8 +401,8 @@ def test_a_full_disk_is_named_as_such_with_the_case_and_the_cache_left_as_it_was
     with pytest.raises(OSError) as err:
         prepare_cache(manifest, tmp_path / "cache", preset="lits", progress=False)
     assert err.value.errno == errno.ENOSPC and ".tmp-c-" in err.value.filename
-    assert f"no space left on the disk of {tmp_path / 'cache'}" in str(err.value)
-    assert "while writing case c" in str(err.value) and "the cache at" in str(err.value)
+    assert f"16384 requested and 16352 written: the disk of {tmp_path / 'cache'} is full" in str(err.value)
+    assert "(writing case c)" in str(err.value) and "the cache at" in str(err.value)
     assert not (tmp_path / "cache").exists()  # this run's cases removed: the cache is as it was (none)
 
 
