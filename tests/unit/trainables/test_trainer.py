@@ -297,15 +297,23 @@ def test_a_trial_in_a_reused_process_trains_bit_for_bit_like_a_fresh_one(cache_d
 def test_a_trial_process_drops_only_the_systemexit_of_an_actor_that_ended(capsys):
     """Ray ends a finished (reused) trial actor with SystemExit, which can surface as "Exception ignored"; the trial
     process's unraisable hook drops that one and reports any other."""
-    import types
+    import sys
 
     from trainables.trainable import _quiet_actor_exit
 
-    def args(exc):
-        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
-                                     err_msg="Exception ignored in", object=None)
+    class Raises:  # its finaliser raises: Python hands the exception to sys.unraisablehook
+        def __init__(self, exc):
+            self.exc = exc
 
-    _quiet_actor_exit(args(SystemExit(1)))
-    assert capsys.readouterr().err == ""
-    _quiet_actor_exit(args(ValueError("a real problem")))
-    assert "ValueError: a real problem" in capsys.readouterr().err
+        def __del__(self):
+            raise self.exc
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_actor_exit
+    try:
+        Raises(SystemExit(1))
+        assert capsys.readouterr().err == ""
+        Raises(ValueError("a real problem"))
+        assert "ValueError: a real problem" in capsys.readouterr().err
+    finally:
+        sys.unraisablehook = hook
