@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from study.loader import config_from_dict
 from trainables.environment import one_line, print_machine
 from trainables.naming import config_label, config_name
 
@@ -57,21 +56,15 @@ def bench_space(loss: str, *, quick: bool, scheduler: str) -> dict[str, Any]:
 
 def run_sweep(space: dict[str, Any], storage: Path, *, num_cpus: int | None) -> dict[str, Any]:
     """The data, sweep and select stages of a study in ``storage``; its outcomes, selection and wall time."""
-    from study import tracking
-    from study.layout import SWEEP, StudyDir, StudyState, write_frozen_config
-    from study.stages.context import StudyContext
+    from benchmarks import new_study
+    from study.layout import SWEEP
     from study.stages.data import stage_data
     from study.stages.select import select_winners
     from study.stages.training import stage_sweep
     from study.tune.tuner import outcomes
 
-    cfg = config_from_dict(space, source=space["name"])
-    study_dir = StudyDir.of(storage, cfg.name)
-    study_dir.root.mkdir(parents=True)
-    write_frozen_config(study_dir, cfg.to_dict())
-    state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=study_dir.default_tracking_uri())
-    ctx = StudyContext(study_dir, cfg, state, num_cpus=num_cpus)
-    tracking.setup(state, study_dir, experiment_name=study_dir.name, cfg=cfg)
+    ctx = new_study(space, storage, num_cpus=num_cpus, source=space["name"])
+    cfg, study_dir = ctx.cfg, ctx.dir
     try:
         stage_data(ctx)
         t0 = time.perf_counter()

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.loader import config_from_dict
 from trainables.environment import print_machine
 
 TARGET_S = 1.0
@@ -49,21 +48,15 @@ def bench_space(name: str) -> dict[str, Any]:
 
 
 def run(reuse: bool, storage: Path, num_cpus: int | None) -> dict[str, Any]:
-    from study import tracking
-    from study.layout import SWEEP, StudyDir, StudyState, write_frozen_config
-    from study.stages.context import StudyContext
+    from benchmarks import new_study
+    from study.layout import SWEEP
     from study.stages.data import stage_data
     from study.stages.training import stage_sweep
     from study.tune import tuner
     from study.tune.tuner import outcomes
 
-    cfg = config_from_dict(bench_space("reused" if reuse else "fresh"), source="trial_cost")
-    study_dir = StudyDir.of(storage, cfg.name)
-    study_dir.root.mkdir(parents=True)
-    write_frozen_config(study_dir, cfg.to_dict())
-    state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=study_dir.default_tracking_uri())
-    ctx = StudyContext(study_dir, cfg, state, num_cpus=num_cpus)
-    tracking.setup(state, study_dir, experiment_name=study_dir.name, cfg=cfg)
+    ctx = new_study(bench_space("reused" if reuse else "fresh"), storage, num_cpus=num_cpus, source="trial_cost")
+    cfg, study_dir = ctx.cfg, ctx.dir
     before = tuner.REUSE_ACTORS
     tuner.REUSE_ACTORS = reuse
     try:

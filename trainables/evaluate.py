@@ -21,7 +21,7 @@ from trainables.build import build_model, load_state
 from trainables.config import InferenceConfig, StudyConfig
 from trainables.data import Cache
 from trainables.device import task_device
-from trainables.inference import sliding_window_logits
+from trainables.inference import study_logits
 from trainables.metrics import CaseRecords, save_records, volume_records_multi
 from trainables.step import Precision, configure_backends
 
@@ -38,17 +38,8 @@ def predict_volume(
     """Sliding-window logits of one volume and its binary masks at each probability threshold, both made on
     ``device`` (the GPU compares logit > log(t / (1 - t)) itself) and brought to the host once:
     ``(float32 logits, {threshold: bool mask})``."""
-    logits = sliding_window_logits(
-        model,
-        np.asarray(image),
-        window=inference.window,
-        stride=inference.stride,
-        blending=inference.blending,
-        device=device,
-        batch_size=inference.batch_size,
-        amp=None if precision is None else precision.dtype,
-        tta=inference.tta,
-    )
+    logits = study_logits(model, np.asarray(image), inference, device=device,
+                          dtype=None if precision is None else precision.dtype)
     masks = {t: (logits > math.log(t / (1.0 - t))).cpu().numpy() for t in thresholds}
     return logits.cpu().numpy(), masks
 
@@ -66,10 +57,8 @@ def predict_ensemble_volume(
     averaged and binarised on ``device``: ``(float32 probability, {threshold: bool mask})``."""
     prob = None
     for model in models:
-        logits = sliding_window_logits(model, np.asarray(image), window=inference.window, stride=inference.stride,
-                                       blending=inference.blending, device=device, batch_size=inference.batch_size,
-                                       amp=None if precision is None else precision.dtype, tta=inference.tta)
-        p = torch.sigmoid(logits)
+        p = torch.sigmoid(study_logits(model, np.asarray(image), inference, device=device,
+                                       dtype=None if precision is None else precision.dtype))
         prob = p if prob is None else prob.add_(p)
     prob /= len(models)
     masks = {t: (prob > t).cpu().numpy() for t in thresholds}

@@ -66,6 +66,15 @@ def _as_volume(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
+def study_logits(model: torch.nn.Module, image, inference, *, device, dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
+    """:func:`sliding_window_logits` with a study's ``inference`` section (window, stride, blending, batch size,
+    test-time augmentation) and the autocast ``dtype`` the model was trained in (None: float32)."""
+    return sliding_window_logits(model, image, window=inference.window, stride=inference.stride,
+                                 blending=inference.blending, device=device, batch_size=inference.batch_size,
+                                 amp=dtype, tta=inference.tta)
+
+
 def sliding_window_inference(model: torch.nn.Module, image: np.ndarray | torch.Tensor, **kwargs) -> np.ndarray:
     """Logits of a whole volume from a model applied to overlapping windows, as a float32 numpy array (D, H, W):
     :func:`sliding_window_logits` (same arguments) brought to the host."""

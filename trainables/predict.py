@@ -30,7 +30,7 @@ from trainables.config import InferenceConfig
 from trainables.data.io import Geometry, as_binary, read_image, read_on_grid, write_image
 from trainables.data.preprocess import apply_preset, get_preset
 from trainables.errors import DataError
-from trainables.inference import sliding_window_inference
+from trainables.inference import study_logits
 from trainables.io_utils import write_text_atomic
 from trainables.metrics.records import equivalent_diameter
 from trainables.step import Precision
@@ -104,10 +104,8 @@ def predict_probability(models: Sequence[torch.nn.Module], case: InputCase, *, p
     pre = apply_preset(image, np.zeros(image.shape, dtype=np.uint8), roi, p, case_id=case.case_id)
     prob_crop = np.zeros(pre.image.shape, dtype=np.float64)
     for model in models:
-        logits = sliding_window_inference(model, pre.image, window=inference.window, stride=inference.stride,
-                                          blending=inference.blending, device=device,
-                                          batch_size=inference.batch_size, tta=inference.tta,
-                                          amp=None if precision is None else precision.dtype)
+        logits = study_logits(model, pre.image, inference, device=device,
+                              dtype=None if precision is None else precision.dtype).cpu().numpy()
         prob_crop += 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
     prob_crop /= len(models)
     prob = np.zeros(image.shape, dtype=np.float64)  # float64 until written: p > t exactly as on the logits
