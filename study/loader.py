@@ -96,7 +96,7 @@ def _axis(key: str, value: Any, algorithm: str, errors: _Errors) -> list[Any] | 
         if log and low <= 0:
             errors.fail(key, f"a log range needs low > 0, got {low}")
         if algorithm == "grid":
-            errors.fail(key, "a range needs a search algorithm that draws (search.algorithm: random); a grid "
+            errors.fail(key, "a range needs a search algorithm that draws (search.algorithm: random or tpe); a grid "
                              "takes a value or a list of values")
         return _Draw(float(low), float(high), log)
     values = _as_list(value)
@@ -119,11 +119,54 @@ def _draws(choices: dict[str, list[Any] | _Draw], n: int, seed: int, config: str
     return out
 
 
-def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = None) -> tuple[TrialSpec, ...]:
-    """Expand the grid into explicit trials, validating every loss and parameter combination; with ``folds``,
-    every (configuration, seed) once per fold."""
-    # (loss, iw, canonical params, where in the YAML it comes from)
-    cells: list[tuple[str, bool, dict[str, Any], str]] = []
+class DrawnConfig:
+    """One (loss, iw[, network]) configuration of a search: its axes as the YAML gives them (``axes``), parsed
+    (``choices``: a list or a :class:`_Draw` per hyperparameter) and where it comes from (``key``)."""
+
+    def __init__(self, loss: str, iw: bool, axes: dict[str, Any], choices: dict[str, list[Any] | _Draw], key: str,
+                 network: str | None = None):
+        self.loss, self.iw, self.axes, self.key, self.network = loss, iw, axes, key, network
+        self.all_choices = choices  # what random draws from (a plain configuration's iw.power draw is dropped)
+        # a plain configuration has no iw strength: its iw.power axis is dropped
+        self.choices = {n: c for n, c in choices.items() if iw or n != "iw.power"}
+
+    @property
+    def name(self) -> str:
+        return config_name(self.loss, self.iw) + (f"@{self.network}" if self.network else "")
+
+    @property
+    def fixed(self) -> bool:
+        """Nothing to draw: one point (every list of one value, no range)."""
+        return all(not isinstance(c, _Draw) and len(c) == 1 for c in self.choices.values())
+
+
+def _cell(conf: DrawnConfig, given: dict[str, Any], errors: _Errors) -> tuple[str, bool, dict[str, Any], str]:
+    """A point of a configuration -> (loss, iw, canonical params + training hyperparameters, where)."""
+    loss, key, names, given = conf.loss, conf.key, sorted(conf.axes), dict(given)
+    if not conf.iw:
+        given.pop("iw.power", None)  # a plain configuration has no iw strength
+    training = {n: _training_value(f"{key}.{n}", v, errors) for n, v in given.items()
+                if n in TRAINING_HYPERPARAMETERS}
+    try:
+        params = canonical_params(loss, {n: v for n, v in given.items() if n not in training})
+    except ValueError as exc:
+        accepted = loss_record(loss).defaults()
+        unknown = [n for n in names if n not in accepted and n not in TRAINING_HYPERPARAMETERS]
+        bad = unknown[0] if unknown else next((n for n in names if f"{loss}: {n} must" in str(exc)), None)
+        message = str(exc) + (f"; besides its own parameters a loss takes {', '.join(TRAINING_HYPERPARAMETERS)}"
+                              if unknown else "")
+        if not unknown and isinstance(conf.choices.get(bad), _Draw):
+            message += f" (a draw of the range {conf.axes[bad]}: narrow it)"
+        errors.fail(f"{key}.{bad}" if bad else key, message)
+    if conf.network:
+        params = {**params, NETWORK_PARAM: conf.network}
+    where = f"{key}" + (f" ({', '.join(f'{n}={v!r}' for n, v in given.items())})" if given else "")
+    return loss, conf.iw, {**params, **training}, where
+
+
+def search_configs(search: SearchConfig, errors: _Errors) -> list[DrawnConfig]:
+    """Every (loss, iw) configuration of ``search.losses`` with its axes, checked (TPE: once per network)."""
+    out = []
     for loss, axes in search.losses.items():
         key = f"search.losses.{loss}"
         if loss not in LOSSES:
@@ -141,32 +184,123 @@ def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = 
             errors.fail(f"{key}.iw", f"has duplicate values {iw_values!r}")
         if "iw.power" in names and True not in iw_values:
             errors.fail(f"{key}.iw.power", "sets the strength of inverse weighting: it needs iw: true")
-        if search.algorithm == "grid":  # every combination, each with every iw value (the grid's order)
-            points = [(iw, dict(zip(names, combo)))
-                      for combo in itertools.product(*(choices[n] for n in names)) for iw in iw_values]
-        else:  # num_samples draws per configuration, seeded by the search seed and the configuration's name
-            points = [(iw, given) for iw in iw_values
-                      for given in _draws(choices, search.num_samples, search.seed, config_name(loss, iw))]
-        for iw, given in points:
-            power = given.pop("iw.power", None) if not iw else None  # a plain configuration has no iw strength
-            training = {n: _training_value(f"{key}.{n}", v, errors) for n, v in given.items()
-                        if n in TRAINING_HYPERPARAMETERS}
-            try:
-                params = canonical_params(loss, {n: v for n, v in given.items() if n not in training})
-            except ValueError as exc:
-                accepted = loss_record(loss).defaults()
-                unknown = [n for n in names if n not in accepted and n not in TRAINING_HYPERPARAMETERS]
-                bad = unknown[0] if unknown else next((n for n in names if f"{loss}: {n} must" in str(exc)), None)
-                message = str(exc) + (f"; besides its own parameters a loss takes {', '.join(TRAINING_HYPERPARAMETERS)}"
-                                      if unknown else "")
-                if not unknown and isinstance(choices.get(bad), _Draw):
-                    message += f" (a draw of the range {axes[bad]}: narrow it)"
-                errors.fail(f"{key}.{bad}" if bad else key, message)
-            where = f"{key}" + (f" ({', '.join(f'{n}={v!r}' for n, v in given.items())})" if given else "")
-            cell = (loss, iw, {**params, **training}, where)
-            # the plain configuration once (not once per iw strength); a draw that repeats one is not run twice
-            if (power is None and search.algorithm == "grid") or cell[:3] not in [c[:3] for c in cells]:
-                cells.append(cell)
+        if search.algorithm == "tpe" and not any(isinstance(c, _Draw) for c in choices.values()):
+            errors.fail(key, "search.algorithm tpe models continuous hyperparameters: give at least one range "
+                             "{low: a, high: b} (lists alone are a grid or random draws)")
+        networks = (search.models or (None,)) if search.algorithm == "tpe" else (None,)
+        confs = [DrawnConfig(loss, iw, axes, choices, key, network) for iw in iw_values for network in networks]
+        for conf in confs:  # lists alone (a plain configuration beside an iw.power range) hold few points
+            lists = [len(c) for c in conf.choices.values() if not isinstance(c, _Draw)]
+            if search.algorithm == "tpe" and not conf.fixed and len(lists) == len(conf.choices) \
+                    and int(np.prod(lists)) < (search.num_samples or 1):
+                errors.fail(key, f"{conf.name} has {int(np.prod(lists))} distinct points (lists only), fewer than "
+                                 f"num_samples {search.num_samples}: give it a range or fewer samples")
+        out += confs
+    return out
+
+
+def _point_key(point: dict[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def tpe_points(search: SearchConfig, conf: DrawnConfig, round_: int,
+               history: list[tuple[dict[str, Any], float | None]], errors: _Errors | None = None) -> list[dict[str, Any]]:
+    """The draws of round ``round_`` of a configuration: Optuna's TPE sampler, seeded by ``search.seed``, the
+    configuration's name and the round, rebuilt from ``history`` (every earlier draw with its mean validation
+    score, None for a draw whose trials all failed). The same history gives the same draws, whether the study
+    ran through or was resumed; a draw that repeats an earlier one is asked again."""
+    import warnings
+
+    import optuna
+
+    errors = errors or _Errors("")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {name: (optuna.distributions.FloatDistribution(c.low, c.high, log=c.log) if isinstance(c, _Draw)
+                    else optuna.distributions.CategoricalDistribution(c))
+             for name, c in sorted(conf.choices.items())}
+    seed = int(np.random.SeedSequence([search.seed, zlib.crc32(conf.name.encode()), round_]).generate_state(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=search.draws_per_round, multivariate=True,
+                                             constant_liar=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for point, value in history:
+        state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+        study.add_trial(optuna.trial.create_trial(params=point, distributions=dists, value=value, state=state))
+    wanted = min(search.draws_per_round, (search.num_samples or 1) - round_ * search.draws_per_round)
+    seen = {_point_key(p) for p, _ in history}
+    out: list[dict[str, Any]] = []
+    for _ in range(100 * wanted):
+        if len(out) == wanted:
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            trial = study.ask(dists)
+        point = {}
+        for name, c in sorted(conf.choices.items()):
+            v = trial.params[name]
+            point[name] = min(max(float(f"{v:.{DRAW_DIGITS}g}"), c.low), c.high) if isinstance(c, _Draw) else v
+        if _point_key(point) in seen:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # asked again (a repeat is never run twice)
+            continue
+        seen.add(_point_key(point))
+        out.append(point)
+    if len(out) < wanted:
+        errors.fail(conf.key, f"TPE found only {len(seen)} distinct draws of {conf.name} for num_samples "
+                              f"{search.num_samples}: widen its ranges or lower num_samples")
+    return out
+
+
+def tpe_round_cells(search: SearchConfig, confs: list[DrawnConfig], round_: int,
+                    history: dict[str, list[tuple[dict[str, Any], float | None]]],
+                    errors: _Errors | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The draws of every configuration in round ``round_`` (a fixed configuration has one draw, in round 0)."""
+    out = {}
+    for conf in confs:
+        if conf.fixed:
+            out[conf.name] = [{n: c[0] for n, c in conf.choices.items()}] if round_ == 0 else []
+        else:
+            out[conf.name] = tpe_points(search, conf, round_, history.get(conf.name, []), errors)
+    return out
+
+
+def specs_of(conf: DrawnConfig, point: dict[str, Any], seeds, folds: int | None) -> list[TrialSpec]:
+    """The trials of one draw: every seed (and fold)."""
+    loss, iw, params, _ = _cell(conf, point, _Errors(""))
+    return [TrialSpec(loss=loss, iw=iw, params=params, seed=seed, fold=fold)
+            for seed in seeds for fold in (range(folds) if folds else (None,))]
+
+
+def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = None) -> tuple[TrialSpec, ...]:
+    """Expand the grid into explicit trials, validating every loss and parameter combination; with ``folds``,
+    every (configuration, seed) once per fold. Under TPE these are the first round's trials (the later rounds
+    are suggested while the sweep runs, :mod:`study.tune.searcher`)."""
+    # (loss, iw, canonical params, where in the YAML it comes from)
+    cells: list[tuple[str, bool, dict[str, Any], str]] = []
+    confs = search_configs(search, errors)
+    if search.algorithm == "grid":  # every combination, each with every iw value (the grid's order)
+        by_entry: dict[str, list[DrawnConfig]] = {}
+        for conf in confs:
+            by_entry.setdefault(conf.key, []).append(conf)
+        for entry in by_entry.values():
+            names = sorted(entry[0].axes)
+            choices = {n: _as_list(entry[0].axes[n]) for n in names}
+            for combo in itertools.product(*(choices[n] for n in names)):
+                for conf in entry:
+                    cell = _cell(conf, dict(zip(names, combo)), errors)
+                    # the plain configuration once (not once per iw strength)
+                    if conf.iw or "iw.power" not in names or cell[:3] not in [c[:3] for c in cells]:
+                        cells.append(cell)
+    elif search.algorithm == "random":  # num_samples draws per configuration, seeded by the seed and its name
+        for conf in confs:
+            for given in _draws(conf.all_choices, search.num_samples, search.seed, config_name(conf.loss, conf.iw)):
+                cell = _cell(conf, given, errors)
+                if cell[:3] not in [c[:3] for c in cells]:  # a draw that repeats one is not run twice
+                    cells.append(cell)
+    else:  # tpe: the first round (TPE's random start-up); a fixed configuration's one point
+        round0 = tpe_round_cells(search, confs, 0, {}, errors)
+        for conf in confs:
+            cells += [_cell(conf, point, errors) for point in round0[conf.name]]
     for i, name in enumerate(search.configs):
         if name not in PAPER_CONFIGS:
             errors.fail("search.configs", f"unknown configuration {name!r}; known: {', '.join(PAPER_CONFIGS)}")
@@ -175,7 +309,8 @@ def enumerate_trials(search: SearchConfig, errors: _Errors, folds: int | None = 
                       f"search.configs[{i}] ({name!r})"))
     if not cells:
         errors.fail("search", "defines no trial: give search.losses and/or search.configs")
-    if search.models:  # networks: an axis over every configuration (selected and judged per network)
+    if search.models and search.algorithm != "tpe":  # networks: an axis over every configuration (selected and
+        # judged per network; TPE draws per network)
         cells = [(loss, iw, {**params, NETWORK_PARAM: network}, f"{where} on {network}")
                  for network in search.models for loss, iw, params, where in cells]
     if not search.seeds:
@@ -282,7 +417,11 @@ def config_from_dict(data: Any, *, source: str = "", base_dir: Path | None = Non
     for name in cfg.testing.nan_configs:
         if name not in known:
             errors.fail("testing.nan_configs", f"{name!r} is not a configuration of this study")
-    return cfg.model_copy(update={"data": data_cfg, "trials": trials, "source_file": source})
+    total = None
+    if cfg.search.algorithm == "tpe":  # every round's draws, each with every seed and fold
+        draws = sum(1 if conf.fixed else cfg.search.num_samples for conf in search_configs(cfg.search, errors))
+        total = draws * len(cfg.search.seeds) * (cfg.data.folds or 1)
+    return cfg.model_copy(update={"data": data_cfg, "trials": trials, "source_file": source, "sweep_trials": total})
 
 
 def frozen_config_from_dict(data: dict[str, Any], *, path: str | Path | None = None) -> StudyConfig:
@@ -291,6 +430,7 @@ def frozen_config_from_dict(data: dict[str, Any], *, path: str | Path | None = N
     data = dict(data)
     trials = data.pop("trials", [])
     source = data.pop("source_file", "")
+    data.pop("sweep_trials", None)
     label = str(path or "study.yaml") + (f" (frozen from {source}; was it edited?)" if source else "")
     try:
         cfg = config_from_dict(data, source=label, frozen=True)

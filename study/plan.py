@@ -22,6 +22,8 @@ from trainables.naming import config_group
 def winners_per_seed(cfg: StudyConfig) -> int:
     """How many configurations the selection keeps (each retrained once per seed)."""
     if cfg.selection.mode == "top-k":
+        if cfg.search.algorithm == "tpe":  # draws over every round (the trials hold the first)
+            return min(cfg.selection.k, cfg.sweep_size // (len(cfg.search.seeds) * (cfg.data.folds or 1)))
         return min(cfg.selection.k, len({(t.loss, t.iw, str(t.params)) for t in cfg.trials}))
     return len({config_group(t.as_dict()) for t in cfg.trials})
 
@@ -70,7 +72,7 @@ def measured_step(cfg: StudyConfig) -> float | None:
 def plan(cfg: StudyConfig, *, num_cpus: int | None = None, measure: bool = True) -> dict[str, Any]:
     """Trials, trial-epochs and (``measure``, CPU trials) the measured step time and the wall-time estimate."""
     t, seeds = cfg.training, len(cfg.search.seeds)
-    n_sweep = len(cfg.trials)
+    n_sweep = cfg.sweep_size
     n_retrain = 0 if cfg.holdout_models == "folds" else winners_per_seed(cfg) * seeds
     out: dict[str, Any] = {
         "trials": [s.label for s in cfg.trials],
@@ -120,8 +122,20 @@ JUDGED = {"retrain": "the retrained winners", "folds": "the fold ensembles",
 
 
 def describe_plan(cfg: StudyConfig, p: dict[str, Any]) -> str:
-    lines = [f"{len(p['trials'])} sweep trial(s):"]
+    search = cfg.search
+    if search.algorithm == "tpe":
+        lines = [f"{cfg.sweep_size} sweep trial(s) in {search.rounds} round(s); the first round's "
+                 f"{len(p['trials'])} (TPE's random start-up; the later rounds adapt to the scores before them):"]
+    else:
+        lines = [f"{len(p['trials'])} sweep trial(s):"]
     lines += [f"  {label}" for label in p["trials"]]
+    if search.algorithm == "tpe":
+        configs = sorted({config_group(t.as_dict()) for t in cfg.trials})
+        lines.append(f"TPE search: {search.num_samples} draw(s) per (loss, iw) configuration ({len(configs)}: "
+                     f"{', '.join(configs)}; one with nothing to draw runs once), {search.draws_per_round} per "
+                     f"round, search.seed {search.seed}; each draw with every seed ({len(search.seeds)})"
+                     + (f" and fold ({cfg.data.folds})" if cfg.data.folds else "")
+                     + f": {cfg.sweep_size} sweep trials in all")
     if cfg.search.algorithm == "random":
         configs = {t.config_name for t in cfg.trials}
         settings = {t.label.rsplit("/", 2 if cfg.data.folds else 1)[0] for t in cfg.trials}

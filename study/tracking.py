@@ -181,14 +181,16 @@ def backfill_runs(state, stage: str, results, *, retry_s: float) -> int:
         except Exception as exc:  # noqa: BLE001 - any failure to reach the server (requests, MlflowException)
             if not _unreachable(exc):
                 raise
-            if time.monotonic() + pause > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:  # the last try was at the end of the window
                 raise TrackingUnavailable(
                     f"the MLflow tracking server {state.tracking_uri} has not answered for {retry_s:g} s "
                     f"(failure.tracking_retry_s; {type(exc).__name__}); the study stopped cleanly with every "
                     f"result kept: start the server again, then `study resume` logs what it missed") from None
-            print(f"MLflow {state.tracking_uri} unreachable ({type(exc).__name__}); retrying in {pause:g} s",
+            wait = min(pause, remaining)
+            print(f"MLflow {state.tracking_uri} unreachable ({type(exc).__name__}); retrying in {wait:.3g} s",
                   file=sys.stderr, flush=True)
-            time.sleep(pause)
+            time.sleep(wait)
             pause = min(2 * pause, 30.0)
 
 
@@ -208,8 +210,12 @@ def _backfill(state, stage: str, results) -> int:
         run_id, created = trial_run(mlc, r.trial_id, TrialConfig.from_dict(r.config), r.name or r.trial_id,
                                     reopen=False)
         have = {} if created else logged_steps(mlc, run_id)  # created: the server was down when it started
-        if r.status == "ERROR" and r.error and (created or "error" not in mlc.get_run(run_id).data.tags):
+        tags = {} if created else mlc.get_run(run_id).data.tags
+        if r.status == "ERROR" and r.error and "error" not in tags:
             mlc.set_tag(run_id, "error", r.error)
+        resumed = [row["resumed_from_epoch"] for row in r.history if row.get("resumed_from_epoch") is not None]
+        if resumed and "resumed_from_epoch" not in tags:  # a trial retried from its checkpoint during the outage
+            mlc.set_tag(run_id, "resumed_from_epoch", str(int(resumed[-1])))
         for row in r.history:
             step = int(row["epoch"]) + 1
             missing = {k: v for k, v in row.items()
@@ -435,7 +441,7 @@ def study_description(study_dir, cfg) -> str:
              f"hold-out {','.join(cfg.data.holdout)})",
              f"- protocol: {protocol_line(cfg)}",
              f"- configurations: {losses}; seeds {', '.join(map(str, cfg.search.seeds))}; "
-             f"{len(cfg.trials)} sweep trials",
+             f"{cfg.sweep_size} sweep trials",
              f"- selection: {selection_rule(cfg)}",
              f"- study folder: `{study_dir.root}` (report: `{study_dir.report_file.relative_to(study_dir.root)}`)",
              "- runs: `stage:sweep` (one run per trial, tagged `selected=true` for the winners), "
@@ -484,7 +490,7 @@ def describe_study(state, study_dir, cfg) -> None:
     if not mlc.get_run(root).data.params:  # written once; a resume finds them
         plain = cfg.to_dict()
         plain.pop("trials", None)
-        log_params(mlc, root, {**flat_params(plain), "trials": str(len(cfg.trials))})
+        log_params(mlc, root, {**flat_params(plain), "trials": str(cfg.sweep_size)})
     if study_dir.config_file.is_file():
         mlc.log_artifact(root, str(study_dir.config_file))
 

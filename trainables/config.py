@@ -526,7 +526,9 @@ class TestingConfig(Section):
     """Test-only faults, wired into the trainer's hooks by the Tune function (``trainables.trainer``):
     ``nan_at_iteration`` makes the listed configurations produce a NaN loss from that global iteration on;
     ``sleep_per_iteration`` slows every step (to interrupt a study mid-trial); ``sleep_after_holdout_model``
-    holds a hold-out task after it wrote a model's records (to interrupt a study mid-hold-out)."""
+    holds a hold-out task after it wrote a model's records (to interrupt a study mid-hold-out);
+    ``sleep_in_stage`` holds the ``data`` (phantom written, cache not yet), ``select`` (selection.json written,
+    MLflow tags not yet) or ``report`` (report files written and logged, verdict not yet) stage midway."""
 
     __test__ = False  # not a pytest class
 
@@ -534,6 +536,12 @@ class TestingConfig(Section):
     nan_configs: tuple[Str, ...] = ()
     sleep_per_iteration: Float = 0.0
     sleep_after_holdout_model: Float = 0.0
+    sleep_in_stage: dict[Str, Float] = {}
+
+    def check(self, err: Err) -> None:
+        for stage in self.sleep_in_stage:
+            if stage not in ("data", "select", "report"):
+                err("sleep_in_stage", f"unknown stage {stage!r}; one of data, select, report")
 
 
 # ---------------------------------------------------------------------------------------------- trials
@@ -600,6 +608,20 @@ class SearchConfig(Section):
     algorithm: Str = "grid"
     num_samples: Int | None = None
     seed: Int = 0
+    #: ``tpe`` only: draws asked per configuration per round (default ``min(num_samples, 4)``); the first round
+    #: is TPE's random start-up, each later round is suggested from every finished round before it
+    batch: Int | None = None
+
+    @property
+    def draws_per_round(self) -> int:
+        return self.batch or min(self.num_samples or 1, 4)
+
+    @property
+    def rounds(self) -> int:
+        """TPE's rounds: ``ceil(num_samples / draws_per_round)`` (1 for a grid or random draws)."""
+        if self.algorithm != "tpe":
+            return 1
+        return -(-(self.num_samples or 1) // self.draws_per_round)
 
     def check(self, err: Err) -> None:
         from trainables.networks import MONAI_INSTALL, NETWORKS, monai_available
@@ -618,6 +640,15 @@ class SearchConfig(Section):
         if self.algorithm != "grid" and (self.num_samples is None or self.num_samples < 1):
             err("num_samples", f"search.algorithm {self.algorithm} needs num_samples >= 1 (draws per configuration), "
                                f"got {self.num_samples}")
+        if self.batch is not None:
+            if self.algorithm != "tpe":
+                err("batch", "is the draws per round of search.algorithm tpe; it has no meaning for "
+                             f"{self.algorithm}")
+            if not 1 <= self.batch <= (self.num_samples or 1):
+                err("batch", f"must be between 1 and num_samples ({self.num_samples}), got {self.batch}")
+        if self.algorithm == "tpe" and self.configs:
+            err("configs", "names fixed configurations, which a model-based search cannot draw: list their loss "
+                           "under search.losses with ranges")
 
 
 #: how a search space's hyperparameters are searched (``search.algorithm``): what it runs, the axes it takes
@@ -628,13 +659,18 @@ SEARCH_ALGORITHMS = {
                "name; each draw with every seed; drawn values rounded to 4 significant digits",
                "a value, a list (one drawn uniformly) or a range {low: a, high: b} (uniform) / "
                "{low: a, high: b, log: true} (log-uniform, a > 0)"),
+    "tpe": ("num_samples suggestions per (loss, iw) configuration by Optuna's TPE sampler (seeded by search.seed "
+            "and the configuration's name), asked in rounds of search.batch (default 4): the first round random, "
+            "each later one from the mean validation score (over seeds and folds) of every finished round; "
+            "resume-safe (the rounds are kept in ray/sweep-tpe.json)",
+            "as for random; at least one range"),
 }
 
 
 # ---------------------------------------------------------------------------------------------- study
 
 #: keys of :class:`StudyConfig` that the loader fills in; a YAML may not set them
-INTERNAL_KEYS = ("source_file", "trials")
+INTERNAL_KEYS = ("source_file", "trials", "sweep_trials")
 
 
 class StudyConfig(Section):
@@ -657,6 +693,8 @@ class StudyConfig(Section):
     testing: TestingConfig = TestingConfig()
     source_file: Str = ""
     trials: tuple[TrialSpec, ...] = ()
+    #: under TPE, the sweep's trials over every round (``trials`` holds the first round); set by the loader
+    sweep_trials: Int | None = None
 
     def check(self, err: Err) -> None:
         from trainables.networks import NETWORKS
@@ -697,6 +735,13 @@ class StudyConfig(Section):
     def with_cache(self, cache_dir: str) -> StudyConfig:
         """The config as the trials see it: ``data.cache_dir`` = the prepared cache (an absolute path)."""
         return self.model_copy(update={"data": self.data.model_copy(update={"cache_dir": str(cache_dir)})})
+
+    @property
+    def sweep_size(self) -> int:
+        """Sweep trials the study runs: its enumerated trials; under TPE, whose later rounds are suggested while it
+        runs (``trials`` holds the first round), ``num_samples`` draws per configuration, each with every seed
+        and fold."""
+        return self.sweep_trials if self.sweep_trials is not None else len(self.trials)
 
     @property
     def epochs_retrain(self) -> int:
@@ -756,6 +801,9 @@ class TrialConfig(Section):
     trial: TrialSpec
     study: StudyConfig
     run: RunSpec
+    #: the trial's place among the sweep's trials, where Tune's trial ids do not give it (a TPE suggestion's round
+    #: and position, ``r001-00012``); ASHA judges a trial against the ones before it in this order
+    order: Str | None = None
 
     def check(self, err: Err) -> None:
         fold, folds = self.trial.fold, self.run.folds

@@ -115,7 +115,7 @@ def _launch(study_dir, cfg, uri: str, space: Path, args) -> int:
                         f"follow it with `study status {study_dir.name} --storage {study_dir.root.parent}`")
     write_frozen_config(study_dir, cfg.to_dict())
     state = StudyState.create(study_dir.state_file, name=study_dir.name, tracking_uri=uri)
-    print(f"study {study_dir.name}: {len(cfg.trials)} sweep trial(s) from {space}\n"
+    print(f"study {study_dir.name}: {cfg.sweep_size} sweep trial(s) from {space}\n"
           f"  folder  {study_dir.root}\n  MLflow  {uri}", flush=True)
     ctx = StudyContext(study_dir, cfg, state, address=args.address, wait_for_resources=args.wait_for_resources,
                        num_cpus=args.num_cpus)

@@ -299,12 +299,12 @@ def search_line(search: dict[str, Any] | None, cfg) -> str:
     t, v = cfg.training, cfg.validation
     search = search or {}
     if cfg.scheduler.type == "asha":
-        used, full = search.get("trial_epochs"), search.get("full_trial_epochs") or len(cfg.trials) * t.epochs
+        used, full = search.get("trial_epochs"), search.get("full_trial_epochs") or cfg.sweep_size * t.epochs
         rungs = ", ".join(map(str, cfg.scheduler.milestones(t.epochs)))
         text = (f"Search: ASHA on {cfg.scheduler.metric} (rungs at epochs {rungs} of {t.epochs}, "
                 f"η = {cfg.scheduler.reduction_factor}, one set of rungs per "
                 f"{'(loss, iw) configuration' if cfg.selection.mode == 'per-config' else 'study'}, decisions in "
-                f"grid order): {search.get('stopped', '?')} of {search.get('trials', len(cfg.trials))} sweep "
+                f"grid order): {search.get('stopped', '?')} of {search.get('trials', cfg.sweep_size)} sweep "
                 f"trials stopped early")
         if used is not None:
             text += f", {used} of {full} trial-epochs trained ({used / full:.2f} of FIFO)"

@@ -24,8 +24,8 @@ def study_status(study_dir, cfg, state, results: dict[str, list]) -> dict:
             for w in sel["winners"]]}
     out["trials"] = {name: [trial_summary(r) for r in rs] for name, rs in results.items()}
     started = len(out["trials"][SWEEP])
-    if started < len(cfg.trials):
-        out["not_started"] = {SWEEP: len(cfg.trials) - started}
+    if started < cfg.sweep_size:
+        out["not_started"] = {SWEEP: cfg.sweep_size - started}
     summary_file = study_dir.summary_file
     if summary_file.is_file():
         summary = study_dir.read_summary()

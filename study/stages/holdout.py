@@ -251,7 +251,7 @@ def search_summary(ctx: StudyContext) -> dict[str, Any]:
     cfg, sweep = ctx.cfg, ctx.state.data["stages"].get("sweep", {})
     out: dict[str, Any] = {"scheduler": cfg.scheduler.type, "trials": sweep.get("trials"),
                            "trial_epochs": sweep.get("trial_epochs"),
-                           "full_trial_epochs": len(cfg.trials) * cfg.training.epochs,
+                           "full_trial_epochs": cfg.sweep_size * cfg.training.epochs,
                            "validation_every": cfg.validation.every, "validation_subset": cfg.validation.subset,
                            "validation_seed": cfg.validation.seed}
     if cfg.data.folds and ctx.dir.selection_file.is_file():

@@ -19,9 +19,10 @@ from trainables.naming import config_group
 
 
 def _score(outcome, metric: str, scope: str) -> float | None:
-    if scope == "best":
-        values = [h.get(metric) for h in outcome.history if h.get(metric) is not None]
-        return max(values) if values else None
+    from study.tune.tuner import trial_score
+
+    if scope == "best" or outcome.history:
+        return trial_score(outcome.history, metric, scope)
     return outcome.measured(metric)
 
 
@@ -138,6 +139,7 @@ def stage_select(ctx: StudyContext) -> None:
     try:
         mlc = tracking.client(ctx.state.tracking_uri)
         mlc.log_artifact(ctx.state.mlflow_ids()["study_run_id"], str(ctx.dir.selection_file))
+        ctx.testing_pause("select")
         tracking.tag_selection(ctx.state, selection, tracking.selection_rule(ctx.cfg))
     except Exception as exc:  # tracking is secondary to the result file
         log(f"select: could not record the selection in MLflow ({exc})")

@@ -20,13 +20,15 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     from trainables.trainable import train_trial
 
     ctx.ensure_ray()
+    ctx.check_cache_on_workers()
     parent = tracking.stage_parent(ctx.state, stage_tag)
     ids = ctx.state.mlflow_ids()
     folds = ctx.dir.read_folds() if ctx.cfg.data.folds and stage_tag == "sweep" else None
     space = param_space(ctx.cfg, trials=trials, cache_dir=ctx.cache_dir(), stage=stage_tag,
                         experiment_id=ids["experiment_id"], parent_run_id=parent, study_id=ctx.state.study_id,
                         folds=folds)
-    log(f"{name}: {len(trials)} trial(s), resources per trial {ctx.cfg.resources.as_ray()}")
+    n_trials = ctx.cfg.sweep_size if stage_tag == "sweep" else len(trials)
+    log(f"{name}: {n_trials} trial(s), resources per trial {ctx.cfg.resources.as_ray()}")
     scheduler = None
     if stage_tag == "sweep":
         from study.tune.asha import make_scheduler, state_file
@@ -45,15 +47,27 @@ def _run_tune_stage(ctx: StudyContext, *, name: str, stage_tag: str, trials: lis
     gpu_failed = ctx.state.data.get("gpu_failed", {})
     if name in gpu_failed:
         log(f"{name}: the trials that could not use their GPU last time run again")
+    expected, searcher = len(trials), {}
+    if stage_tag == "sweep" and ctx.cfg.search.algorithm == "tpe":
+        from study.tune.searcher import RoundSearcher, points_file
+
+        expected = ctx.cfg.sweep_size
+        # the searcher ends the sweep (FINISHED) after its last round: the sample count only has to be enough
+        searcher = {"search_alg": RoundSearcher(ctx.cfg, ctx.dir.ray_dir, name, folds=ctx.cfg.data.folds),
+                    "num_samples": 2 * expected}
+        s = ctx.cfg.search
+        log(f"{name}: TPE, {s.num_samples} draw(s) per configuration in {s.rounds} round(s) of {s.draws_per_round}; "
+            f"rounds kept in {points_file(ctx.dir.ray_dir, name)}")
     run_experiment(
         storage=ctx.dir.ray_dir, name=name, trainable=train_trial, resources=ctx.cfg.resources.as_ray(),
         param_space=space, metric=None, max_concurrent=ctx.cfg.max_concurrent_trials,
         max_failures=ctx.cfg.failure.max_failures, scheduler=scheduler, resume_errored=name in gpu_failed,
+        **searcher,
     )
     results = outcomes(ctx.dir.ray_dir, name)
-    left = unfinished(results, len(trials))
+    left = unfinished(results, expected)
     if left:
-        raise StudyInterrupted(f"{name}: {left} of {len(trials)} trial(s) did not finish")
+        raise StudyInterrupted(f"{name}: {left} of {expected} trial(s) did not finish")
     _stop_on_gpu_errors(ctx, name, results)
     # every epoch of every trial in MLflow: what an outage of the tracking server kept out is logged now
     missed = tracking.backfill_runs(ctx.state, stage_tag, results, retry_s=ctx.cfg.failure.tracking_retry_s)

@@ -116,11 +116,27 @@ class AshaState:
     def trials(self) -> dict[str, dict[str, Any]]:
         return self.data["trials"]
 
-    def register(self, trial_id: str, *, label: str, group: str) -> None:
+    def register(self, trial_id: str, *, label: str, group: str, order: str | None = None) -> None:
         if trial_id not in self.trials:
             self.trials[trial_id] = {"label": label, "group": group, "values": {}, "decisions": {}, "end": None,
-                                     "stopped_at_epoch": None}
+                                     "stopped_at_epoch": None, **({"order": order} if order else {})}
             self.save()
+
+    def adopt(self, order: str, trial_id: str, live: set[str]) -> None:
+        """A searched trial created again after a kill (Tune's snapshot had lost it; a searcher's trial ids are
+        random, so its new id differs) takes over the record of its lost self: same ``order``, an id Tune no longer
+        has. Its rungs were decided once and stay so; without this the lost record would be an earlier trial that
+        never reaches its rung, and every later one would wait for it."""
+        lost = [t for t, rec in self.trials.items() if rec.get("order") == order and t != trial_id and t not in live]
+        for old in lost:
+            if trial_id not in self.trials:
+                self.trials[trial_id] = self.trials[old]
+            del self.trials[old]
+            self.save()
+
+    def order(self, trial_id: str) -> str:
+        """Where the trial stands among the sweep's (its trial id, Tune's grid order, unless an order was given)."""
+        return self.trials[trial_id].get("order") or trial_id
 
     def record(self, trial_id: str, epoch: int, value: float) -> None:
         rec = self.trials[trial_id]
@@ -157,8 +173,9 @@ class AshaState:
             return done
         rec, key = self.trials[trial_id], str(epoch)
         values = []
-        for other in sorted(self.trials):
-            if other >= trial_id:
+        mine = self.order(trial_id)
+        for other in sorted(self.trials, key=self.order):
+            if self.order(other) >= mine:
                 break
             o = self.trials[other]
             if o["group"] != rec["group"]:
@@ -250,7 +267,7 @@ class AshaScheduler(TrialScheduler):
             t = self._trials[tid]
             if t.status == "ERROR" and self.state.trials[tid]["end"] is None:
                 self.state.end(tid, ERRORED)
-        for tid in sorted(self._waiting):
+        for tid in sorted(self._waiting, key=self.state.order):
             if tid not in self._waiting:  # settled by a nested call (stop_trial notifies this scheduler)
                 continue
             decision = self.state.decide(tid, self._waiting[tid], ended)
@@ -270,8 +287,11 @@ class AshaScheduler(TrialScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         spec = trial.config.get("trial", {})
         self._trials[trial.trial_id] = trial
+        if trial.config.get("order"):
+            self.state.adopt(trial.config["order"], trial.trial_id, set(self._trials))
         self.state.register(trial.trial_id, label=trial_label(spec) if spec else trial.trial_id,
-                            group=group_of(spec, self._settings["groups"] == "per-config") if spec else "all")
+                            group=group_of(spec, self._settings["groups"] == "per-config") if spec else "all",
+                            order=trial.config.get("order"))
         if trial.status == "ERROR":
             self.state.end(trial.trial_id, ERRORED)
 
@@ -325,7 +345,7 @@ class AshaScheduler(TrialScheduler):
 
     def choose_trial_to_run(self, tune_controller):
         self._settle(tune_controller)
-        trials = sorted(self._trials.values(), key=lambda t: t.trial_id)
+        trials = sorted(self._trials.values(), key=lambda t: self.state.order(t.trial_id))
         for t in trials:  # stopped (before a kill, restored as PENDING; or while its pause was saved): never run
             if (t.status in ("PENDING", "PAUSED") and not _pausing(tune_controller, t)
                     and self.state.stopped_at(t.trial_id) is not None):

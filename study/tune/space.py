@@ -42,7 +42,9 @@ def param_space(
     else:  # pragma: no cover - programming error
         raise ValueError(f"unknown stage {stage!r}")
     return {
-        "trial": tune.grid_search([t.as_dict() for t in trials]),
+        # under TPE the sweep's trials come from its searcher (study.tune.searcher), round by round
+        **({} if stage == "sweep" and cfg.search.algorithm == "tpe"
+           else {"trial": tune.grid_search([t.as_dict() for t in trials])}),
         "study": study_payload(cfg, cache_dir),
         "run": {
             "stage": stage,

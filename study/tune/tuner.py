@@ -120,9 +120,13 @@ def run_experiment(
     scheduler=None,
     verbose: int = 0,
     resume_errored: bool = False,
+    search_alg=None,
+    num_samples: int = 1,
 ) -> None:
     """Run (or resume) the Tune experiment ``storage/name`` until Tune returns. ``resume_errored``: a restored
-    experiment runs its errored trials again (after trials failed on a node whose torch could not use its GPU)."""
+    experiment runs its errored trials again (after trials failed on a node whose torch could not use its GPU).
+    ``search_alg``/``num_samples``: a searcher that suggests the trials (TPE, :mod:`study.tune.searcher`) instead
+    of the param space's grid."""
     from ray import tune
 
     from study.tune.asha import state_file as asha_state_file
@@ -140,7 +144,7 @@ def run_experiment(
             wrapped,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=metric, mode="max" if metric else None, num_samples=1,
+                metric=metric, mode="max" if metric else None, num_samples=num_samples, search_alg=search_alg,
                 max_concurrent_trials=max_concurrent, trial_dirname_creator=_dirname, scheduler=scheduler,
                 # a trial's process is reused for the next trial of the same resources: no new Python, no torch
                 # import, no CUDA context per trial; the trainer resets every per-trial state itself
@@ -159,7 +163,8 @@ def run_experiment(
 
 
 def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
-    """Read the experiment's trials from disk (no running Ray needed), sorted by trial id (grid order)."""
+    """Read the experiment's trials from disk (no running Ray needed), in grid order (trial id), or the order a
+    searcher gave them (TPE: round and position)."""
     from ray import tune
 
     from study.tune.asha import AshaState
@@ -213,7 +218,7 @@ def outcomes(storage: Path, name: str) -> list[TrialOutcome]:
         out.append(TrialOutcome(trial.trial_id, dict(trial.config.get("trial", {})), status, last, ckpt,
                                 error_reason(trial), history, stopped if status == "STOPPED" else None,
                                 config=dict(trial.config), name=str(trial)))
-    out.sort(key=lambda o: o.trial_id)
+    out.sort(key=lambda o: (o.config or {}).get("order") or o.trial_id)  # grid order, or a search's own
     return out
 
 
@@ -240,6 +245,15 @@ def last_measured(history: list[dict[str, Any]], metric: str) -> float | None:
         if row.get(metric) is not None:
             return float(row[metric])
     return None
+
+
+def trial_score(history: list[dict[str, Any]], metric: str, scope: str) -> float | None:
+    """A trial's score for selection: ``metric`` at the last epoch that measured it (``scope: last``, the paper's)
+    or its best value over the epochs (``scope: best``); None when no epoch measured it."""
+    if scope == "best":
+        values = [float(h[metric]) for h in history if h.get(metric) is not None]
+        return max(values) if values else None
+    return last_measured(history, metric)
 
 
 def unfinished(results: list[TrialOutcome], expected: int) -> int:

@@ -39,6 +39,11 @@ def test_builtin_spaces_validate(tmp_path):
     alpha = load_config(Path(str(builtin_path("focal_alpha"))), data_path=cache)
     assert sorted({t.params["alpha"] for t in alpha.trials}) == [0.25, 0.5, 0.75, 0.83]
     assert len(alpha.trials) == 8  # 4 alphas x iw on/off
+    tpe = load_config(Path(str(builtin_path("focal_tpe"))), data_path=cache)
+    assert tpe.sweep_size == 2 * 16 * 2 and len(tpe.trials) == 2 * 4 * 2  # the first round: 4 draws x 2 seeds
+    assert {t.config_name for t in tpe.trials} == {"focal", "iw-focal"}
+    assert all("iw.power" in t.params for t in tpe.trials if t.iw) and all(
+        "iw.power" not in t.params for t in tpe.trials if not t.iw)
 
 
 def test_grid_is_enumerated_with_conditional_parameters():
@@ -112,6 +117,60 @@ def test_random_search_draws_n_points_per_configuration_reproducibly_with_seeds_
     # log ranges are drawn log-uniformly: over many draws about half fall below the geometric mean
     lrs = [t.params["optimizer.lr"] for t in config_from_dict(_random_space(n=400)).trials if t.seed == 0]
     assert 0.4 < np.mean(np.array(lrs) < 1e-2) < 0.6
+
+
+def _tpe_space(seed=0, n=5, batch=2):
+    return {"search": {"algorithm": "tpe", "num_samples": n, "batch": batch, "seed": seed, "seeds": [0, 1],
+                       "losses": {"focal": {"iw": [False, True], "gamma": [1.0, 2.0],
+                                            "alpha": {"low": 0.2, "high": 0.9},
+                                            "optimizer.lr": {"low": 1e-3, "high": 1e-1, "log": True}},
+                                  "bce": {"iw": [False, True], "iw.power": {"low": 0.1, "high": 1.0}}}}}
+
+
+def test_tpe_enumerates_its_first_round_and_counts_every_round():
+    from study.loader import _Errors, search_configs, tpe_points
+
+    cfg = config_from_dict(_tpe_space())
+    assert cfg.search.rounds == 3 and cfg.search.draws_per_round == 2
+    # focal, iw-focal, iw-bce: 5 draws each; plain bce has nothing to draw (iw.power is iw's): one; x 2 seeds
+    assert cfg.sweep_size == (5 + 5 + 5 + 1) * 2
+    first = {}
+    for t in cfg.trials:
+        first.setdefault(t.config_name, set()).add(t.label.rsplit("/", 1)[0])
+    assert {c: len(v) for c, v in first.items()} == {"focal": 2, "iw-focal": 2, "bce": 1, "iw-bce": 2}
+    for t in cfg.trials:
+        if t.loss == "focal":
+            assert 0.2 <= t.params["alpha"] <= 0.9 and t.params["gamma"] in (1.0, 2.0)
+            assert float(f"{t.params['alpha']:.4g}") == t.params["alpha"]  # 4 significant digits, as random
+    assert [t.label for t in config_from_dict(_tpe_space()).trials] == [t.label for t in cfg.trials]
+    assert [t.label for t in config_from_dict(_tpe_space(seed=1)).trials] != [t.label for t in cfg.trials]
+    # a later round: the same history gives the same draws; another history other draws; none repeats a point
+    conf = next(c for c in search_configs(cfg.search, _Errors("")) if c.name == "iw-focal")
+    round0 = tpe_points(cfg.search, conf, 0, [])
+    history = [(p, float(p["alpha"])) for p in round0]  # a score that grows with alpha
+    again = tpe_points(cfg.search, conf, 1, history)
+    assert again == tpe_points(cfg.search, conf, 1, history) and len(again) == 2
+    assert again != tpe_points(cfg.search, conf, 1, [(p, -float(p["alpha"])) for p in round0])
+    assert not {json.dumps(p, sort_keys=True) for p in again} & {json.dumps(p, sort_keys=True) for p in round0}
+    assert len(tpe_points(cfg.search, conf, 2, history + [(p, None) for p in again])) == 1  # 5 = 2 + 2 + 1
+
+
+def test_tpe_moves_towards_the_better_scores():
+    """With TPE's start-up behind it, a round's draws of a one-dimensional problem concentrate where the finished
+    draws scored well (a known optimum at alpha = 0.8)."""
+    from study.loader import _Errors, search_configs, tpe_points
+
+    space = {"search": {"algorithm": "tpe", "num_samples": 40, "batch": 10, "seed": 0,
+                        "losses": {"focal": {"alpha": {"low": 0.0, "high": 1.0}}}}}
+    cfg = config_from_dict(space)
+    conf = search_configs(cfg.search, _Errors(""))[0]
+    history = []
+    for r in range(3):
+        history += [(p, -abs(p["alpha"] - 0.8)) for p in tpe_points(cfg.search, conf, r, history)]
+    first, last = history[:10], tpe_points(cfg.search, conf, 3, history)
+    err = lambda pts: np.mean([abs(p[0]["alpha"] - 0.8) if isinstance(p, tuple) else abs(p["alpha"] - 0.8)  # noqa: E731
+                               for p in pts])
+    assert err(last) < 0.5 * err(first)
 
 
 def test_numbers_are_normalised_before_identity():
@@ -190,6 +249,19 @@ def test_labels_never_round_distinct_values():
         ({"search": {"losses": {"bce": {"optimizer.momentum": 0.5}}}}, "search.losses.bce.optimizer.momentum",
          "iw.power, optimizer.lr"),
         ({"iw": {"power": 2}}, "iw.power", "outside [0, 1]"),
+        ({"search": {"algorithm": "tpe", "num_samples": 4, "losses": {"focal": {"gamma": [1.0, 2.0]}}}},
+         "search.losses.focal", "at least one range"),
+        ({"search": {"algorithm": "tpe", "num_samples": 4, "batch": 5,
+                     "losses": {"focal": {"gamma": {"low": 1, "high": 3}}}}}, "search.batch", "between 1 and"),
+        ({"search": {"algorithm": "random", "num_samples": 4, "batch": 2,
+                     "losses": {"focal": {"gamma": {"low": 1, "high": 3}}}}}, "search.batch", "no meaning for random"),
+        ({"search": {"algorithm": "tpe", "num_samples": 2, "configs": ["bce"],
+                     "losses": {"focal": {"gamma": {"low": 1, "high": 3}}}}}, "search.configs", "cannot draw"),
+        ({"search": {"algorithm": "tpe", "losses": {"focal": {"gamma": {"low": 1, "high": 3}}}}},
+         "search.num_samples", ">= 1"),
+        ({"search": {"algorithm": "tpe", "num_samples": 3, "losses": {"bce": {
+            "iw": [False, True], "iw.power": {"low": 0.1, "high": 1}, "optimizer.lr": [0.01, 0.1]}}}},
+         "search.losses.bce", "bce has 2 distinct points"),
         ({"evaluation": {"holdout_models": "folds"}}, "evaluation.holdout_models", "needs data.folds"),
         ({"data": {"folds": 3}, "evaluation": {"holdout_models": "all"}}, "evaluation.holdout_models", "one of"),
     ],

@@ -173,6 +173,8 @@ def test_slurm_writes_the_script_without_sbatch(tmp_path, monkeypatch, capsys):
     text = script.read_text()
     assert "#SBATCH --nodes=2" in text and "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text
     assert "srun --nodes=$(( ${#NODES[@]} - 1 ))" in text and "scontrol requeue" in text
+    # this job's Ray only: a head under the script, stopped by its pid; `ray stop` would stop every Ray on the node
+    assert "--block &\nRAY_HEAD=$!" in text and '"$RAY" stop' not in text and "stop --force" not in text
     assert subprocess.run(["/bin/bash", "-n", str(script)]).returncode == 0  # valid bash
     token = storage / ".ray-auth" / "auth_token"
     assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
@@ -225,3 +227,22 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "KeyError: 'an internal key'" in err
     assert "This is a bug in study" in err and "(study catalog)" in err
+
+
+def test_dry_run_of_a_tpe_search_lists_its_first_round_and_the_budget(tmp_path, capsys):
+    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
+    demo["search"] = {"algorithm": "tpe", "num_samples": 5, "batch": 2, "seed": 3, "seeds": [0, 1],
+                      "losses": {"bce": {"iw": [False, True], "iw.power": {"low": 0.2, "high": 1.0}}}}
+    space = tmp_path / "tpe.yaml"
+    space.write_text(yaml.safe_dump(demo))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(space)
+    # plain bce has nothing to draw (iw.power is iw's): one point; iw-bce 5 draws in rounds of 2 (2, 2, 1)
+    assert cfg.sweep_size == (1 + 5) * 2 and len(cfg.trials) == (1 + 2) * 2
+    assert "12 sweep trial(s) in 3 round(s); the first round's 6" in out
+    assert all(f"  {t.label}\n" in out for t in cfg.trials)
+    assert "TPE search: 5 draw(s) per (loss, iw) configuration (2: bce, iw-bce; one with nothing to draw runs " \
+           "once), 2 per round, search.seed 3; each draw with every seed (2): 12 sweep trials in all" in out
+    e = demo["training"]["epochs"]
+    assert f"trial-epochs: sweep {12 * e}," in out

@@ -102,6 +102,26 @@ def test_a_trial_waits_for_an_earlier_one_of_its_group_only():
     assert state2.decide("a", 1) == "continue"  # judged against nobody earlier
 
 
+def test_searched_trials_follow_their_given_order_and_a_lost_one_recreated_takes_over_its_record():
+    """A searcher's trial ids are random: "earlier" is the order it gives (``r<round>-<position>``), not the id; a
+    trial Tune lost in a kill and the searcher created again under a new id takes over its old record."""
+    state = AshaState(None, _settings(eta=2, epochs=8))
+    for tid, order in [("zz", "r000-00000"), ("aa", "r000-00001"), ("mm", "r001-00000")]:
+        state.register(tid, label=tid, group="bce", order=order)
+    state.record("aa", 1, 0.9)
+    assert state.decide("aa", 1) is None  # "zz" comes first in the search's order, whatever the ids say
+    state.record("zz", 1, 0.5)
+    assert state.decide("zz", 1) == "continue" and state.decide("aa", 1) == "continue"
+    # "mm" was lost with the driver; its slot is created again as "qq": the record moves, nothing waits for "mm"
+    state.adopt("r001-00000", "qq", live={"zz", "aa", "qq"})
+    state.register("qq", label="qq", group="bce", order="r001-00000")
+    assert "mm" not in state.trials and state.order("qq") == "r001-00000"
+    state.record("qq", 1, 0.1)
+    assert state.decide("qq", 1) == "stop"  # below both earlier values at eta 2
+    state.adopt("r000-00000", "zz", live={"zz"})  # a trial Tune still has is never taken over
+    assert "zz" in state.trials
+
+
 def test_decisions_persist_and_replay(tmp_path):
     path = tmp_path / "sweep-asha.json"
     s = _settings(eta=2, epochs=8)
