@@ -130,6 +130,28 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="on bad input keep the cases finished before it (default: leave the cache as it was)",
     )
+    p.add_argument("--address", help="prepare on a Ray cluster instead (ray://HEAD:10001 or auto): one Ray task per "
+                                     "case, each writing into --out, which must be on a filesystem every node shares")
+    p.add_argument("--image-dtype", choices=("float32", "float16"), default="float32",
+                   help="how the preprocessed image is stored: float16 halves its bytes (its effect on Dice: "
+                        "docs/benchmarks.md)")
+
+
+def _executor(args: argparse.Namespace) -> int:
+    """``--workers`` N, or one Ray task per case on the cluster of ``--address`` (connected here)."""
+    if not args.address:
+        return args.workers
+    import ray
+
+    from trainables.data.cache import RAY_TASKS
+    from trainables.errors import UserError
+
+    try:
+        ray.init(address=args.address, log_to_driver=True)
+    except ConnectionError as exc:
+        raise UserError(f"--address {args.address}: cannot connect to a Ray cluster ({exc})") from None
+    print(f"data: one Ray task per case on the cluster at {args.address}", file=sys.stderr, flush=True)
+    return RAY_TASKS
 
 
 def _workers(text: str) -> int:
@@ -188,7 +210,7 @@ def _prepare(args: argparse.Namespace) -> int:
     _outputs(args, "--out")
     prepare_cache(
         args.manifest, args.out, preset=args.preset, progress=not args.quiet, keep_partial=args.keep_partial,
-        workers=args.workers,
+        workers=_executor(args), image_dtype=args.image_dtype,
     )
     return 0
 
@@ -208,7 +230,7 @@ def _luna16(args: argparse.Namespace) -> int:
         lung_dilation=args.lung_dilation,
         annotations_csv=args.annotations,
         keep_partial=args.keep_partial,
-        workers=args.workers,
+        workers=_executor(args), image_dtype=args.image_dtype,
     )
     return 0
 
@@ -219,6 +241,6 @@ def _lits(args: argparse.Namespace) -> int:
     _outputs(args, "--out")
     prepare_lits(
         args.raw, args.out, splits=args.splits, progress=not args.quiet, keep_partial=args.keep_partial,
-        workers=args.workers,
+        workers=_executor(args), image_dtype=args.image_dtype,
     )
     return 0

@@ -2,13 +2,18 @@
 
 Layout (one folder per case; arrays are ``[z, y, x]``)::
 
-    CACHE/cache.json                  {"version": 1, "preset": ..., "source": ..., "cases": [{"case_id", "split"}]}
-    CACHE/cases/<case_id>/image.npy   float32 in [0, 1], memory-mapped at train time
-    CACHE/cases/<case_id>/mask.npy    uint8 0/1 lesion mask
-    CACHE/cases/<case_id>/labels.npy  int32 26-connected components of the whole (cropped) mask, 0 = background
+    CACHE/cache.json                  {"version": 2, "preset": ..., "source": ..., "image_dtype": "float32",
+                                       "cases": [{"case_id", "split"}]}
+    CACHE/cases/<case_id>/image.npy   float32 (or float16: ``image_dtype``) in [0, 1], memory-mapped at train time
+    CACHE/cases/<case_id>/labels.npy  26-connected components of the whole (cropped) mask, 0 = background, in the
+                                      smallest unsigned type that holds the case's count (uint8 / uint16 / uint32)
     CACHE/cases/<case_id>/meta.json   case_id, split, spacing (z, y, x) mm, shape, n_lesions, diameters_mm,
                                       lesion_sizes_vox, crop_box, preset, sources {image, mask, roi}, origin,
-                                      direction, raw_range, image_min, mask_voxels_outside_roi, extra
+                                      direction, raw_range, image_min, mask_voxels_outside_roi, extra, image_dtype
+
+The lesion mask is ``labels != 0``, derived when read (:meth:`Cache.array`), not stored twice. A version-1 cache
+(written before: a ``mask.npy`` beside int32 labels, 9 bytes per voxel where version 2 takes 5, or 3 with a
+float16 image) still loads; new cases are never prepared into it.
 
 A case is written into ``cases/.tmp-<case_id>-<pid>`` and renamed when complete, so a crash never leaves a half
 case; a rerun skips the finished cases and removes leftover ``.tmp-*`` folders. ``cache.json`` is rewritten
@@ -42,8 +47,22 @@ from trainables.data.manifest import SPLITS, check_splits, read_manifest
 from trainables.data.preprocess import apply_preset, get_preset, lesion_stats
 from trainables.errors import DataError
 
-CACHE_VERSION = 1
-CASE_FILES = ("image.npy", "mask.npy", "labels.npy", "meta.json")
+CACHE_VERSION = 2
+#: the files of a case, by cache version (version 1 stored the mask and int32 labels)
+VERSION_FILES = {1: ("image.npy", "mask.npy", "labels.npy", "meta.json"), 2: ("image.npy", "labels.npy", "meta.json")}
+CASE_FILES = VERSION_FILES[CACHE_VERSION]
+#: ``workers`` value that prepares one case per Ray task on the connected Ray cluster (``--address``)
+RAY_TASKS = -1
+#: ``--image-dtype``: how the preprocessed image is stored
+IMAGE_DTYPES = ("float32", "float16")
+
+
+def label_dtype(n_labels: int) -> np.dtype:
+    """The smallest unsigned integer type that holds the labels ``0..n_labels``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_labels <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise DataError(f"{n_labels} connected components in one case: more than a uint32 label holds")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -53,8 +72,8 @@ _TMP_PREFIX = ".tmp-"
 
 @dataclass
 class Case:
-    """One cached case. image: float32 [z, y, x] in [0, 1] (memory-mapped by default); mask: uint8 0/1;
-    labels: int32 26-connected lesion labels 1..n_lesions (0 = background); meta: the case's meta.json."""
+    """One cached case. image: float32 (or float16) [z, y, x] in [0, 1] (memory-mapped by default); mask: uint8
+    0/1; labels: unsigned 26-connected lesion labels 1..n_lesions (0 = background); meta: the case's meta.json."""
 
     case_id: str
     image: np.ndarray
@@ -91,16 +110,18 @@ class Cache:
             self._splits: dict[str, str] = {c["case_id"]: c["split"] for c in cases}
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"data cache index {index_path} is malformed ({exc!r})") from None
-        if version != CACHE_VERSION:
+        if version not in VERSION_FILES:
             raise DataError(
-                f"data cache {index_path} has version {version}; this code reads version "
-                f"{CACHE_VERSION} (prepare it again)"
+                f"data cache {index_path} has version {version}; this code reads versions "
+                f"{', '.join(map(str, VERSION_FILES))} (prepare it again)"
             )
+        self.version: int = int(version)
         self.preset: str = index.get("preset", "none")
         self.source: str | None = index.get("source")
+        self.image_dtype: str = index.get("image_dtype", "float32")
         for case_id in self._splits:
             folder = self.case_dir(case_id)
-            missing = [f for f in CASE_FILES if not (folder / f).is_file()]
+            missing = [f for f in VERSION_FILES[self.version] if not (folder / f).is_file()]
             if missing:
                 raise DataError(
                     f"data cache {self.root} is incomplete: case {case_id} lacks "
@@ -160,10 +181,15 @@ class Cache:
         return Case(case_id=case_id, meta=meta, **arrays)
 
     def array(self, case_id: str, name: str, mmap: bool = True) -> np.ndarray:
-        """One array of a case: ``name`` in image, mask, labels (read-only memory map by default)."""
+        """One array of a case: ``name`` in image, mask, labels (read-only memory map by default; the mask of a
+        version-2 cache is derived from the labels: a read-only uint8 array in memory)."""
         self._check_id(case_id)
         if name not in ("image", "mask", "labels"):
             raise ValueError(f"unknown cached array {name!r}; expected image, mask or labels")
+        if name == "mask" and self.version >= 2:
+            mask = np.not_equal(self.array(case_id, "labels", mmap=mmap), 0).view(np.uint8)
+            mask.setflags(write=False)
+            return mask
         path = self.case_dir(case_id) / f"{name}.npy"
         try:
             return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -173,6 +199,19 @@ class Cache:
     def _check_id(self, case_id: str) -> None:
         if case_id not in self._splits:
             raise DataError(f"case {case_id} is not in the data cache {self.root}")
+
+
+def cache_check(root: str) -> tuple[str, str | None]:
+    """Whether the cache at ``root`` opens here: ``(this host's name, None)`` or ``(host, why not)``. Run as a Ray
+    task on a trial node, it tells whether the workers see the cache the driver prepared or was given."""
+    import socket
+
+    try:
+        cache = Cache(root)
+        cache.array(cache.case_ids()[0], "labels")  # a case's file, not just the index
+    except (DataError, OSError) as exc:
+        return socket.gethostname(), str(exc)
+    return socket.gethostname(), None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,12 +294,15 @@ def prepare_cache(
     required_splits: Sequence[str] = SPLITS,
     keep_partial: bool = False,
     workers: int = 1,
+    image_dtype: str = "float32",
 ) -> Cache:
     """Preprocess every case of a manifest CSV into the cache folder ``out`` and return the opened cache.
 
     ``preset``: ``none`` | ``luna16`` | ``lits`` (see :mod:`trainables.data.preprocess`); ``luna16`` and
     ``lits`` need the manifest's ``roi`` column. Idempotent and resumable (finished cases are skipped).
-    ``workers``: cases prepared at once, each in a process of its own (the same files as one at a time).
+    ``workers``: cases prepared at once, each in a process of its own (the same files as one at a time);
+    :data:`RAY_TASKS`: one Ray task per case on the connected Ray cluster (``out`` on a shared filesystem).
+    ``image_dtype``: ``float32`` or ``float16`` (half the image's bytes).
     """
     return build_cache(
         manifest_sources(manifest, preset=preset, required_splits=required_splits),
@@ -271,6 +313,7 @@ def prepare_cache(
         required_splits=required_splits,
         keep_partial=keep_partial,
         workers=workers,
+        image_dtype=image_dtype,
     )
 
 
@@ -296,6 +339,7 @@ def build_cache(
     keep_partial: bool = False,
     log: Callable[[str], None] | None = None,
     workers: int = 1,
+    image_dtype: str = "float32",
 ) -> Cache:
     """Write ``sources`` into the cache ``out`` (the engine behind every preparer).
 
@@ -309,6 +353,8 @@ def build_cache(
     p = get_preset(preset)
     out = Path(out).expanduser().resolve()
     log = log or (_stderr if progress else _quiet)
+    if image_dtype not in IMAGE_DTYPES:
+        raise DataError(f"--image-dtype {image_dtype!r}: one of {', '.join(IMAGE_DTYPES)}")
     seen: set[str] = set()
     for s in sources:
         if s.case_id in seen:
@@ -317,7 +363,7 @@ def build_cache(
     if not sources:
         raise DataError(f"{source}: no case to prepare")
     check_splits(((s.case_id, s.split) for s in sources), where=source, required=required_splits)
-    _check_out(out, preset=p.name)
+    _check_out(out, preset=p.name, image_dtype=image_dtype)
 
     t0 = time.perf_counter()
     done = {s.case_id for s in sources if _finished(out, s, preset=p.name)}
@@ -350,14 +396,15 @@ def build_cache(
     todo = [s for s in sources if s.case_id not in done]
     failures: list[tuple[CaseSource, BaseException, str]] = []
     t_run, k = time.perf_counter(), 0
-    for s, result, seconds, tmp in _run_cases(todo, out, p.name, workers):
+    parallel = workers > 1 or workers == RAY_TASKS
+    for s, result, seconds, tmp in _run_cases(todo, out, p.name, workers, image_dtype):
         k += 1
         head = f"[{position[s.case_id]:>{width}}/{n}] {s.case_id} ({s.split})"
         if isinstance(result, BaseException):
             failures.append((s, result, tmp))
-            if workers > 1:  # one at a time, the error itself ends the run and is the message
+            if parallel:
                 log(f"{head}: failed: {result}")
-            if workers <= 1:  # one at a time: the first failure ends the run (as it always has)
+            else:  # one at a time: the first failure ends the run (as it always has) and is the message
                 break
             continue
         meta = result
@@ -394,6 +441,7 @@ def build_cache(
         "version": CACHE_VERSION,
         "preset": p.name,
         "source": source,
+        "image_dtype": image_dtype,
         "cases": [{"case_id": s.case_id, "split": s.split} for s in sources],
     }
     try:
@@ -414,14 +462,15 @@ def build_cache(
     return Cache(out)
 
 
-def _prepare_case(s: CaseSource, out: Path, preset: str) -> tuple[dict | BaseException, float, str]:
+def _prepare_case(s: CaseSource, out: Path, preset: str,
+                  image_dtype: str = "float32") -> tuple[dict | BaseException, float, str]:
     """Prepare one case into a temporary folder and rename it into place: ``(meta, seconds, the temporary
     folder)``, or the bad input / OS error that stopped it in place of ``meta`` (its temporary folder removed)."""
     tmp = out / "cases" / f"{_TMP_PREFIX}{s.case_id}-{os.getpid()}"
     final = out / "cases" / s.case_id
     t0 = time.perf_counter()
     try:
-        meta = _prepare_one(s, tmp, preset=preset)
+        meta = _prepare_one(s, tmp, preset=preset, image_dtype=image_dtype)
         if final.exists():  # an incomplete folder (not written by us): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -434,20 +483,35 @@ def _prepare_case(s: CaseSource, out: Path, preset: str) -> tuple[dict | BaseExc
     return meta, time.perf_counter() - t0, str(tmp)
 
 
-def _run_cases(todo: Sequence[CaseSource], out: Path, preset: str, workers: int):
+def _run_cases(todo: Sequence[CaseSource], out: Path, preset: str, workers: int, image_dtype: str = "float32"):
     """``(source, meta or error, seconds, temporary folder)`` of every case, in the order they finish: one after another in this
     process, or on ``workers`` processes (spawned: nothing of this process is shared with them; the sources are
     pickled to them)."""
+    if workers == RAY_TASKS:  # one Ray task per case, on whichever node of the connected cluster has a CPU free
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=1)(_prepare_case)
+        pending = {task.remote(s, out, preset, image_dtype): s for s in todo}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    yield (pending.pop(ref), *ray.get(ref))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+        return
     if workers <= 1 or len(todo) <= 1:
         for s in todo:
-            yield (s, *_prepare_case(s, out, preset))
+            yield (s, *_prepare_case(s, out, preset, image_dtype))
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_prepare_case, s, out, preset): s for s in todo}
+        futures = {pool.submit(_prepare_case, s, out, preset, image_dtype): s for s in todo}
         try:
             for fut in as_completed(futures):
                 yield (futures[fut], *fut.result())
@@ -457,13 +521,13 @@ def _run_cases(todo: Sequence[CaseSource], out: Path, preset: str, workers: int)
             raise
 
 
-def _prepare_one(s: CaseSource, tmp: Path, *, preset: str) -> dict:
+def _prepare_one(s: CaseSource, tmp: Path, *, preset: str, image_dtype: str = "float32") -> dict:
     from trainables.weights import label_components
 
     raw = s.load()
     pre = apply_preset(raw.image, raw.mask, raw.roi, preset, case_id=s.case_id)
     labels, k = label_components(pre.mask)
-    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    labels = np.ascontiguousarray(labels, dtype=label_dtype(int(k)))
     geom = raw.geometry
     start_xyz = np.array([pre.crop_box[2][0], pre.crop_box[1][0], pre.crop_box[0][0]], dtype=np.float64)
     d = np.asarray(geom.direction, dtype=np.float64).reshape(3, 3)
@@ -484,13 +548,13 @@ def _prepare_one(s: CaseSource, tmp: Path, *, preset: str) -> dict:
         "image_min": float(pre.image.min()),
         "mask_voxels_outside_roi": pre.mask_voxels_outside_roi,
         "extra": raw.extra,
+        "image_dtype": image_dtype,
     }
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    np.save(tmp / "image.npy", pre.image)
-    np.save(tmp / "mask.npy", pre.mask)
-    np.save(tmp / "labels.npy", labels)
+    np.save(tmp / "image.npy", pre.image.astype(image_dtype, copy=False))
+    np.save(tmp / "labels.npy", labels)  # the mask is labels != 0
     write_json_atomic(tmp / "meta.json", meta)
     return meta
 
@@ -515,7 +579,7 @@ def _finished(out: Path, s: CaseSource, *, preset: str) -> bool:
     return True
 
 
-def _check_out(out: Path, *, preset: str) -> None:
+def _check_out(out: Path, *, preset: str, image_dtype: str = "float32") -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"cache output {out} exists and is not a folder")
     index = out / "cache.json"
@@ -530,6 +594,17 @@ def _check_out(out: Path, *, preset: str) -> None:
             raise DataError(
                 f"the cache {out} was prepared with preset {old.get('preset')}, not {preset}; use a new "
                 "output folder"
+            )
+        if old.get("version") != CACHE_VERSION:
+            raise DataError(
+                f"the cache {out} is a version-{old.get('version')} cache (written by an earlier version of this "
+                f"tool); it still loads for training, but new cases go into a version-{CACHE_VERSION} cache: use "
+                "a new output folder"
+            )
+        if old.get("image_dtype", "float32") != image_dtype:
+            raise DataError(
+                f"the cache {out} stores its images as {old.get('image_dtype', 'float32')}, not {image_dtype}; "
+                "use a new output folder"
             )
     elif out.is_dir() and any(p for p in out.iterdir() if p.name != "cases"):
         raise DataError(

@@ -166,6 +166,7 @@ def prepare_lits(
     required_splits: Sequence[str] | None = None,
     keep_partial: bool = False,
     workers: int = 1,
+    image_dtype: str = "float32",
 ) -> Cache:
     """Prepare the LiTS layout ``raw`` into the cache ``out`` (module docstring); returns the cache; ``workers``:
     cases prepared at once, each in a process of its own.
@@ -205,4 +206,5 @@ def prepare_lits(
         required_splits=required,
         keep_partial=keep_partial,
         workers=workers,
+        image_dtype=image_dtype,
     )

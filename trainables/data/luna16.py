@@ -627,6 +627,7 @@ def prepare_luna16(
     required_splits: Sequence[str] | None = None,
     keep_partial: bool = False,
     workers: int = 1,
+    image_dtype: str = "float32",
 ) -> Cache:
     """Prepare the LUNA16 layout ``raw`` into the cache ``out`` (module docstring); returns the cache.
 
@@ -670,6 +671,7 @@ def prepare_luna16(
             required_splits=required_splits,
             keep_partial=keep_partial,
             workers=workers,
+            image_dtype=image_dtype,
         )
     finally:
         database.close()

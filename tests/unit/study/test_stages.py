@@ -429,3 +429,29 @@ def test_a_restored_experiment_reruns_errored_trials_only_when_asked(tmp_path, f
     trials = tune.ExperimentAnalysis(str(path)).trials
     assert sorted(t.status for t in trials) == ["TERMINATED", "TERMINATED"]
     assert sorted(t.last_result["x"] for t in trials) == [1, 2]
+
+
+def test_a_cache_the_trial_nodes_cannot_read_stops_the_study_before_any_trial(tmp_path, fake_gpu_ray):
+    """On a Ray cluster (an address given) a Ray task with one trial's resources opens the cache first: a cache
+    the nodes do not see is a UserError (exit 2) naming the node, the cache and the remedy; one they see passes."""
+    import socket
+
+    from study.layout import StudyDir, StudyState
+    from study.stages.context import StudyContext
+    from tests.unit.trainables.data.test_cache import make_dataset
+    from trainables.data import prepare_cache
+    from trainables.errors import UserError
+
+    cfg = config_from_dict({"search": {"configs": ["bce"]}, "resources": {"cpu": 1, "gpu": 0}})
+    state = StudyState.create(tmp_path / "state.json", name="s", tracking_uri="sqlite:///x.db")
+    ctx = StudyContext(StudyDir(tmp_path), cfg, state, address="ray://head:10001")  # its Ray: the shared one
+    with pytest.raises(UserError) as err:
+        ctx.check_cache_on_workers()
+    text = str(err.value)
+    assert f"the data cache {tmp_path / 'data' / 'cache'} opens on this driver but not on the trial node " \
+           f"{socket.gethostname()}: no data cache at" in text
+    assert "filesystem shared by all nodes" in text and "rsync" in text and "docs/cluster.md" in text
+    prepare_cache(make_dataset(tmp_path / "ds"), tmp_path / "data" / "cache", progress=False)
+    ctx.check_cache_on_workers()  # the node reads it now
+    local = StudyContext(StudyDir(tmp_path / "other"), cfg, state)  # a local Ray: the driver's node, no check
+    local.check_cache_on_workers()

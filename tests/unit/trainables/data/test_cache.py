@@ -61,17 +61,17 @@ def test_prepare_writes_the_documented_format(tmp_path):
     manifest = make_dataset(tmp_path / "ds")
     cache = prepare_cache(manifest, tmp_path / "cache", preset="lits", progress=False)
     index = json.loads((tmp_path / "cache" / "cache.json").read_text())
-    assert index["version"] == 1 and index["preset"] == "lits"
+    assert index["version"] == 2 and index["preset"] == "lits" and index["image_dtype"] == "float32"
     assert index["source"] == str(manifest.resolve())
     assert index["cases"] == [
         {"case_id": c, "split": s} for c, s in zip("abcd", ("train", "train", "val", "holdout"))
     ]
     folder = tmp_path / "cache" / "cases" / "a"
-    assert sorted(p.name for p in folder.iterdir()) == ["image.npy", "labels.npy", "mask.npy", "meta.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["image.npy", "labels.npy", "meta.json"]  # mask = labels != 0
     image = np.load(folder / "image.npy")
-    mask = np.load(folder / "mask.npy")
     labels = np.load(folder / "labels.npy")
-    assert image.dtype == np.float32 and mask.dtype == np.uint8 and labels.dtype == np.int32
+    mask = (labels != 0).astype(np.uint8)
+    assert image.dtype == np.float32 and labels.dtype == np.uint8  # 2 lesions: the smallest unsigned type
     assert image.min() == 0.0 and image.max() == 1.0
     # ROI box [2:11, 3:13, 3:17] + 5, clamped to the image
     meta = json.loads((folder / "meta.json").read_text())
@@ -94,8 +94,67 @@ def test_prepare_writes_the_documented_format(tmp_path):
     assert isinstance(case.image, np.memmap) and case.spacing == pytest.approx(SPACING)
     assert case.meta["split"] == "train"
     np.testing.assert_array_equal(case.mask, mask)
+    assert case.mask.dtype == np.uint8 and not case.mask.flags.writeable
     assert not isinstance(cache.load("a", mmap=False).image, np.memmap)
     assert SPLITS == ("train", "val", "holdout")
+
+
+def test_labels_take_the_smallest_unsigned_type_that_holds_the_count():
+    from trainables.data.cache import label_dtype
+
+    assert [label_dtype(n) for n in (0, 255, 256, 65535, 65536, 2**32 - 1)] == \
+        [np.uint8, np.uint8, np.uint16, np.uint16, np.uint32, np.uint32]
+    with pytest.raises(DataError, match="uint32"):
+        label_dtype(2**32)
+
+
+def _as_version_1(root: Path) -> None:
+    """Rewrite a cache the way version 1 wrote it: a mask.npy beside int32 labels, version 1 in cache.json."""
+    index = json.loads((root / "cache.json").read_text())
+    for c in index["cases"]:
+        folder = root / "cases" / c["case_id"]
+        labels = np.load(folder / "labels.npy")
+        np.save(folder / "mask.npy", (labels != 0).astype(np.uint8))
+        np.save(folder / "labels.npy", labels.astype(np.int32))
+    index["version"] = 1
+    index.pop("image_dtype")
+    (root / "cache.json").write_text(json.dumps(index))
+
+
+def test_a_version_1_cache_still_loads_and_a_new_one_is_smaller(tmp_path):
+    manifest = make_dataset(tmp_path / "ds")
+    new = prepare_cache(manifest, tmp_path / "new", preset="lits", progress=False)
+    prepare_cache(manifest, tmp_path / "old", preset="lits", progress=False)
+    _as_version_1(tmp_path / "old")
+    old = Cache(tmp_path / "old")
+    assert old.version == 1 and new.version == 2
+    for c in new.case_ids():
+        a, b = old.load(c), new.load(c)
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.labels.dtype == np.int32 and b.labels.dtype == np.uint8
+    size = lambda root: sum(p.stat().st_size for p in (root / "cases").rglob("*.npy"))  # noqa: E731
+    voxels = sum(math.prod(new.meta(c)["shape"]) for c in new.case_ids())
+    header = 128 * len(new.case_ids())  # one .npy header per file
+    assert size(tmp_path / "old") == 9 * voxels + 3 * header and size(tmp_path / "new") == 5 * voxels + 2 * header
+    # preparing into the old cache is refused, naming it; it stays as it was
+    with pytest.raises(DataError, match="version-1 cache"):
+        prepare_cache(manifest, tmp_path / "old", preset="lits", progress=False)
+    assert Cache(tmp_path / "old").version == 1
+
+
+def test_a_float16_cache_halves_the_image_and_keeps_it_to_half_precision(tmp_path):
+    manifest = make_dataset(tmp_path / "ds")
+    full = prepare_cache(manifest, tmp_path / "f32", preset="lits", progress=False)
+    half = prepare_cache(manifest, tmp_path / "f16", preset="lits", progress=False, image_dtype="float16")
+    assert half.image_dtype == "float16" and half.meta("a")["image_dtype"] == "float16"
+    a, b = full.array("a", "image"), half.array("a", "image")
+    assert b.dtype == np.float16 and b.nbytes * 2 == a.nbytes
+    np.testing.assert_allclose(b.astype(np.float32), a, atol=2.0**-11)  # [0, 1] in half precision
+    np.testing.assert_array_equal(full.array("a", "labels"), half.array("a", "labels"))
+    with pytest.raises(DataError, match="stores its images as float16"):
+        prepare_cache(manifest, tmp_path / "f16", preset="lits", progress=False)
 
 
 def test_crop_to_roi_box(tmp_path):
@@ -366,7 +425,7 @@ def test_interrupt_during_a_case_leaves_no_half_case(tmp_path, monkeypatch):
 
     def flaky_save(path, arr, *a, **k):
         calls.append(path)
-        if len(calls) == 6:  # second case, after its image.npy and mask.npy
+        if len(calls) == 4:  # second case, after its image.npy (2 arrays per case)
             raise KeyboardInterrupt
         return real_save(path, arr, *a, **k)
 
@@ -391,11 +450,11 @@ def test_a_full_disk_is_named_as_such_with_the_case_and_the_cache_left_as_it_was
     manifest = make_dataset(tmp_path / "ds")
     real = cache_mod._prepare_one
 
-    def full_on_c(s, tmp, *, preset):
+    def full_on_c(s, tmp, **kwargs):
         if s.case_id == "c":
             tmp.mkdir(parents=True)
             raise OSError("16384 requested and 16352 written")
-        return real(s, tmp, preset=preset)
+        return real(s, tmp, **kwargs)
 
     monkeypatch.setattr(cache_mod, "_prepare_one", full_on_c)
     with pytest.raises(OSError) as err:
@@ -427,6 +486,24 @@ def test_a_parallel_preparation_writes_the_same_files_as_one_at_a_time(tmp_path)
         prepare_cache(manifest, tmp_path / f"par{i}", preset=preset, progress=False, workers=2)
         seq, par = snapshot(tmp_path / f"seq{i}"), snapshot(tmp_path / f"par{i}")
         assert seq == par and len(seq) > 10, preset
+
+
+def test_preparation_as_ray_tasks_writes_the_sequential_files_and_lists_failures(tmp_path, fake_gpu_ray, capsys):
+    """``study data prepare --address``: one Ray task per case (here the test's local Ray) writes the same files as
+    one process does; failing cases are listed after the others finished, the cache left as it was."""
+    from trainables.data.cache import RAY_TASKS
+
+    manifest = make_dataset(tmp_path / "ds")
+    prepare_cache(manifest, tmp_path / "seq", preset="lits", progress=False)
+    prepare_cache(manifest, tmp_path / "ray", preset="lits", progress=False, workers=RAY_TASKS)
+    assert snapshot(tmp_path / "seq") == snapshot(tmp_path / "ray")
+    for case in ("b", "c"):
+        _, mask, _ = _case_arrays(0)
+        write_image(mask * 3, tmp_path / "ds" / "msk" / f"{case}.nii.gz", spacing=SPACING)
+    with pytest.raises(DataError) as err:
+        prepare_cache(manifest, tmp_path / "bad", preset="lits", workers=RAY_TASKS)
+    assert str(err.value).startswith("2 of 4 case(s) failed [nothing of this run was kept")
+    assert not (tmp_path / "bad").exists() and "a (train): " in capsys.readouterr().err
 
 
 def test_a_parallel_preparation_lists_every_failing_case_and_leaves_the_cache_as_it_was(tmp_path, capsys):
