@@ -75,7 +75,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_stop_group(), sys.exit(0)))
     while True:
         code = child.poll()
-        if code is not None:
+        if code is not None:  # the server ended by itself: what it left in the group (workers) ends with it
+            _stop_group()
             return code
         if not _alive(parent) or os.getppid() != parent:
             _stop_group()

@@ -13,6 +13,10 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# every process a test starts (studies, Ray, MLflow servers) inherits this tag: the leftover-process checks look
+# at this test process's own children only, whatever other pytest-xdist workers run beside it
+os.environ["IW_TEST_PROCESS"] = f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
+
 
 def _shared_dir() -> Path:
     return Path(os.environ.get("IW_SHARED_DIR", PROJECT_ROOT.parent / "shared")).resolve()
@@ -35,14 +39,32 @@ def paper_records_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fake_gpu_ray():
-    """One local Ray for the unit tests that need one (started once): 2 CPUs and a GPU this machine does not
-    have, which torch here cannot use (the GPU path's checks). Tests using it never shut it down."""
+def _ray_at_exit():
+    yield
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
     ray.shutdown()
+
+
+@pytest.fixture
+def fake_gpu_ray(_ray_at_exit):
+    """A local Ray for the unit tests that need one (started once per test process, again if a test shut it
+    down): 2 CPUs and a GPU this machine does not have, which torch here cannot use (the GPU path's checks)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+
+
+#: the longest modules first, so that pytest-xdist starts them at once (the suite's wall time is the longest one's)
+SLOW_FIRST = ("tests/integration/test_study.py", "tests/integration/test_slurm.py", "tests/integration/test_cluster.py",
+              "tests/integration/test_tpe_search.py", "tests/integration/test_asha_scheduler.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {module: i for i, module in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 def pytest_collection_finish(session) -> None:

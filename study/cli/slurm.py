@@ -151,9 +151,21 @@ GPUS={gpus_per_node}
 NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 HEAD=${{NODES[0]}}
 HEAD_IP=$(hostname --ip-address | awk '{{print $1}}')
+# The head runs in the foreground of a background job (--block): its daemons stay this script's descendants, and
+# stopping it stops this job's Ray only (`ray stop` would stop every Ray on the node, other jobs' on a shared one).
 "$RAY" start --head --node-ip-address="$HEAD_IP" --port=$BASE --ray-client-server-port=$((BASE + 7)) \\
     --num-cpus="$CPUS" --num-gpus="$GPUS" --temp-dir="$RAY_TMPDIR" --include-dashboard=false \\
-    --disable-usage-stats "${{PORTS[@]}}" || exit 1
+    --disable-usage-stats "${{PORTS[@]}}" --block &
+RAY_HEAD=$!
+for _ in $(seq 180); do  # up when it has written its address
+    [ -s "$RAY_TMPDIR/ray_current_cluster" ] && break
+    kill -0 "$RAY_HEAD" 2>/dev/null || {{ echo "[slurm] the Ray head did not start"; exit 1; }}
+    sleep 1
+done
+stop_ray() {{
+    kill -TERM "$RAY_HEAD" 2>/dev/null
+    wait "$RAY_HEAD" 2>/dev/null
+}}
 if [ "${{#NODES[@]}}" -gt 1 ]; then
     srun --nodes=$(( ${{#NODES[@]}} - 1 )) --ntasks-per-node=1 --exclude="$HEAD" --overlap \\
         "$RAY" start --block --address="$HEAD_IP:$BASE" --num-cpus="$CPUS" --num-gpus="$GPUS" \\
@@ -176,7 +188,7 @@ stop_and_requeue() {{
         kill -INT "$DRIVER" 2>/dev/null
         wait "$DRIVER"
     fi
-    "$RAY" stop --force >/dev/null 2>&1
+    stop_ray
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 }}
@@ -187,7 +199,7 @@ DRIVER=$!
 
 wait "$DRIVER"
 RC=$?
-"$RAY" stop --force >/dev/null 2>&1
+stop_ray
 rm -rf "$RAY_TMPDIR"
 echo "[slurm] study driver exited with $RC"
 exit $RC

@@ -124,31 +124,23 @@ def cmd_ui(args) -> int:
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the process group of ``proc`` (started with ``start_new_session``), SIGKILL to what is left
-    after ``grace`` seconds: the server, its workers and its job consumers all end."""
+    """SIGTERM to the process group of ``proc`` (the watchdog, started with ``start_new_session``; it stops its
+    group, the server, its workers and its job consumers), SIGKILL to the group if it is still there after
+    ``grace`` seconds. Only while ``proc`` is unreaped: its pid, the group's id, cannot be reused by another
+    process until then (once reaped, the watchdog has already stopped its group itself)."""
     import signal
-    import time
 
-    def alive() -> bool:
-        try:
-            os.killpg(proc.pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
+    if proc.poll() is not None:
+        return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if proc.poll() is not None and not alive():
-            return
-        time.sleep(0.2)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -26,6 +26,7 @@ def stage_data(ctx: StudyContext) -> None:
             else:
                 manifest = make_phantom(phantom_dir, n_cases=ph.cases, seed=ph.seed, shape=tuple(ph.shape),
                                         contrast=tuple(ph.contrast), noise=ph.noise)
+        ctx.testing_pause("data")
         cache = prepare_cache(manifest, ctx.cache_dir(), preset="luna16" if ph.kind == "lidc" else "none")
     elif d.source == "manifest":
         log(f"data: preparing {d.path} with preset {d.preset}")

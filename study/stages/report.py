@@ -31,6 +31,7 @@ def stage_report(ctx: StudyContext) -> None:
     root = ctx.state.mlflow_ids()["study_run_id"]
     for f in files:
         mlc.log_artifact(root, str(f), artifact_path="report")
+    ctx.testing_pause("report")
     tracking.log_verdict(ctx.state, summary)
     mlc.set_terminated(root, "FINISHED")
     ctx.state.mark_done("report", files=[str(f) for f in files])

@@ -16,16 +16,22 @@ _MARKERS = ("gcs_server", "raylet", "ray::", "default_worker.py", "dashboard/age
 
 
 def _service_pids() -> dict[int, str]:
+    """Ray / MLflow / study processes started by this test process (they carry its ``IW_TEST_PROCESS`` tag,
+    tests/conftest.py), not those of another pytest worker or of a study running beside the suite."""
+    tag = f"IW_TEST_PROCESS={os.environ['IW_TEST_PROCESS']}".encode()
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if not (cmd and any(m in cmd for m in _MARKERS)):
+                continue
+            if tag not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
         except OSError:
             continue
-        if cmd and any(m in cmd for m in _MARKERS):
-            out[int(entry.name)] = cmd
+        out[int(entry.name)] = cmd
     return out
 
 

@@ -104,6 +104,8 @@ def test_decisions_equal_serial_asha_whatever_the_arrival_order(tmp_path, no_lef
     scheduler = AshaScheduler(state_path, settings_of(SCHED, EPOCHS, per_config=True))
     space = {"arrivals": str(arrivals), "trial": tune.grid_search(
         [{"loss": "bce", "iw": iw, "params": {}, "seed": i} for i, (iw, _) in enumerate(CURVES)])}
+    if ray.is_initialized():  # another test's Ray in this process (2 CPUs): this test needs 4 slots
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         tuner = tune.Tuner(tune.with_resources(_trainable, {"cpu": 1}), param_space=space,

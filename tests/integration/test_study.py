@@ -236,6 +236,16 @@ def _check_relocated(study: Path, tmp_path: Path) -> None:
         aside.rename(study)
 
 
+def _logged_models(study: Path) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study.name)
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id], max_results=1000)
+    runs = {r.info.run_id: r.info.run_name for r in _all_runs(study)}
+    return sorted(f"{runs.get(m.source_run_id)}:{m.name}" for m in models)
+
+
 def _asha_log(study: Path) -> list[dict]:
     p = study / "ray" / "sweep-asha.json"
     return json.loads(p.read_text())["log"] if p.is_file() else []
@@ -256,8 +266,10 @@ def _asha_outcome(study: Path) -> dict[str, tuple]:
 
 def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(tmp_path, no_leftover_processes):
     """Issues 5, 6, 10, 16, 26, 30: one cross-validated ASHA study (plain and iw Dice, 2 seeds, 2 folds; a BCE
-    configuration whose loss turns NaN) killed with SIGKILL after its first rung decision, resumed (a second
-    resume beside it exits 2), killed again during the retrain and during the hold-out and resumed, ends with the same folds, stopped, completed and errored trials, winners with
+    configuration whose loss turns NaN) killed with SIGKILL in every stage (data: the phantom written, the cache
+    not; the sweep after its first rung decision; select: selection.json written, MLflow not tagged; the retrain;
+    the hold-out after some models' records; the report: its files logged, the verdict not) and resumed each time
+    (a second resume beside one exits 2), ends with the same folds, stopped, completed and errored trials, winners with
     their per-fold scores and MLflow statuses, exactly the MLflow history (one value per metric and step, equal
     values) and the summary.json numbers (retrained winners and fold ensembles) of an uninterrupted run of the
     same seeds on this machine; a checkpointed trial continues from its epoch, the diverged one errors with its
@@ -270,22 +282,24 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
                    validation={"n_boot": 0, "every": 2, "subset": 1})
     nan = {"nan_at_iteration": 4, "nan_configs": ["bce"]}
     storage = tmp_path / "studies"
-    # the reference: no sleep (the testing section is not part of the numerics, MLflow params or results)
-    reference = run_study("launch", str(_space(tmp_path, **changes, testing=nan)), "--storage", str(storage),
-                          "--name", "straight", cwd=tmp_path)
-    assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
-    # a clean console (issue 30): the diverged trial shows its error, no trial actor that ended normally shows
-    # Ray's SystemExit noise
-    console = reference.stdout + reference.stderr
-    assert "SystemExit" not in console and "Exception ignored" not in console, console[-4000:]
-    assert "non-finite training loss" in console
-    straight_asha = _asha_outcome(storage / "straight")
-    assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped", "error"}, straight_asha
+    # the reference, beside the killed study (its own local Ray; the killed one mostly sleeps): no sleep (the
+    # testing section is not part of the numerics, MLflow params or results)
+    ref_log = tmp_path / "straight.log"
+    reference = start_study("launch", str(_space(tmp_path, **changes, testing=nan)), "--storage", str(storage),
+                            "--name", "straight", cwd=tmp_path, log=ref_log)
 
-    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15, "sleep_after_holdout_model": 2})
+    space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15, "sleep_after_holdout_model": 2,
+                                                 "sleep_in_stage": {"data": 4, "select": 4, "report": 4}})
     study = storage / "killed"
+    hold = lambda stage, path: f"{stage}: (testing.sleep_in_stage)" in path.read_text()  # noqa: E731
     log = tmp_path / "launch.log"
     proc = start_study("launch", str(space), "--storage", str(storage), "--name", "killed", cwd=tmp_path, log=log)
+    wait_for(lambda: hold("data", log), timeout=120, proc=proc, log=log)  # the phantom written, no cache yet
+    kill_group(proc)  # 0: in the data stage
+    assert not (study / "data" / "cache" / "cache.json").is_file()
+
+    log = tmp_path / "resume0.log"
+    proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log)
     # the first rung decision is made and Tune's snapshot knows a checkpoint (what a restore resumes from)
     wait_for(lambda: len(_asha_log(study)) >= 1 and _snapshotted(study, "sweep", 0), timeout=300, proc=proc,
              log=log)
@@ -303,6 +317,12 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     second = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert second.returncode == 2 and f"is being driven by `study resume` (PID {proc.pid}" in second.stderr, \
         second.stderr
+    wait_for(lambda: hold("select", log2), timeout=400, proc=proc, log=log2)  # selection.json written, not tagged
+    assert (study / "selection.json").is_file() and not _state(study)["stages"].get("select", {}).get("done")
+    kill_group(proc)  # in the select stage
+
+    log2 = tmp_path / "resume1b.log"
+    proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log2)
     wait_for(lambda: _checkpoints(study, "retrain", 1), timeout=400, proc=proc, log=log2)
     assert _state(study)["stages"].get("select", {}).get("done")
     assert not _state(study)["stages"].get("retrain", {}).get("done")
@@ -313,6 +333,21 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     wait_for(lambda: any((study / "holdout").rglob("records_any.json")), timeout=400, proc=proc, log=log3)
     assert not _state(study)["stages"].get("holdout", {}).get("done")
     kill_group(proc)  # 3: mid-hold-out, some models' records written, others not
+
+    assert reference.wait(timeout=900) == 0, ref_log.read_text()[-4000:]
+    # a clean console (issue 30): the diverged trial shows its error, no trial actor that ended normally shows
+    # Ray's SystemExit noise
+    console = ref_log.read_text()
+    assert "SystemExit" not in console and "Exception ignored" not in console, console[-4000:]
+    assert "non-finite training loss" in console
+    straight_asha = _asha_outcome(storage / "straight")
+    assert {end for end, _, _ in straight_asha.values()} == {"completed", "stopped", "error"}, straight_asha
+
+    log4 = tmp_path / "resume3.log"
+    proc = start_study("resume", "killed", "--storage", str(storage), cwd=tmp_path, log=log4)
+    wait_for(lambda: hold("report", log4), timeout=400, proc=proc, log=log4)  # report files logged, no verdict yet
+    assert (study / "report" / "report.md").is_file() and not _state(study)["stages"].get("report", {}).get("done")
+    kill_group(proc)  # 4: in the report stage
 
     res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -369,6 +404,8 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     assert "## Hold-out results of the fold ensembles (no retraining)" in text and "Cross-validation: 2 folds" in text
     assert all("holdout_avg_recall" in r.data.metrics for r in holdout)
     assert not [r for r in _all_runs(study) if r.info.status == "RUNNING"]
+    # the same logged models (one per retrained winner, its run's name), none twice
+    assert _logged_models(study) == _logged_models(storage / "straight")
 
     # MLflow: the same runs, each metric with one value per step, equal to the uninterrupted run's
     straight, killed = _histories(storage / "straight"), _histories(study)

@@ -38,6 +38,16 @@ def peer_python(name: str) -> tuple[Path | None, str]:
 
 
 def _build(name: str) -> tuple[Path | None, str]:
+    """One build at a time across processes (pytest-xdist workers each ask for it): a file lock."""
+    import fcntl
+
+    VENVS.mkdir(exist_ok=True)
+    with open(VENVS / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(name)
+
+
+def _build_locked(name: str) -> tuple[Path | None, str]:
     requirements = HERE / f"requirements-{name}.txt"
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
     root = VENVS / f"{name}-{digest}"
