@@ -73,7 +73,8 @@ def kill_leaves_nothing(proc: subprocess.Popen, before: set[int], sig: int = sig
 
 
 def check_ui(url: str, shots: Path, *, plain: str, iw: str) -> None:
-    """Open the study's runs, filter the iw runs, compare an iw/plain sweep pair: its params and validation curve."""
+    """Open the study's runs, filter the iw runs, compare an iw/plain sweep pair: its parallel-coordinates chart, its
+    params and validation curve."""
     from playwright.sync_api import sync_playwright
 
     shots.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,12 @@ def check_ui(url: str, shots: Path, *, plain: str, iw: str) -> None:
             page.get_by_text("Comparing 2 Runs").wait_for(timeout=60_000)
             page.wait_for_timeout(2000)
             page.screenshot(path=str(shots / "ui_compare.png"), full_page=True)
+            # the compare page opens on its parallel-coordinates chart (plotly's parcoords): the numeric params in
+            # which the runs differ (MLflow keeps them numbers) and a metric are its axes
+            plot = page.locator(".js-plotly-plot").first
+            plot.wait_for(timeout=60_000)
+            axes = plot.text_content() or ""
+            assert page.locator(".parcoords").count() >= 1 and "train_loss" in axes, axes[:400]
             text = page.inner_text("body")
             for param in ("loss", "iw", "config", "training.optimizer.lr"):
                 assert f"\n{param}\t" in text, param
