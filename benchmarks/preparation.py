@@ -36,7 +36,7 @@ from trainables.environment import print_machine
 
 def _prepare(manifest: Path, out: Path, workers: int, dtype: str = "float32") -> tuple[float, float]:
     """``study data prepare`` in a process of its own: (seconds, peak RSS in MiB of its largest process)."""
-    cmd = [sys.executable, "-m", "study.cli", "data", "prepare", str(manifest), "--out", str(out), "--preset",
+    cmd = [sys.executable, "-m", "study.cli", "data", "prepare", "--manifest", str(manifest), "--out", str(out), "--preset",
            "luna16", "--workers", str(workers), "--image-dtype", dtype, "--quiet"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         _prepare(manifest, tmp / "cache-f16", 2, "float16")
         _version_1(tmp / "cache-w1", tmp / "cache-v1")
 
-        print("\ncache bytes per case (mean; the cropped volumes' voxels in brackets):")
+        print("\ncache bytes per case (mean; per voxel of the cropped volume; against version 1):")
         caches = {"version 1 (float32 image, uint8 mask, int32 labels)": tmp / "cache-v1",
                   "this version (float32 image, uint8 labels, no mask)": tmp / "cache-w1",
                   "this version, --image-dtype float16": tmp / "cache-f16"}
