@@ -57,11 +57,9 @@ def fake_gpu_ray(_ray_at_exit):
                  log_to_driver=False)
 
 
-#: the longest modules first, one per worker (pytest-xdist gives each worker two modules to start with: the kill
-#: test's worker gets a fast one second), so that the suite's wall time is the longest module's
+#: the longest modules first, so that pytest-xdist starts them at once (the suite's wall time is the longest one's)
 SLOW_FIRST = ("tests/integration/test_study.py", "tests/integration/test_slurm.py", "tests/integration/test_cluster.py",
-              "tests/integration/test_tpe_search.py", "tests/unit/test_architecture.py",
-              "tests/integration/test_asha_scheduler.py", "tests/integration/test_ui.py")
+              "tests/integration/test_tpe_search.py", "tests/integration/test_asha_scheduler.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
