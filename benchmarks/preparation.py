@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -57,20 +56,6 @@ def _identical(a: Path, b: Path) -> bool:
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "cache.json")
     return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "cache.json") and \
         all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-
-
-def _version_1(src: Path, out: Path) -> None:
-    """The version-1 layout of a cache, written from its arrays (a uint8 mask and int32 labels beside the image)."""
-    shutil.copytree(src, out)
-    index = json.loads((out / "cache.json").read_text())
-    for c in index["cases"]:
-        folder = out / "cases" / c["case_id"]
-        labels = np.load(folder / "labels.npy")
-        np.save(folder / "mask.npy", (labels != 0).astype(np.uint8))
-        np.save(folder / "labels.npy", labels.astype(np.int32))
-    index["version"] = 1
-    index.pop("image_dtype", None)
-    (out / "cache.json").write_text(json.dumps(index))
 
 
 def _float16_dice(study: Path) -> None:
@@ -128,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print_machine()
     from benchmarks.data import _sampler_throughput
+    from tests.helpers import rewrite_as_version_1
     from trainables.data import Cache
     from trainables.data.lidc_phantom import make_lidc_phantom
 
@@ -152,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ratio 2 workers / 1: {runs[1] / runs[2]:.2f}x (target >= 1.7x on 2 cores); the two caches are "
               f"{'identical byte for byte' if same else 'DIFFERENT'}")
         _prepare(manifest, tmp / "cache-f16", 2, "float16")
-        _version_1(tmp / "cache-w1", tmp / "cache-v1")
+        shutil.copytree(tmp / "cache-w1", tmp / "cache-v1")
+        rewrite_as_version_1(tmp / "cache-v1")
 
         print("\ncache bytes per case (mean; per voxel of the cropped volume; against version 1):")
         caches = {"version 1 (float32 image, uint8 mask, int32 labels)": tmp / "cache-v1",

@@ -141,3 +141,19 @@ def paper2020_loop(recordset: RecordSet) -> tuple[float, float]:
         recall.append(0.0)
         values.append(float(np.mean(np.interp(LUNA_FP_RATES, fps[::-1], recall[::-1]))))
     return float(np.mean(values)), float(np.std(values))
+
+
+def rewrite_as_version_1(root: Path) -> None:
+    """Rewrite a prepared cache in place the way cache version 1 wrote it (a uint8 mask.npy beside int32 labels,
+    version 1 in cache.json): the reference for "an old cache still loads" (tests, ``benchmarks.preparation``)."""
+    import json
+
+    index = json.loads((root / "cache.json").read_text())
+    for c in index["cases"]:
+        folder = root / "cases" / c["case_id"]
+        labels = np.load(folder / "labels.npy")
+        np.save(folder / "mask.npy", (labels != 0).astype(np.uint8))
+        np.save(folder / "labels.npy", labels.astype(np.int32))
+    index["version"] = 1
+    index.pop("image_dtype", None)
+    (root / "cache.json").write_text(json.dumps(index))

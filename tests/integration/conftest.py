@@ -35,18 +35,25 @@ def _service_pids() -> dict[int, str]:
     return out
 
 
+def leftover_processes(before: set[int], timeout: float = 20.0) -> dict[int, str]:
+    """This test process's Ray / MLflow / study processes not in ``before`` that are still there after up to
+    ``timeout`` seconds (a stopped node's workers take a moment to notice and exit)."""
+    deadline = time.time() + timeout
+    while True:
+        left = {p: c for p, c in _service_pids().items() if p not in before and p != os.getpid()}
+        if not left or time.time() >= deadline:
+            return left
+        time.sleep(1)
+
+
 @pytest.fixture
 def no_leftover_processes():
     """Fail the test if it leaves Ray / MLflow / study processes running (and kill them)."""
     before = set(_service_pids())
     yield
-    deadline = time.time() + 20
-    left = {}
-    while time.time() < deadline:
-        left = {p: c for p, c in _service_pids().items() if p not in before and p != os.getpid()}
-        if not left:
-            return
-        time.sleep(1)
+    left = leftover_processes(before)
+    if not left:
+        return
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)

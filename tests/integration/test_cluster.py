@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 def cluster():
     """A head (1 CPU, a fake GPU), a worker with the custom resource ``worker_node`` and an MLflow server,
     shared by this module's tests; nothing of it is left running afterwards."""
-    from .conftest import _service_pids
+    from .conftest import _service_pids, leftover_processes
 
     before = set(_service_pids())
     root = Path(tempfile.mkdtemp(prefix="iw2n.", dir="/tmp"))  # unix sockets live under --temp-dir: keep it short
@@ -49,13 +49,7 @@ def cluster():
         yield c
     finally:
         c.stop()
-        deadline = time.time() + 20  # a worker of a stopped node may take a moment to notice and exit
-        left = {}
-        while time.time() < deadline:
-            left = {p: cmd for p, cmd in _service_pids().items() if p not in before and p != os.getpid()}
-            if not left:
-                break
-            time.sleep(1)
+        left = leftover_processes(before)
         assert not left, f"processes left behind: {left}"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from study.cli import main
-from tests.helpers import snapshot
+from tests.helpers import rewrite_as_version_1, snapshot
 from trainables.data import SPLITS, Cache, prepare_cache
 from trainables.data.io import write_image
 from trainables.errors import DataError
@@ -108,24 +108,11 @@ def test_labels_take_the_smallest_unsigned_type_that_holds_the_count():
         label_dtype(2**32)
 
 
-def _as_version_1(root: Path) -> None:
-    """Rewrite a cache the way version 1 wrote it: a mask.npy beside int32 labels, version 1 in cache.json."""
-    index = json.loads((root / "cache.json").read_text())
-    for c in index["cases"]:
-        folder = root / "cases" / c["case_id"]
-        labels = np.load(folder / "labels.npy")
-        np.save(folder / "mask.npy", (labels != 0).astype(np.uint8))
-        np.save(folder / "labels.npy", labels.astype(np.int32))
-    index["version"] = 1
-    index.pop("image_dtype")
-    (root / "cache.json").write_text(json.dumps(index))
-
-
 def test_a_version_1_cache_still_loads_and_a_new_one_is_smaller(tmp_path):
     manifest = make_dataset(tmp_path / "ds")
     new = prepare_cache(manifest, tmp_path / "new", preset="lits", progress=False)
     prepare_cache(manifest, tmp_path / "old", preset="lits", progress=False)
-    _as_version_1(tmp_path / "old")
+    rewrite_as_version_1(tmp_path / "old")
     old = Cache(tmp_path / "old")
     assert old.version == 1 and new.version == 2
     for c in new.case_ids():
