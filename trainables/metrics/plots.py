@@ -247,7 +247,7 @@ def size_groups_figure(groups: Mapping[str, Mapping[str, dict]], *, title: str |
         ax.set_xticklabels([f"{g}\nn = {n_les[g]}" if n_les[g] is not None else g for g in group_names])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(label)
-        ax.set_xlabel("lesion equivalent diameter (n = hold-out lesions)")
+        ax.set_xlabel("equivalent diameter (n = hold-out lesions)")  # two panels side by side: short
         ax.set_title(label)
         ax.grid(True, axis="y", alpha=0.3)
     if configs:
