@@ -57,14 +57,46 @@ def fake_gpu_ray(_ray_at_exit):
                  log_to_driver=False)
 
 
-#: the longest modules first, so that pytest-xdist starts them at once (the suite's wall time is the longest one's)
-SLOW_FIRST = ("tests/integration/test_study.py", "tests/integration/test_slurm.py", "tests/integration/test_cluster.py",
+#: the modules that must stay slow (whole studies through real Ray, MLflow, SLURM), longest first: pytest-xdist
+#: hands them out before anything else, one per worker, and queues nothing behind them (SlowFirstScheduling)
+SLOW_FIRST = ("tests/integration/test_study.py", "tests/integration/test_cluster.py", "tests/integration/test_slurm.py",
               "tests/integration/test_tpe_search.py", "tests/integration/test_asha_scheduler.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     rank = {module: i for i, module in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (one module per worker at a time), with the slow modules first."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlowFirstScheduling(LoadScopeScheduling):
+        """Plain loadscope sorts modules by their number of tests, so the few-test studies came last, and it
+        queues a worker's next module once it has two tests or fewer pending: a study module waited behind
+        another while other workers sat idle (the suite's last 5 minutes ran at half the machine). Here the slow
+        modules go first, one per worker, and what queues behind one is the smallest module left (a worker
+        starts its last test only once it has more work or is told to stop, so something must queue)."""
+
+        def _assign_work_unit(self, node) -> None:
+            running = self.assigned_work.get(node, {})
+            behind_slow = any(scope in SLOW_FIRST and not all(done.values()) for scope, done in running.items())
+            slow = [scope for scope in self.workqueue if scope in SLOW_FIRST]
+            quick = [scope for scope in self.workqueue if scope not in SLOW_FIRST]
+            if behind_slow and quick:
+                first = min(quick, key=lambda scope: len(self.workqueue[scope]))
+            elif slow:
+                first = min(slow, key=SLOW_FIRST.index)
+            else:
+                first = next(iter(self.workqueue))
+            self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
+    return SlowFirstScheduling(config, log)
 
 
 def pytest_collection_finish(session) -> None:

@@ -15,10 +15,11 @@ _MARKERS = ("gcs_server", "raylet", "ray::", "default_worker.py", "dashboard/age
             "log_monitor.py", "monitor.py", "mlflow.server", "mlflow ui", "mlflow server", "study.cli")
 
 
-def _service_pids() -> dict[int, str]:
+def _service_pids(tag: str | None = None) -> dict[int, str]:
     """Ray / MLflow / study processes started by this test process (they carry its ``IW_TEST_PROCESS`` tag,
-    tests/conftest.py), not those of another pytest worker or of a study running beside the suite."""
-    tag = f"IW_TEST_PROCESS={os.environ['IW_TEST_PROCESS']}".encode()
+    tests/conftest.py), not those of another pytest worker or of a study running beside the suite; with ``tag``
+    (``NAME=value``), those whose environment holds that instead."""
+    tag = (tag or f"IW_TEST_PROCESS={os.environ['IW_TEST_PROCESS']}").encode()
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

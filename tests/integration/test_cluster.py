@@ -59,7 +59,7 @@ def test_two_node_study_with_mlflow_server_survives_a_lost_worker(cluster, tmp_p
         "name": "cluster-tiny",
         "data": {"source": "phantom", "phantom": {"cases": 8, "seed": 0, "shape": [32, 48, 48]}},
         "model": {"width": 0.125},
-        "training": {"epochs": 4, "iterations": 4, "patch_size": [32, 32, 32]},
+        "training": {"epochs": 4, "iterations": 4, "patch_size": [16, 32, 32]},
         "inference": {"window": [32, 48, 48], "stride": [32, 48, 48]},
         "validation": {"n_boot": 0},
         "evaluation": {"n_boot": 50},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ TINY = {
     "name": "tiny",
     "data": {"source": "phantom", "phantom": {"cases": 8, "seed": 0, "shape": [32, 48, 48]}},
     "model": {"width": 0.125, "channels_last": False},  # runs compared with each other: one layout
-    "training": {"epochs": 4, "iterations": 4, "patch_size": [32, 32, 32],
+    "training": {"epochs": 4, "iterations": 4, "patch_size": [16, 32, 32],
                  "lr_schedule": {"milestones": [3], "gamma": 0.1}},
     "inference": {"window": [32, 48, 48], "stride": [32, 48, 48]},
     "validation": {"n_boot": 0},
@@ -273,20 +274,25 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     their per-fold scores and MLflow statuses, exactly the MLflow history (one value per metric and step, equal
     values) and the summary.json numbers (retrained winners and fold ensembles) of an uninterrupted run of the
     same seeds on this machine; a checkpointed trial continues from its epoch, the diverged one errors with its
-    reason and is not retrained. The finished study then serves `study predict` (a retrained model, and the fold
-    models as an ensemble), a copy of its folder, `study metrics`, `study status` and the MLflow UI."""
+    reason and is not retrained. The uninterrupted study, once finished, serves `study predict` (a retrained model,
+    and the fold models as an ensemble), a copy of its folder, `study metrics`, `study status` and the MLflow UI
+    (checked while the other is killed and resumed)."""
     changes = dict(search={"losses": {"dice": {"iw": [False, True]}, "bce": {"iw": False}}, "seeds": [0, 1]},
                    data={**TINY["data"], "folds": 2},
-                   training={**TINY["training"], "iterations": 6, "optimizer": {"lr": 0.05}},
+                   training={**TINY["training"], "optimizer": {"lr": 0.05}},
                    scheduler={"type": "asha", "metric": "val_obj_dice", "grace_epochs": 1, "reduction_factor": 2},
                    validation={"n_boot": 0, "every": 2, "subset": 1})
-    nan = {"nan_at_iteration": 4, "nan_configs": ["bce"]}
+    nan = {"nan_at_iteration": 2, "nan_configs": ["bce"]}  # in the first epoch (4 iterations)
     storage = tmp_path / "studies"
     # the reference, beside the killed study (its own local Ray; the killed one mostly sleeps): no sleep (the
     # testing section is not part of the numerics, MLflow params or results)
     ref_log = tmp_path / "straight.log"
     reference = start_study("launch", str(_space(tmp_path, **changes, testing=nan)), "--storage", str(storage),
                             "--name", "straight", cwd=tmp_path, log=ref_log)
+    # once it has finished, the uninterrupted study serves predict, a copy, metrics, status and the UI, checked
+    # in a thread while this one kills and resumes the other study (it mostly waits)
+    beside = _Beside(_check_the_finished_reference, reference, storage, tmp_path)
+    beside.start()
 
     space = _space(tmp_path, **changes, testing={**nan, "sleep_per_iteration": 0.15, "sleep_after_holdout_model": 2,
                                                  "sleep_in_stage": {"data": 4, "select": 4, "report": 4}})
@@ -352,6 +358,7 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     res = run_study("resume", "killed", "--storage", str(storage), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "sweep: already done, skipped" in res.stdout and "Report:" in res.stdout
+    skipped = beside.result(timeout=600)  # before reading the uninterrupted study's files: its copy check moves it
     # the folds: made once, unchanged by the resumes, the same as the uninterrupted run's (one seed)
     assert (study / "folds.json").read_bytes() == folds == (storage / "straight" / "folds.json").read_bytes()
     report = study / "report" / "report.md"
@@ -428,15 +435,56 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     a = _numbers(json.loads((storage / "straight" / "holdout" / "summary.json").read_text()))
     b = _numbers(json.loads((study / "holdout" / "summary.json").read_text()))
     assert len(a) > 50 and a == b
-    _check_predict(storage, study, tmp_path)  # the finished study also serves `study predict`
+    if skipped is not None:  # the browser check, where no browser is installed
+        raise skipped
+
+
+class _Beside(threading.Thread):
+    """``fn(*args)`` in a thread; :meth:`result` joins it and raises what it raised (a failed assertion), or
+    returns its skip for the test to raise once its own checks have passed."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+
+    def run(self) -> None:
+        try:
+            self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            self.error = exc
+
+    def result(self, timeout: float) -> BaseException | None:
+        self.join(timeout)
+        if self.is_alive():
+            pytest.fail(f"the checks of the finished study took more than {timeout:g} s")
+        if isinstance(self.error, pytest.skip.Exception):
+            return self.error
+        if self.error is not None:
+            raise self.error
+        return None
+
+
+def _check_the_finished_reference(reference, storage: Path, tmp_path: Path) -> None:
+    """The uninterrupted study, once finished, serves `study predict` (a retrained model, and the fold models as
+    an ensemble), a copy of its folder, `study metrics`, `study status` and the MLflow UI."""
+    if reference.wait(timeout=900) != 0:
+        return  # the test's thread reports it, with the study's console
+    study = storage / "straight"
+    _check_predict(storage, study, tmp_path)
+    completed: dict[str, int] = {}  # the fold models ASHA let finish, per configuration and seed
+    for label, (end, _, _) in _asha_outcome(study).items():
+        if end == "completed":
+            completed[label.rsplit("/", 1)[0]] = completed.get(label.rsplit("/", 1)[0], 0) + 1
     out = tmp_path / "predict_folds"
     res = run_study("predict", study.name, "--storage", str(storage), "--input", str(tmp_path / "predict_in"),
                     "--roi", str(tmp_path / "predict_roi"), "--output", str(out), "--config", "dice", "--ensemble",
                     cwd=tmp_path)
-    assert res.returncode == 0 and "dice/s0 + dice/s1 (4 fold models)" in res.stdout + res.stderr, res.stderr[-3000:]
+    n_dice = completed.get("dice/s0", 0) + completed.get("dice/s1", 0)
+    assert res.returncode == 0 and f"dice/s0 + dice/s1 ({n_dice} fold models)" in res.stdout + res.stderr, \
+        res.stderr[-3000:]
     assert len(list(out.glob("*_prob.nii.gz"))) == 2
     _check_relocated(study, tmp_path)  # after _check_predict: it reuses its inputs and outputs
-    _check_finished_study(storage, storage / "straight", tmp_path)  # last: its browser part may skip
+    _check_finished_study(storage, study, tmp_path)  # last: its browser part may skip
 
 
 def trial_label_of(spec: dict) -> str:
@@ -453,7 +501,6 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from . import ui_check
-    from .conftest import _service_pids
 
     summary = json.loads((study / "holdout" / "summary.json").read_text())
     res = run_study("metrics", str(study / "holdout"), "--json", cwd=tmp_path)
@@ -497,13 +544,12 @@ def _check_finished_study(storage: Path, study: Path, tmp_path: Path) -> None:
     assert "study.yaml" in {a.path for a in client.list_artifacts(root.info.run_id)}
 
     ui_check.chromium()  # skips (after every other check) where no browser is installed
-    before = set(_service_pids())
     proc, url = ui_check.start_ui(storage, study.name, tmp_path, tmp_path / "ui.log")
     try:
         ui_check.check_ui(url, Path(os.environ.get("STUDY_UI_SHOTS", tmp_path / "shots")),
                           plain="dice/s0/f0", iw="iw-dice/s0/f0")
     finally:
-        ui_check.kill_leaves_nothing(proc, before, signal.SIGKILL)  # no handler runs: study ui's watchdog acts
+        ui_check.kill_leaves_nothing(proc, signal.SIGKILL)  # no handler runs: study ui's watchdog acts
 
 
 def test_gpu_request_without_gpu_fails_fast(tmp_path, no_leftover_processes):

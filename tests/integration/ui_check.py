@@ -41,8 +41,8 @@ def start_ui(storage: Path, name: str, cwd: Path, log: Path) -> tuple[subprocess
     port = free_port()
     fh = open(log, "w")  # noqa: SIM115
     proc = subprocess.Popen(study_cmd("ui", name, "--storage", str(storage), "--port", str(port)), cwd=cwd,
-                            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            start_new_session=True)
+                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **dict([_tag(port).split("=")])})
     deadline = time.time() + 240
     while time.time() < deadline:
         for line in log.read_text().splitlines():
@@ -55,16 +55,21 @@ def start_ui(storage: Path, name: str, cwd: Path, log: Path) -> tuple[subprocess
     pytest.fail(f"study ui printed no URL:\n{log.read_text()[-3000:]}")
 
 
-def kill_leaves_nothing(proc: subprocess.Popen, before: set[int], sig: int = signal.SIGTERM) -> None:
+def _tag(port: int) -> str:
+    """What every process of one `study ui` carries in its environment (the test may run studies beside it)."""
+    return f"IW_UI_CHECK={port}"
+
+
+def kill_leaves_nothing(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """``sig`` to `study ui` (the command, not its group: SIGTERM runs its handler, SIGKILL none, and its
     watchdog then stops the server) ends it and everything it started."""
+    tag = _tag(int(proc.args[proc.args.index("--port") + 1]))
     proc.send_signal(sig)
     proc.wait(timeout=60)
     deadline = time.time() + 30
     left = {}
     while time.time() < deadline:
-        left = {p: c for p, c in _service_pids().items() if p not in before and ("mlflow" in c or "huey" in c
-                                                                                  or "uvicorn" in c or "study.cli" in c)}
+        left = {p: c for p, c in _service_pids(tag).items() if p != proc.pid}
         if not left:
             return
         time.sleep(0.5)
@@ -84,38 +89,59 @@ def check_ui(url: str, shots: Path, *, plain: str, iw: str) -> None:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.goto(url, wait_until="load")
             page.get_by_placeholder(PLACEHOLDER).wait_for(timeout=60_000)
-            page.wait_for_timeout(2000)
-            page.screenshot(path=str(shots / "ui_runs.png"))
-            body = page.inner_text("body")
-            assert "Token Usage" not in body, "the experiment opened on the GenAI overview"
-            for column in ("config", "iw", "val_avg_recall", "holdout_avg_recall"):  # the study's shared view
-                assert column in body, column
 
-            def search(text: str) -> list[str]:
+            def body_until(ok) -> str:
+                """The page's text once ``ok(text)`` holds (pages fill in a while after they open; slowly on a busy
+                machine) or after 60 s."""
+                deadline = time.time() + 60
+                while True:
+                    page.wait_for_timeout(1000)
+                    text = page.inner_text("body")
+                    if ok(text) or time.time() > deadline:
+                        return text
+
+            columns = ("config", "iw", "val_avg_recall", "holdout_avg_recall")  # the study's shared view
+            body = body_until(lambda text: all(c in text for c in columns))
+            page.screenshot(path=str(shots / "ui_runs.png"))
+            assert "Token Usage" not in body, "the experiment opened on the GenAI overview"
+            assert all(c in body for c in columns), [c for c in columns if c not in body]
+
+            def search(text: str, until) -> list[str]:
+                """The run names the runs page shows for ``text``, once ``until(names)`` holds (the grid updates
+                a while after Enter; slowly on a busy machine) or after 60 s."""
                 box = page.get_by_placeholder(PLACEHOLDER)
                 box.fill(text)
                 box.press("Enter")
-                page.wait_for_timeout(2500)
-                for _ in range(30):  # expand the stage parents that hold the matching runs
-                    expander = page.locator("[role=gridcell] " + PLUS)
-                    if expander.count() == 0:
-                        break
-                    expander.first.click()
-                    page.wait_for_timeout(600)
-                cells = page.locator("[role=gridcell][col-id='attributes.`Run Name`']").all_inner_texts()
-                return [c.split("\n")[-1] for c in cells]
+                deadline = time.time() + 60
+                while True:
+                    page.wait_for_timeout(1500)
+                    for _ in range(30):  # expand the stage parents that hold the matching runs
+                        expander = page.locator("[role=gridcell] " + PLUS)
+                        if expander.count() == 0:
+                            break
+                        expander.first.click()
+                        page.wait_for_timeout(600)
+                    cells = page.locator("[role=gridcell][col-id='attributes.`Run Name`']").all_inner_texts()
+                    names = [c.split("\n")[-1] for c in cells]
+                    if until(names) or time.time() > deadline:
+                        return names
 
-            names = search("params.iw = 'true'")
+            def only_iw(names: list[str]) -> bool:
+                trial_runs = [n for n in names if not n.startswith(("stage:", "study:"))]
+                return bool(trial_runs) and all(n.split(":", 1)[1].startswith("iw-") for n in trial_runs)
+
+            names = search("params.iw = 'true'", only_iw)
             page.screenshot(path=str(shots / "ui_iw_runs.png"))
-            trial_runs = [n for n in names if not n.startswith(("stage:", "study:"))]
-            assert trial_runs and all(n.split(":", 1)[1].startswith("iw-") for n in trial_runs), names
-            names = search("tags.stage = 'sweep'")
-            for name in (f"sweep:{plain}", f"sweep:{iw}"):
+            assert only_iw(names), names
+            pair = (f"sweep:{plain}", f"sweep:{iw}")
+            names = search("tags.stage = 'sweep'", lambda names: all(name in names for name in pair))
+            for name in pair:
                 assert name in names, names
                 page.locator("[role=row]", has_text=name).first.locator("input[type=checkbox]").first.check()
             page.get_by_role("button", name="Compare").click()
             page.get_by_text("Comparing 2 Runs").wait_for(timeout=60_000)
-            page.wait_for_timeout(2000)
+            params = ("loss", "iw", "config", "training.optimizer.lr")
+            body_until(lambda text: all(f"\n{param}\t" in text for param in params))
             page.screenshot(path=str(shots / "ui_compare.png"), full_page=True)
             # the compare page opens on its parallel-coordinates chart (plotly's parcoords): the numeric params in
             # which the runs differ (MLflow keeps them numbers) and a metric are its axes
@@ -124,14 +150,14 @@ def check_ui(url: str, shots: Path, *, plain: str, iw: str) -> None:
             axes = plot.text_content() or ""
             assert page.locator(".parcoords").count() >= 1 and "train_loss" in axes, axes[:400]
             text = page.inner_text("body")
-            for param in ("loss", "iw", "config", "training.optimizer.lr"):
+            for param in params:
                 assert f"\n{param}\t" in text, param
             assert "\niw\tfalse\ttrue" in text or "\niw\ttrue\tfalse" in text
             page.get_by_role("link", name="val_avg_recall", exact=True).first.click()
             page.get_by_text("Completed Runs").wait_for(timeout=60_000)
-            page.wait_for_timeout(3000)
+            text = body_until(lambda text: all(f"sweep:{name} (val_avg_recall)" in text for name in (plain, iw))
+                              and "(step=4)" in text)
             page.screenshot(path=str(shots / "ui_val_curve.png"))
-            text = page.inner_text("body")
             for name in (plain, iw):  # both runs' validation curves, at the epochs the console printed
                 assert f"sweep:{name} (val_avg_recall)" in text, text[-2000:]
             assert "(step=1)" in text and "(step=4)" in text, text[-2000:]  # the first (rung) and last validation
