@@ -281,7 +281,8 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
                    data={**TINY["data"], "folds": 2},
                    training={**TINY["training"], "optimizer": {"lr": 0.05}},
                    scheduler={"type": "asha", "metric": "val_obj_dice", "grace_epochs": 1, "reduction_factor": 2},
-                   validation={"n_boot": 0, "every": 2, "subset": 1})
+                   validation={"n_boot": 0, "every": 2, "subset": 1},
+                   failure={"max_failures": 0})  # a diverged trial fails again when retried: not retried here
     nan = {"nan_at_iteration": 2, "nan_configs": ["bce"]}  # in the first epoch (4 iterations)
     storage = tmp_path / "studies"
     # the reference, beside the killed study (its own local Ray; the killed one mostly sleeps): no sleep (the
