@@ -63,11 +63,6 @@ SLOW_FIRST = ("tests/integration/test_study.py", "tests/integration/test_cluster
               "tests/integration/test_tpe_search.py", "tests/integration/test_asha_scheduler.py")
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
-    rank = {module: i for i, module in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadscope`` (one module per worker at a time), with the slow modules first."""

@@ -7,6 +7,7 @@ whole study takes about a minute on two cores.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -252,6 +253,13 @@ def _asha_log(study: Path) -> list[dict]:
     return json.loads(p.read_text())["log"] if p.is_file() else []
 
 
+def _completed_fold_models(outcome: dict[str, tuple]) -> dict[str, int]:
+    """Configuration/seed label -> how many of its fold trials ASHA let finish (from :func:`_asha_outcome`)."""
+    counts = collections.Counter(label.rsplit("/", 1)[0] for label, (end, _, _) in outcome.items()
+                                 if end == "completed")
+    return dict(counts)
+
+
 def _holder_pid(study: Path) -> int | None:
     try:
         return json.loads((study / "driver.json").read_text())["pid"]
@@ -401,10 +409,7 @@ def test_a_study_killed_mid_sweep_and_mid_retrain_ends_as_an_uninterrupted_run(t
     summary = json.loads((study / "holdout" / "summary.json").read_text())
     assert sorted(summary["configs"]) == ["dice/s0", "dice/s1", "iw-dice/s0", "iw-dice/s1"]
     # a fold ensemble averages the fold models of its configuration and seed that completed (ASHA stops some)
-    completed: dict[str, int] = {}
-    for label, (end, _, _) in straight_asha.items():
-        if end == "completed":
-            completed[label.rsplit("/", 1)[0]] = completed.get(label.rsplit("/", 1)[0], 0) + 1
+    completed = _completed_fold_models(straight_asha)
     assert {lb: c["fold_models"] for lb, c in summary["fold_ensembles"].items()} == completed
     assert summary["holdout_models"] == "both" and summary["verdict_folds"]["entries"]
     holdout = _runs(study, "holdout")  # the retrained winners' runs and the fold ensembles'
@@ -472,10 +477,7 @@ def _check_the_finished_reference(reference, storage: Path, tmp_path: Path) -> N
         return  # the test's thread reports it, with the study's console
     study = storage / "straight"
     _check_predict(storage, study, tmp_path)
-    completed: dict[str, int] = {}  # the fold models ASHA let finish, per configuration and seed
-    for label, (end, _, _) in _asha_outcome(study).items():
-        if end == "completed":
-            completed[label.rsplit("/", 1)[0]] = completed.get(label.rsplit("/", 1)[0], 0) + 1
+    completed = _completed_fold_models(_asha_outcome(study))
     out = tmp_path / "predict_folds"
     res = run_study("predict", study.name, "--storage", str(storage), "--input", str(tmp_path / "predict_in"),
                     "--roi", str(tmp_path / "predict_roi"), "--output", str(out), "--config", "dice", "--ensemble",

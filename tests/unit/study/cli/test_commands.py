@@ -30,6 +30,17 @@ def _demo_study(tmp_path: Path):
     return cfg, study
 
 
+def _dry_run(tmp_path: Path, capsys, **sections) -> tuple[str, dict, Path]:
+    """`study launch SPACE --dry-run` of the demo (its small network and patch) with ``sections`` replaced: what
+    it printed, the space as a dict, and its file."""
+    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
+    demo.update(sections)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(demo))
+    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
+    return capsys.readouterr().out, demo, space
+
+
 def test_unreachable_tracking_server_fails_before_creating_the_study(tmp_path, capsys):
     uri = f"http://127.0.0.1:{_free_port()}"
     assert main(["launch", "--storage", str(tmp_path / "s"), "--tracking-uri", uri]) == 2
@@ -85,13 +96,9 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
 
 
 def test_dry_run_of_a_three_fold_space_counts_every_fold(tmp_path, capsys):
-    space = tmp_path / "cv.yaml"
-    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())  # the demo's small network and patch
-    demo["data"] = {**demo.get("data", {}), "folds": 3}
-    demo["search"] = {"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]}
-    space.write_text(yaml.safe_dump(demo))
-    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
-    out = capsys.readouterr().out
+    data = yaml.safe_load(Path(str(builtin_path("demo"))).read_text()).get("data", {})
+    out, demo, _ = _dry_run(tmp_path, capsys, data={**data, "folds": 3},
+                            search={"losses": {"dice": {"iw": [False, True]}}, "seeds": [0, 1]})
     assert "12 sweep trial(s):" in out  # 2 configurations x 2 seeds x 3 folds
     assert all(f"  {c}/s{s}/f{f}\n" in out for c in ("dice", "iw-dice") for s in (0, 1) for f in (0, 1, 2))
     assert "cross-validation: 3 folds" in out and "the retrained winners and the fold ensembles" in out
@@ -101,13 +108,9 @@ def test_dry_run_of_a_three_fold_space_counts_every_fold(tmp_path, capsys):
 
 
 def test_dry_run_of_a_random_search_lists_its_draws(tmp_path, capsys):
-    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
-    demo["search"] = {"algorithm": "random", "num_samples": 3, "seed": 5, "seeds": [0, 1],
-                      "losses": {"focal": {"iw": [False, True], "alpha": {"low": 0.25, "high": 0.9}}}}
-    space = tmp_path / "random.yaml"
-    space.write_text(yaml.safe_dump(demo))
-    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
-    out = capsys.readouterr().out
+    out, _, space = _dry_run(tmp_path, capsys, search={
+        "algorithm": "random", "num_samples": 3, "seed": 5, "seeds": [0, 1],
+        "losses": {"focal": {"iw": [False, True], "alpha": {"low": 0.25, "high": 0.9}}}})
     cfg = load_config(space)
     assert "12 sweep trial(s):" in out and all(f"  {t.label}\n" in out for t in cfg.trials)
     assert "random search: 3 draw(s) per (loss, iw) configuration (search.seed 5), each with every seed: 6 " \
@@ -116,13 +119,10 @@ def test_dry_run_of_a_random_search_lists_its_draws(tmp_path, capsys):
 
 def test_dry_run_of_a_search_over_two_networks_names_both(tmp_path, capsys):
     pytest.importorskip("monai")
-    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
-    demo["search"] = {"losses": {"bce": {"iw": [False, True]}}, "models": ["unet2020", "dynunet"], "seeds": [0]}
-    demo["inference"] = {**demo.get("inference", {}), "tta": "mirror"}
-    space = tmp_path / "nets.yaml"
-    space.write_text(yaml.safe_dump(demo))
-    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
-    out = capsys.readouterr().out
+    inference = yaml.safe_load(Path(str(builtin_path("demo"))).read_text()).get("inference", {})
+    out, _, _ = _dry_run(tmp_path, capsys, inference={**inference, "tta": "mirror"},
+                         search={"losses": {"bce": {"iw": [False, True]}}, "models": ["unet2020", "dynunet"],
+                                 "seeds": [0]})
     assert "4 sweep trial(s):" in out
     for net in ("unet2020", "dynunet"):
         assert f"  bce[model.network={net}]/s0\n" in out and f"  iw-bce[model.network={net}]/s0\n" in out
@@ -175,6 +175,10 @@ def test_slurm_writes_the_script_without_sbatch(tmp_path, monkeypatch, capsys):
     assert "srun --nodes=$(( ${#NODES[@]} - 1 ))" in text and "scontrol requeue" in text
     # this job's Ray only: a head under the script, stopped by its pid; `ray stop` would stop every Ray on the node
     assert "--block &\nRAY_HEAD=$!" in text and '"$RAY" stop' not in text and "stop --force" not in text
+    # a requeued run on the same node waits for its own head, not the address file the last run left, and stops
+    # when its head never writes one
+    address = '"$RAY_TMPDIR/ray_current_cluster"'
+    assert text.index(f"rm -f {address}") < text.index('"$RAY" start --head') < text.index(f"[ -s {address} ] ||")
     assert subprocess.run(["/bin/bash", "-n", str(script)]).returncode == 0  # valid bash
     token = storage / ".ray-auth" / "auth_token"
     assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) == 64
@@ -230,13 +234,9 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
 
 
 def test_dry_run_of_a_tpe_search_lists_its_first_round_and_the_budget(tmp_path, capsys):
-    demo = yaml.safe_load(Path(str(builtin_path("demo"))).read_text())
-    demo["search"] = {"algorithm": "tpe", "num_samples": 5, "batch": 2, "seed": 3, "seeds": [0, 1],
-                      "losses": {"bce": {"iw": [False, True], "iw.power": {"low": 0.2, "high": 1.0}}}}
-    space = tmp_path / "tpe.yaml"
-    space.write_text(yaml.safe_dump(demo))
-    assert main(["launch", str(space), "--dry-run", "--storage", str(tmp_path / "studies")]) == 0
-    out = capsys.readouterr().out
+    out, demo, space = _dry_run(tmp_path, capsys, search={
+        "algorithm": "tpe", "num_samples": 5, "batch": 2, "seed": 3, "seeds": [0, 1],
+        "losses": {"bce": {"iw": [False, True], "iw.power": {"low": 0.2, "high": 1.0}}}})
     cfg = load_config(space)
     # plain bce has nothing to draw (iw.power is iw's): one point; iw-bce 5 draws in rounds of 2 (2, 2, 1)
     assert cfg.sweep_size == (1 + 5) * 2 and len(cfg.trials) == (1 + 2) * 2
