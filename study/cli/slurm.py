@@ -153,6 +153,7 @@ HEAD=${{NODES[0]}}
 HEAD_IP=$(hostname --ip-address | awk '{{print $1}}')
 # The head runs in the foreground of a background job (--block): its daemons stay this script's descendants, and
 # stopping it stops this job's Ray only (`ray stop` would stop every Ray on the node, other jobs' on a shared one).
+rm -f "$RAY_TMPDIR/ray_current_cluster"  # a requeued job on this node: the last run's head wrote it, never cleared
 "$RAY" start --head --node-ip-address="$HEAD_IP" --port=$BASE --ray-client-server-port=$((BASE + 7)) \\
     --num-cpus="$CPUS" --num-gpus="$GPUS" --temp-dir="$RAY_TMPDIR" --include-dashboard=false \\
     --disable-usage-stats "${{PORTS[@]}}" --block &
@@ -162,6 +163,7 @@ for _ in $(seq 180); do  # up when it has written its address
     kill -0 "$RAY_HEAD" 2>/dev/null || {{ echo "[slurm] the Ray head did not start"; exit 1; }}
     sleep 1
 done
+[ -s "$RAY_TMPDIR/ray_current_cluster" ] || {{ echo "[slurm] the Ray head did not start in 180 s"; exit 1; }}
 stop_ray() {{
     kill -TERM "$RAY_HEAD" 2>/dev/null
     wait "$RAY_HEAD" 2>/dev/null

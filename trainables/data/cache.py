@@ -366,7 +366,7 @@ def build_cache(
     _check_out(out, preset=p.name, image_dtype=image_dtype)
 
     t0 = time.perf_counter()
-    done = {s.case_id for s in sources if _finished(out, s, preset=p.name)}
+    done = {s.case_id for s in sources if _finished(out, s, preset=p.name, image_dtype=image_dtype)}
     for s in sources:
         if s.case_id not in done:  # finished cases need not keep their raw files
             s.preflight()
@@ -559,8 +559,9 @@ def _prepare_one(s: CaseSource, tmp: Path, *, preset: str, image_dtype: str = "f
     return meta
 
 
-def _finished(out: Path, s: CaseSource, *, preset: str) -> bool:
-    """True when ``out`` already holds this case, complete and made from the same files with the same preset."""
+def _finished(out: Path, s: CaseSource, *, preset: str, image_dtype: str) -> bool:
+    """True when ``out`` already holds this case, complete and made from the same files with the same preset, in
+    this cache version and image dtype (an interrupted run has no cache.json yet to say them)."""
     folder = out / "cases" / s.case_id
     if not all((folder / f).is_file() for f in CASE_FILES):
         return False
@@ -575,6 +576,12 @@ def _finished(out: Path, s: CaseSource, *, preset: str) -> bool:
             f"case {s.case_id} is already in the cache {out} but was prepared from other files or "
             f"another preset (preset {meta.get('preset')}, files {old}); use a new output folder or "
             f"delete {folder}"
+        )
+    if (folder / "mask.npy").is_file() or meta.get("image_dtype") != image_dtype:  # version 1: mask, no dtype
+        made = "version 1" if (folder / "mask.npy").is_file() else f"image dtype {meta.get('image_dtype')}"
+        raise DataError(
+            f"case {s.case_id} is already in {out} as {made} (this run: version {CACHE_VERSION}, image dtype "
+            f"{image_dtype}); use a new output folder or delete {folder}"
         )
     return True
 

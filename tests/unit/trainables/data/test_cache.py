@@ -144,6 +144,24 @@ def test_a_float16_cache_halves_the_image_and_keeps_it_to_half_precision(tmp_pat
         prepare_cache(manifest, tmp_path / "f16", preset="lits", progress=False)
 
 
+def test_an_interrupted_cache_is_not_finished_in_another_dtype_or_version(tmp_path):
+    """Before its cache.json exists (an interrupted run), a folder's finished cases are resumed only when they were
+    made in this cache version and image dtype; otherwise the run stops naming the case and the cases stay."""
+    manifest = make_dataset(tmp_path / "ds")
+    for name, change in (("f32", None), ("v1", rewrite_as_version_1)):
+        prepare_cache(manifest, tmp_path / name, preset="lits", progress=False)
+        if change:
+            change(tmp_path / name)
+        (tmp_path / name / "cache.json").unlink()  # as a run killed before its last case leaves it
+        before = sorted(p.name for p in (tmp_path / name / "cases").iterdir())
+        dtype = "float16" if name == "f32" else "float32"
+        with pytest.raises(DataError, match="version 1" if change else "image dtype float32"):
+            prepare_cache(manifest, tmp_path / name, preset="lits", progress=False, image_dtype=dtype)
+        assert sorted(p.name for p in (tmp_path / name / "cases").iterdir()) == before
+    # the same dtype and version resumes (nothing to redo) and writes the index
+    assert prepare_cache(manifest, tmp_path / "f32", preset="lits", progress=False).version == 2
+
+
 def test_crop_to_roi_box(tmp_path):
     manifest = make_dataset(tmp_path / "ds")
     prepare_cache(manifest, tmp_path / "cache", preset="luna16", progress=False)
